@@ -1,0 +1,5 @@
+import sys
+
+from uniportrait.cli import main
+
+sys.exit(main())
