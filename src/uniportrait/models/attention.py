@@ -1,0 +1,357 @@
+"""Attention processors that inject identity tokens into a diffusers UNet.
+
+One processor class serves every attention layer of the UNet. Self-attention layers carry only
+the two LoRA sets; cross-attention layers also carry the identity projections
+(``to_k_faceid``/``to_v_faceid``), the optional IP-Adapter projections and the ID router.
+Parameter names match the published checkpoints (DESIGN §7), so conversion is a renaming of
+layer indices only.
+
+Nothing here is module-level state. A request's settings travel as a :class:`AttentionCall`
+passed in ``cross_attention_kwargs={"uniportrait": call}``; with no call (or ``None``) a
+processor computes plain attention, which is what the ControlNet sees.
+
+Shapes: ``B`` batch (CFG halves included), ``L`` query positions, ``N`` identities,
+``T`` tokens per identity, ``D`` cross-attention width, ``h`` the layer's inner width,
+``H`` heads, ``d = h / H``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+LoRASetName = Literal["none", "single", "multi"]
+
+
+class LoRALinear(nn.Module):
+    """Low-rank residual ``up(down(x))``: ``down`` (r, in), ``up`` (out, r), both bias-free."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int) -> None:
+        super().__init__()
+        self.down = nn.Linear(in_features, rank, bias=False)
+        self.up = nn.Linear(rank, out_features, bias=False)
+        nn.init.normal_(self.down.weight, std=1.0 / rank)
+        nn.init.zeros_(self.up.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x.to(self.down.weight.dtype))).to(x.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """The dense (out, in) update this LoRA adds to a Linear's weight."""
+        return self.up.weight @ self.down.weight
+
+
+class RoutingRecorder:
+    """Accumulates routing maps of one call, resized to the latent grid.
+
+    ``maps`` is (B, N, h_lat, w_lat): the sum over layers and steps; ``count`` the number of
+    maps added. Owned by one call, so concurrent calls never share it.
+    """
+
+    def __init__(self, latent_hw: tuple[int, int]) -> None:
+        self.latent_hw = latent_hw
+        self.maps: torch.Tensor | None = None
+        self.count = 0
+
+    def add(self, weights: torch.Tensor, hw: tuple[int, int]) -> None:
+        """weights: (B, N, L) with L = hw[0] * hw[1]."""
+        b, n, _ = weights.shape
+        grid = weights.detach().float().reshape(b, n, *hw)
+        grid = F.interpolate(grid, size=self.latent_hw, mode="nearest")
+        self.maps = grid if self.maps is None else self.maps + grid
+        self.count += 1
+
+    def mean(self) -> torch.Tensor | None:
+        return None if self.maps is None else self.maps / self.count
+
+
+@dataclass
+class AttentionCall:
+    """Per-call settings for every processor, passed through ``cross_attention_kwargs``.
+
+    Attributes:
+        id_tokens: (B, N, T, D) identity tokens (Q-Former outputs), or None.
+        faceid_scale: weight of the identity attention.
+        ip_tokens: (B, T_ip, D) IP-Adapter image tokens, or None.
+        ip_scale: weight of the image-prompt attention.
+        ip_mask: (1 or B, 1, h, w) where the image prompt applies, or None.
+        faceid_masks: (1 or B, N, h, w) soft masks that replace the router, or None.
+        lora: which LoRA set is active ("none", "single" or "multi").
+        lora_scale: weight of the active LoRA set.
+        latent_hw: the latent grid (h, w) of this call, to recover each layer's 2-D size.
+        routing_recorder: collects routing maps when the caller asks for them.
+        gumbel_tau: when set, routing samples hard Gumbel-softmax with a straight-through
+            gradient (training); when None, routing is the hard arg-max (inference).
+        generator: RNG for the Gumbel noise.
+        router_logits: when a list, each router appends (logits (B, L, N), (h, w)) to it
+            (for the routing loss in training).
+    """
+
+    id_tokens: torch.Tensor | None = None
+    faceid_scale: float = 1.0
+    ip_tokens: torch.Tensor | None = None
+    ip_scale: float = 0.0
+    ip_mask: torch.Tensor | None = None
+    faceid_masks: torch.Tensor | None = None
+    lora: LoRASetName = "none"
+    lora_scale: float = 1.0
+    latent_hw: tuple[int, int] | None = None
+    routing_recorder: RoutingRecorder | None = None
+    gumbel_tau: float | None = None
+    generator: torch.Generator | None = None
+    router_logits: list | None = field(default=None, repr=False)
+
+    @property
+    def num_ids(self) -> int:
+        return 0 if self.id_tokens is None else self.id_tokens.shape[1]
+
+
+def layer_grid(num_positions: int, latent_hw: tuple[int, int] | None) -> tuple[int, int]:
+    """The (h, w) of a layer with ``num_positions`` tokens inside a UNet run on ``latent_hw``.
+
+    UNet downsampling halves each side rounding up, so we halve the latent grid until the
+    number of positions matches. Without a latent size, a square grid is assumed.
+    """
+    if latent_hw is not None:
+        h, w = latent_hw
+        while h * w > num_positions and (h > 1 or w > 1):
+            h, w = (h + 1) // 2, (w + 1) // 2
+        if h * w == num_positions:
+            return h, w
+    side = math.isqrt(num_positions)
+    if side * side != num_positions:
+        raise ValueError(f"cannot infer the 2-D grid of {num_positions} positions; pass latent_hw")
+    return side, side
+
+
+def resize_masks(masks: torch.Tensor, hw: tuple[int, int], batch: int) -> torch.Tensor:
+    """(1 or B, C, h0, w0) masks → (B, C, L) at the layer's grid (bilinear)."""
+    resized = F.interpolate(masks.float(), size=hw, mode="bilinear", align_corners=False)
+    return resized.flatten(2).expand(batch, -1, -1)
+
+
+class UniPortraitAttnProcessor(nn.Module):
+    """Attention with LoRA sets, and (cross-attention only) identity / IP-Adapter / router paths.
+
+    Args:
+        query_dim: width of the layer's hidden states (= inner width for SD UNets).
+        inner_dim: width of q/k/v (``attn.to_q.out_features``).
+        context_dim: width of the encoder states (cross) or ``query_dim`` (self).
+        cross: whether this is a cross-attention layer (``attn2``).
+        rank: LoRA rank; 0 disables the LoRA sets.
+        multi_id: add the multi-ID LoRA set and, for cross layers, the router.
+        ip_adapter: add the IP-Adapter projections (cross layers).
+        num_id_tokens: tokens per identity (the router aggregates over them).
+    """
+
+    def __init__(
+        self,
+        query_dim: int,
+        inner_dim: int,
+        context_dim: int,
+        cross: bool,
+        rank: int = 128,
+        multi_id: bool = True,
+        ip_adapter: bool = False,
+        num_id_tokens: int = 16,
+        ignore_call: bool = False,
+    ) -> None:
+        super().__init__()
+        self.cross = cross
+        self.ignore_call = ignore_call
+        if rank > 0:
+            for prefix in ("", "multi_id_") if multi_id else ("",):
+                setattr(self, f"to_q_{prefix}lora", LoRALinear(query_dim, inner_dim, rank))
+                setattr(self, f"to_k_{prefix}lora", LoRALinear(context_dim, inner_dim, rank))
+                setattr(self, f"to_v_{prefix}lora", LoRALinear(context_dim, inner_dim, rank))
+                setattr(self, f"to_out_{prefix}lora", LoRALinear(inner_dim, query_dim, rank))
+        if not cross:
+            return
+        if ip_adapter:
+            self.to_k_ip = nn.Linear(context_dim, inner_dim, bias=False)
+            self.to_v_ip = nn.Linear(context_dim, inner_dim, bias=False)
+        self.to_k_faceid = nn.Linear(context_dim, inner_dim, bias=False)
+        self.to_v_faceid = nn.Linear(context_dim, inner_dim, bias=False)
+        if multi_id:
+            self.to_q_router = nn.Sequential(
+                nn.Linear(query_dim, 2 * query_dim),
+                nn.GELU(),
+                nn.Linear(2 * query_dim, inner_dim, bias=False),
+            )
+            self.to_k_router = nn.Sequential(
+                nn.Linear(context_dim, 2 * context_dim),
+                nn.GELU(),
+                nn.Linear(2 * context_dim, inner_dim, bias=False),
+            )
+            self.aggr_router = nn.Linear(num_id_tokens, 1)
+
+    @classmethod
+    def text_only(cls) -> UniPortraitAttnProcessor:
+        """Plain attention over the text only, ignoring any per-call settings (for ControlNet)."""
+        return cls(
+            query_dim=1, inner_dim=1, context_dim=1, cross=False, rank=0, multi_id=False, ignore_call=True
+        )
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def lora_modules(self, which: LoRASetName) -> dict[str, LoRALinear] | None:
+        """The LoRA layers of set ``which`` keyed by projection ("q", "k", "v", "out")."""
+        if which == "none":
+            return None
+        prefix = "" if which == "single" else "multi_id_"
+        mods = {p: getattr(self, f"to_{p}_{prefix}lora", None) for p in ("q", "k", "v", "out")}
+        if mods["q"] is None:
+            raise ValueError(f"this adapter has no {which}-ID LoRA set")
+        return mods
+
+    @staticmethod
+    def _project(
+        linear: nn.Linear, lora: dict[str, LoRALinear] | None, key: str, x: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        out = linear(x)
+        if lora is not None and scale != 0.0:
+            out = out + scale * lora[key](x)
+        return out
+
+    # -- the call ------------------------------------------------------------------------------
+
+    def __call__(  # noqa: C901 - one path, kept in one place on purpose
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        uniportrait: AttentionCall | None = None,
+    ) -> torch.Tensor:
+        call = None if self.ignore_call else uniportrait
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channels, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        batch, num_keys, _ = context.shape
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, num_keys, batch)
+            attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        if encoder_hidden_states is not None and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+
+        lora = self.lora_modules(call.lora) if call is not None else None
+        lora_scale = call.lora_scale if call is not None else 0.0
+
+        query = self._project(attn.to_q, lora, "q", hidden_states, lora_scale)  # (B, L, h)
+        key = self._project(attn.to_k, lora, "k", context, lora_scale)  # (B, S, h)
+        value = self._project(attn.to_v, lora, "v", context, lora_scale)
+        heads = attn.heads
+        head_dim = key.shape[-1] // heads
+        query = query.view(batch, -1, heads, head_dim).transpose(1, 2)  # (B, H, L, d)
+        key = key.view(batch, -1, heads, head_dim).transpose(1, 2)  # (B, H, S, d)
+        value = value.view(batch, -1, heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=attn.scale)
+        if self.cross and call is not None:
+            out = out + self._conditioning(attn, hidden_states, query, call)
+        out = out.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query.dtype)  # (B, L, h)
+
+        out = self._project(attn.to_out[0], lora, "out", out, lora_scale)
+        out = attn.to_out[1](out)
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(batch, channels, height, width)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+    def _conditioning(
+        self, attn, hidden_states: torch.Tensor, query: torch.Tensor, call: AttentionCall
+    ) -> torch.Tensor | float:
+        """IP-Adapter and identity attention, summed; (B, H, L, d) or 0."""
+        batch, heads, num_q, head_dim = query.shape
+        extra: torch.Tensor | float = 0.0
+        hw = None
+        if call.ip_tokens is not None and call.ip_scale != 0.0:
+            if not hasattr(self, "to_k_ip"):
+                raise ValueError("an image prompt was given but no IP-Adapter weights are loaded")
+            tokens = call.ip_tokens.to(query.dtype)
+            k_ip = self.to_k_ip(tokens).view(batch, -1, heads, head_dim).transpose(1, 2)
+            v_ip = self.to_v_ip(tokens).view(batch, -1, heads, head_dim).transpose(1, 2)
+            ip_out = F.scaled_dot_product_attention(query, k_ip, v_ip, scale=attn.scale)  # (B, H, L, d)
+            if call.ip_mask is not None:
+                hw = layer_grid(num_q, call.latent_hw)
+                mask = resize_masks(call.ip_mask, hw, batch)  # (B, 1, L)
+                ip_out = ip_out * mask[:, :, :, None].to(ip_out.dtype)
+            extra = extra + call.ip_scale * ip_out
+
+        if call.id_tokens is not None and call.faceid_scale != 0.0:
+            extra = extra + call.faceid_scale * self._identity(attn, hidden_states, query, call, hw)
+        return extra
+
+    def _identity(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        query: torch.Tensor,
+        call: AttentionCall,
+        hw: tuple[int, int] | None,
+    ) -> torch.Tensor:
+        """Σₙ routingₙ ⊙ Attn(q, K_idₙ, V_idₙ): (B, H, L, d)."""
+        batch, heads, num_q, head_dim = query.shape
+        tokens = call.id_tokens.to(query.dtype)  # (B, N, T, D)
+        n_ids, n_tok = tokens.shape[1], tokens.shape[2]
+        # All identities in one SDPA call: identities become extra "heads".
+        k_id = self.to_k_faceid(tokens).view(batch, n_ids, n_tok, heads, head_dim).transpose(2, 3)
+        v_id = self.to_v_faceid(tokens).view(batch, n_ids, n_tok, heads, head_dim).transpose(2, 3)
+        q_id = query.unsqueeze(1).expand(batch, n_ids, heads, num_q, head_dim)
+        id_out = F.scaled_dot_product_attention(q_id, k_id, v_id, scale=attn.scale)  # (B, N, H, L, d)
+        if n_ids == 1:
+            return id_out[:, 0]
+
+        hw = hw or layer_grid(num_q, call.latent_hw)
+        if call.faceid_masks is not None:
+            weights = resize_masks(call.faceid_masks, hw, batch)  # (B, N, L)
+            weights = weights / weights.sum(1, keepdim=True).clamp(min=1e-3)
+        else:
+            weights, logits = self.route(hidden_states, tokens, call)  # (B, N, L), (B, L, N)
+            if call.routing_recorder is not None:
+                call.routing_recorder.add(weights, hw)
+            if call.router_logits is not None:
+                call.router_logits.append((logits, hw))
+        weights = weights.to(id_out.dtype)
+        return (id_out * weights[:, :, None, :, None]).sum(1)
+
+    def route(
+        self, hidden_states: torch.Tensor, tokens: torch.Tensor, call: AttentionCall
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Routing map (B, N, L), one-hot over identities at each position, and the logits (B, L, N).
+
+        hidden_states: (B, L, C) the layer's input; tokens: (B, N, T, D).
+        """
+        if not hasattr(self, "to_q_router"):
+            raise ValueError("several identities need the router weights, which are not loaded")
+        r_query = self.to_q_router(hidden_states)  # (B, L, h)
+        aggregated = self.aggr_router(tokens.transpose(-1, -2)).squeeze(-1)  # (B, N, D)
+        r_key = self.to_k_router(aggregated)  # (B, N, h)
+        logits = torch.bmm(r_query, r_key.transpose(1, 2))  # (B, L, N)
+        if call.gumbel_tau is None:
+            index = logits.argmax(dim=-1, keepdim=True)
+            hard = torch.zeros_like(logits).scatter_(-1, index, 1.0)
+            return hard.transpose(1, 2), logits
+        uniform = torch.rand(logits.shape, generator=call.generator, device=logits.device, dtype=logits.dtype)
+        gumbel = -torch.log(-torch.log(uniform.clamp(1e-10, 1.0 - 1e-7)))
+        soft = torch.softmax((logits + gumbel) / call.gumbel_tau, dim=-1)
+        hard = torch.zeros_like(soft).scatter_(-1, soft.argmax(dim=-1, keepdim=True), 1.0)
+        return (hard - soft.detach() + soft).transpose(1, 2), logits  # straight-through

@@ -1,0 +1,196 @@
+"""Named pipeline presets: ``tiny`` (offline, random weights) and ``sd15`` (the published setup)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from uniportrait.errors import UniPortraitError, WeightsNotFoundError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TinyAdapterSizes:
+    """Sizes of the tiny identity encoders and adapter (see :func:`build_tiny_pipeline`)."""
+
+    backbone_blocks: tuple[int, ...] = (1, 1, 1, 1)
+    backbone_channels: tuple[int, ...] = (8, 16, 32, 64)
+    qformer_depth: int = 2
+    qformer_heads: int = 2
+    qformer_dim_head: int = 16
+    lora_rank: int = 4
+    init_std: float = 0.05  # LoRA "up" and router weights: non-zero so every path has an effect
+
+
+def tiny_adapter_config(unet, image_encoder, sizes: TinyAdapterSizes = TinyAdapterSizes(), ip_adapter=True):
+    from uniportrait.models.adapter import AdapterConfig
+    from uniportrait.models.qformer import QFormerConfig
+
+    dim = unet.config.cross_attention_dim
+    qformer = QFormerConfig(
+        dim=dim,
+        id_dim=sizes.backbone_channels[-1],
+        structure_dim=sum(sizes.backbone_channels[:3]) + image_encoder.config.hidden_size,
+        depth=sizes.qformer_depth,
+        heads=sizes.qformer_heads,
+        dim_head=sizes.qformer_dim_head,
+    )
+    return AdapterConfig.from_unet(
+        unet,
+        qformer=qformer,
+        lora_rank=sizes.lora_rank,
+        multi_id=True,
+        ip_adapter=ip_adapter,
+        clip_embed_dim=image_encoder.config.projection_dim,
+    )
+
+
+def tiny_backbone_config(sizes: TinyAdapterSizes = TinyAdapterSizes()):
+    from uniportrait.models.face_backbone import IRBackboneConfig
+
+    return IRBackboneConfig(
+        blocks=sizes.backbone_blocks,
+        channels=sizes.backbone_channels,
+        embedding_dim=sizes.backbone_channels[-1],
+    )
+
+
+def build_tiny_pipeline(seed: int = 0, ip_adapter: bool = True, controlnet: bool = False, sizes=None):
+    """Every component built offline from small configs; deterministic for ``seed``.
+
+    The caller's global RNG state is left as it was.
+    """
+    from uniportrait.models.adapter import UniPortraitAdapter
+    from uniportrait.models.face_backbone import IRBackbone
+    from uniportrait.pipeline import UniPortraitPipeline
+    from uniportrait.presets.tiny import build_tiny_base, build_tiny_controlnet
+
+    sizes = sizes or TinyAdapterSizes()
+    base = build_tiny_base(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        backbone = IRBackbone(tiny_backbone_config(sizes)).eval()
+        _randomise_batchnorm(backbone)
+        adapter = UniPortraitAdapter(
+            tiny_adapter_config(base["unet"], base["image_encoder"], sizes, ip_adapter)
+        )
+        for name, param in adapter.named_parameters():
+            if name.endswith("up.weight") or "router" in name:
+                torch.nn.init.normal_(param, std=sizes.init_std)
+        adapter.eval()
+        control = build_tiny_controlnet(base["unet"], seed=seed + 2) if controlnet else None
+    return UniPortraitPipeline(
+        **base, face_backbone=backbone, adapter=adapter, controlnet=control, encoder_id=f"tiny-seed{seed}"
+    )
+
+
+def _randomise_batchnorm(module: torch.nn.Module) -> None:
+    """Give BatchNorm layers non-trivial statistics, as a trained backbone has."""
+    for m in module.modules():
+        if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+            m.running_mean.normal_(0.0, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+
+
+# -- sd15: the published setup -----------------------------------------------------------------
+
+SD15_BASE = "SG161222/Realistic_Vision_V5.1_noVAE"
+SD15_VAE = "stabilityai/sd-vae-ft-mse"
+SD15_UNIPORTRAIT = "Junjie96/UniPortrait"
+SD15_IMAGE_ENCODER = "h94/IP-Adapter/models/image_encoder"
+SD15_IP_ADAPTER = "h94/IP-Adapter/models/ip-adapter_sd15.bin"
+
+
+def sd15_scheduler():
+    """DDIM as published: scaled-linear betas 0.00085–0.012, no clipping, steps_offset 1."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+def build_sd15_pipeline(
+    base_model: str = SD15_BASE,
+    vae: str = SD15_VAE,
+    uniportrait: str = SD15_UNIPORTRAIT,
+    image_encoder: str = SD15_IMAGE_ENCODER,
+    ip_adapter: str | None = SD15_IP_ADAPTER,
+    controlnet=None,
+    torch_dtype=None,
+    device=None,
+):
+    """The published setup. Each argument may be a Hub id or a local path.
+
+    Raises:
+        WeightsNotFoundError: before loading anything, listing every part that is missing.
+    """
+    from uniportrait.loading import load_pipeline
+
+    preflight_sd15(base_model, vae, uniportrait, image_encoder, ip_adapter)
+    return load_pipeline(
+        base_model,
+        uniportrait=uniportrait,
+        image_encoder=image_encoder,
+        ip_adapter=ip_adapter,
+        controlnet=controlnet,
+        vae=vae,
+        scheduler=sd15_scheduler(),
+        torch_dtype=torch_dtype,
+        device=device,
+    )
+
+
+def preflight_sd15(base_model, vae, uniportrait, image_encoder, ip_adapter) -> None:
+    """Check that every file of the published setup is at hand; one error listing what is not."""
+    from uniportrait.convert import BACKBONE_FILE, FACEID_FILE, ROUTER_FILE
+    from uniportrait.loading import resolve_file
+
+    wanted = [
+        (base_model, "unet/config.json"),
+        (base_model, "text_encoder/config.json"),
+        (base_model, "tokenizer/vocab.json"),
+        (vae, "config.json"),
+        (image_encoder, "config.json"),
+        (uniportrait, FACEID_FILE),
+        (uniportrait, ROUTER_FILE),
+        (uniportrait, BACKBONE_FILE),
+    ]
+    if ip_adapter:
+        wanted.append((ip_adapter, None))
+    missing = []
+    for spec, filename in wanted:
+        try:
+            resolve_file(spec, filename, "sd15")
+        except WeightsNotFoundError:
+            missing.append(f"{spec}{'/' + filename if filename else ''}")
+    if missing:
+        from uniportrait.loading import _cache_dir
+
+        raise WeightsNotFoundError(
+            "the sd15 preset needs the published weights; missing: "
+            + ", ".join(missing)
+            + f". Download them (e.g. `huggingface-cli download {SD15_UNIPORTRAIT}`) into the cache "
+            f"{_cache_dir()} or pass local paths; set HF_HUB_OFFLINE=1 to never contact the Hub."
+        )
+
+
+PRESETS = ("tiny", "sd15")
+
+
+def load_preset(name: str = "tiny", **kwargs):
+    """Build a named preset pipeline (``tiny`` or ``sd15``)."""
+    if name == "tiny":
+        return build_tiny_pipeline(**kwargs)
+    if name == "sd15":
+        return build_sd15_pipeline(**kwargs)
+    raise UniPortraitError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
