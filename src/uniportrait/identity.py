@@ -50,6 +50,7 @@ class Identity:
             features are only valid with that encoder.
         mix: identities blended in, with their scales: F = (1 − Σ s)·F_self + Σ s·F_mix.
         name: optional label.
+        crops: optional (R, 224, 224, 3) uint8 aligned reference crops, kept for display.
     """
 
     intrinsic: torch.Tensor
@@ -57,6 +58,7 @@ class Identity:
     encoder: str
     mix: list[tuple[Identity, float]] = field(default_factory=list)
     name: str | None = None
+    crops: torch.Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.intrinsic.ndim != 3 or self.structure.ndim != 3:
@@ -81,6 +83,8 @@ class Identity:
         for k, (other, _) in enumerate(self.mix):
             tensors[f"mix.{k}.intrinsic"] = other.intrinsic.contiguous()
             tensors[f"mix.{k}.structure"] = other.structure.contiguous()
+        if self.crops is not None:
+            tensors["crops"] = self.crops.contiguous()
         meta = {
             "format": IDENTITY_FORMAT,
             "version": str(IDENTITY_VERSION),
@@ -90,10 +94,11 @@ class Identity:
         }
         return tensors, meta
 
-    def save(self, path: str | os.PathLike) -> Path:
+    def save(self, path: str | os.PathLike, extra_metadata: dict[str, str] | None = None) -> Path:
         """Write a ``.safetensors`` file atomically (temp file + rename)."""
         path = Path(path)
         tensors, meta = self.to_tensors()
+        meta.update(extra_metadata or {})
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         os.close(fd)
         try:

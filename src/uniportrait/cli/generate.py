@@ -1,0 +1,221 @@
+"""``uniportrait generate``: prompt + identities (photos or stored names) → PNG files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from uniportrait.cli._common import (
+    add_model_args,
+    check_output_folder,
+    check_photos_exist,
+    load_pipeline_from_args,
+    parse_mix,
+)
+from uniportrait.errors import UniPortraitError
+
+logger = logging.getLogger(__name__)
+
+
+class _IdentityArg(argparse.Action):
+    """Keeps --id and --id-name in command-line order: ("photos", [..]) or ("name", str)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        items = list(getattr(namespace, self.dest, None) or [])
+        if option_string == "--id":
+            items.append(("photos", [p for p in values.split(",") if p]))
+        else:
+            items.append(("name", values))
+        setattr(namespace, self.dest, items)
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "generate",
+        help="generate images of one or several people from a prompt",
+        description="Generate images of one or several people. Identities come from photos (--id) or "
+        "from the identity bank (--id-name), in the order given.",
+    )
+    parser.add_argument("--prompt", required=True, help="free-form text prompt")
+    parser.add_argument("--negative-prompt", default=None)
+    parser.add_argument("--id", dest="identities", action=_IdentityArg, metavar="PHOTO[,PHOTO...]",
+                        help="photos of one person (repeat for several people)")  # fmt: skip
+    parser.add_argument("--id-name", dest="identities", action=_IdentityArg, metavar="NAME",
+                        help="a stored identity (see `uniportrait id`)")  # fmt: skip
+    parser.add_argument("--mix", action="append", default=[], metavar="[K=]PHOTO:SCALE",
+                        help="blend another face into identity K (default 1) with SCALE in [0, 1]")  # fmt: skip
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--steps", type=int, default=25)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--guidance-scale", type=float, default=7.5)
+    parser.add_argument("--faceid-scale", type=float, default=0.7)
+    parser.add_argument("--structure-scale", type=float, default=None,
+                        help="face-structure scale (default 0.1 for one person, 0.3 for several)")  # fmt: skip
+    parser.add_argument("--width", type=int, default=None, help="default: 512 (sd15), 256 (tiny)")
+    parser.add_argument("--height", type=int, default=None, help="default: 512 (sd15), 256 (tiny)")
+    parser.add_argument("--num-images", type=int, default=1)
+    parser.add_argument("--save-routing", action="store_true", help="also write routing-map overlays")
+    parser.add_argument("--home", default=None, help="identity bank location (default: $UNIPORTRAIT_HOME)")
+    add_model_args(parser)
+    parser.set_defaults(func=run, identities=None)
+
+
+@dataclass
+class GenerationRequest:
+    """Everything one generation needs, validated before any model is loaded."""
+
+    prompt: str
+    identity_specs: list[tuple[str, object]]
+    mixes: list[tuple[int, list[str], float]] = field(default_factory=list)
+    negative_prompt: str | None = None
+    steps: int = 25
+    seed: int = 0
+    guidance_scale: float = 7.5
+    faceid_scale: float = 0.7
+    structure_scale: float | None = None
+    width: int = 512
+    height: int = 512
+    num_images: int = 1
+
+    def validate(self) -> None:
+        if not self.prompt.strip():
+            raise UniPortraitError("--prompt must not be empty")
+        if self.steps < 1:
+            raise UniPortraitError("--steps must be at least 1")
+        if self.num_images < 1:
+            raise UniPortraitError("--num-images must be at least 1")
+        if self.width % 8 or self.height % 8 or self.width < 64 or self.height < 64:
+            raise UniPortraitError("--width and --height must be multiples of 8, at least 64")
+        if self.structure_scale is not None and not 0.0 <= self.structure_scale <= 1.0:
+            raise UniPortraitError("--structure-scale must be in [0, 1]")
+        n_ids = len(self.identity_specs)
+        for target, _, _ in self.mixes:
+            if target > n_ids:
+                raise UniPortraitError(
+                    f"--mix targets identity {target} but only {n_ids} identities were given"
+                )
+        from uniportrait.identity import check_mix_scales
+
+        for k in range(1, n_ids + 1):
+            check_mix_scales([s for t, _, s in self.mixes if t == k])
+        photos = [p for kind, v in self.identity_specs if kind == "photos" for p in v]  # type: ignore[union-attr]
+        check_photos_exist(photos + [p for _, ps, _ in self.mixes for p in ps])
+        if any(kind == "photos" and not v for kind, v in self.identity_specs):
+            raise UniPortraitError("--id needs at least one photo")
+
+    def settings(self) -> dict:
+        return {
+            "prompt": self.prompt,
+            "negative_prompt": self.negative_prompt,
+            "steps": self.steps,
+            "seed": self.seed,
+            "guidance_scale": self.guidance_scale,
+            "faceid_scale": self.faceid_scale,
+            "face_structure_scale": self.structure_scale,
+            "width": self.width,
+            "height": self.height,
+        }
+
+
+def build_identities(pipe, request: GenerationRequest, bank, analyzer=None) -> list:
+    """Photos are detected/aligned/encoded; stored names are read from the bank (no encoding)."""
+    from uniportrait.photos import identity_from_photos
+
+    identities = []
+    for k, (kind, value) in enumerate(request.identity_specs, start=1):
+        mixes = [(photos, s) for t, photos, s in request.mixes if t == k]
+        if kind == "name":
+            identity = bank.get(value)
+            if mixes:
+                identity.mix = identity.mix + [(identity_from_photos(pipe, p, analyzer), s) for p, s in mixes]
+                from uniportrait.identity import check_mix_scales
+
+                check_mix_scales([s for _, s in identity.mix])
+        else:
+            identity = identity_from_photos(pipe, value, analyzer, mix=mixes)
+        identities.append(identity)
+    return identities
+
+
+def generate_and_write(
+    pipe, request: GenerationRequest, identities: list, out: Path, save_routing: bool
+) -> list[Path]:
+    """Run the pipeline, then write every file; on a failure while writing, remove what was written."""
+    import torch
+    from PIL import Image
+
+    from uniportrait.faces.image_io import save_png_atomic
+    from uniportrait.visualize import routing_overlay
+
+    generator = torch.Generator().manual_seed(request.seed)
+    result = pipe(
+        request.prompt,
+        identities=identities,
+        negative_prompt=request.negative_prompt,
+        faceid_scale=request.faceid_scale,
+        face_structure_scale=request.structure_scale,
+        num_inference_steps=request.steps,
+        guidance_scale=request.guidance_scale,
+        height=request.height,
+        width=request.width,
+        num_images_per_prompt=request.num_images,
+        generator=generator,
+        return_routing_maps=save_routing,
+    )
+    meta = {"prompt": request.prompt, "uniportrait": json.dumps(request.settings())}
+    files: list[tuple[Path, Image.Image, dict | None]] = []
+    for k, image in enumerate(result.images):
+        files.append((out / f"image_{k:02d}.png", image, meta))
+        if save_routing and result.routing_maps is not None and len(identities) >= 2:
+            files.append((out / f"routing_{k:02d}.png", routing_overlay(image, result.routing_maps[k]), None))
+    for i, identity in enumerate(identities, start=1):
+        for j, crop in enumerate(identity.crops if identity.crops is not None else []):
+            files.append((out / f"reference_{i}_{j}.png", Image.fromarray(crop.numpy()), None))
+    written: list[Path] = []
+    try:
+        for path, image, metadata in files:
+            written.append(save_png_atomic(image, path, metadata))
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+    return written
+
+
+def request_from_args(args: argparse.Namespace) -> GenerationRequest:
+    default_size = 256 if args.preset == "tiny" else 512
+    return GenerationRequest(
+        prompt=args.prompt,
+        identity_specs=list(args.identities or []),
+        mixes=[parse_mix(m) for m in args.mix],
+        negative_prompt=args.negative_prompt,
+        steps=args.steps,
+        seed=args.seed,
+        guidance_scale=args.guidance_scale,
+        faceid_scale=args.faceid_scale,
+        structure_scale=args.structure_scale,
+        width=args.width or default_size,
+        height=args.height or default_size,
+        num_images=args.num_images,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from uniportrait.bank import IdentityBank
+
+    request = request_from_args(args)
+    request.validate()
+    bank = IdentityBank(args.home)
+    for kind, value in request.identity_specs:
+        if kind == "name":
+            bank.info(value)  # unknown names fail before any model is loaded
+    out = check_output_folder(args.out)
+    pipe = load_pipeline_from_args(args)
+    identities = build_identities(pipe, request, bank)
+    written = generate_and_write(pipe, request, identities, out, args.save_routing)
+    for path in written:
+        print(path)
+    return 0

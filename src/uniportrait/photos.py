@@ -1,0 +1,60 @@
+"""From ordinary photos to identities: detection, alignment, encoding."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import PIL.Image
+import torch
+
+from uniportrait.errors import NoFaceError
+from uniportrait.identity import Identity, check_mix_scales
+
+logger = logging.getLogger(__name__)
+
+PhotoSource = str | os.PathLike | bytes | PIL.Image.Image
+
+
+def aligned_face(photo: PhotoSource, analyzer) -> PIL.Image.Image:
+    """The largest face of ``photo``, aligned to a 224×224 crop (DESIGN §2)."""
+    from uniportrait.faces import extract_faces, load_image
+
+    image = load_image(photo)
+    faces = extract_faces(image, analyzer, max_faces=1)
+    if not faces:  # extract_faces raises for no face; guard anyway
+        raise NoFaceError(f"no face found in {photo}")
+    return faces[0][1]
+
+
+def identity_from_photos(
+    pipe,
+    photos: Sequence[PhotoSource],
+    analyzer=None,
+    mix: Sequence[tuple[Sequence[PhotoSource] | Identity, float]] | None = None,
+    name: str | None = None,
+) -> Identity:
+    """Detect, align and encode one person's photos (several photos → several references).
+
+    Args:
+        pipe: a :class:`~uniportrait.pipeline.UniPortraitPipeline` (its encoders are used).
+        photos: paths, bytes or PIL images of the same person.
+        analyzer: a face analyzer (default: the offline dlib one).
+        mix: identities to blend in, ``[(photos_or_identity, scale), ...]``.
+    """
+    from uniportrait.faces import get_face_analyzer
+
+    if not photos:
+        raise NoFaceError("no photos given for the identity")
+    check_mix_scales([s for _, s in mix or []])
+    analyzer = analyzer or get_face_analyzer("dlib")
+    crops = [aligned_face(p, analyzer) for p in photos]
+    mixed = []
+    for item, scale in mix or []:
+        other = item if isinstance(item, Identity) else identity_from_photos(pipe, item, analyzer)
+        mixed.append((other, float(scale)))
+    identity = pipe.encode_identity(crops, mix=mixed, name=name)
+    identity.crops = torch.from_numpy(np.stack([np.asarray(c.convert("RGB")) for c in crops]))
+    return identity
