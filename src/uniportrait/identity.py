@@ -128,9 +128,9 @@ class Identity:
                 (cls(tensors[f"mix.{k}.intrinsic"], tensors[f"mix.{k}.structure"], meta["encoder"]), s)
                 for k, s in enumerate(scales)
             ]
-            return cls(
-                tensors["intrinsic"], tensors["structure"], meta["encoder"], mix, meta.get("name") or None
-            )
+            name = meta.get("name") or None
+            crops = tensors.get("crops")
+            return cls(tensors["intrinsic"], tensors["structure"], meta["encoder"], mix, name, crops)
         except (KeyError, ValueError) as exc:
             raise IdentityError(f"{path} is a malformed identity file: {exc}") from exc
 

@@ -23,10 +23,16 @@ def aligned_face(photo: PhotoSource, analyzer) -> PIL.Image.Image:
     from uniportrait.faces import extract_faces, load_image
 
     image = load_image(photo)
-    faces = extract_faces(image, analyzer, max_faces=1)
+    faces = extract_faces(image, analyzer, max_faces=1, name=_describe(photo))
     if not faces:  # extract_faces raises for no face; guard anyway
         raise NoFaceError(f"no face found in {photo}")
     return faces[0][1]
+
+
+def _describe(photo: PhotoSource) -> str:
+    if isinstance(photo, (str, os.PathLike)):
+        return os.fspath(photo)
+    return getattr(photo, "filename", "") or "the photo"
 
 
 def identity_from_photos(

@@ -1,0 +1,164 @@
+"""Face preprocessing: loading photos, detecting faces, aligning them to 224×224 crops.
+
+Typical use::
+
+    from uniportrait.faces import extract_faces, get_face_analyzer
+
+    analyzer = get_face_analyzer("dlib")  # offline default; "dlib-cnn", "insightface"
+    (face, crop), *others = extract_faces("me.jpg", analyzer)  # largest face first
+
+The detector runs on the photo as given; if it finds nothing, it runs again on a copy padded by
+25% of the width / height on every side with grey 128 (the published fallback, which helps faces
+cut by the photo's edge), and the results are mapped back to the photo's coordinates.
+"""
+
+from __future__ import annotations
+
+import logging
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from uniportrait.errors import NoFaceError, UniPortraitError
+from uniportrait.faces.align import (
+    ALIGNED_SIZE,
+    MIN_FACE_SIZE,
+    align_face,
+    alignment_matrix,
+    arcface_template,
+    face_masks,
+    face_problem,
+    similarity_transform,
+)
+from uniportrait.faces.image_io import (
+    ImageSource,
+    ImageWriteError,
+    describe_source,
+    load_image,
+    save_png_atomic,
+)
+from uniportrait.faces.types import LANDMARK_NAMES, Face, FaceAnalyzer, FaceEmbedder, sort_faces
+
+__all__ = [
+    "ALIGNED_SIZE",
+    "ANALYZER_NAMES",
+    "LANDMARK_NAMES",
+    "MIN_FACE_SIZE",
+    "PAD_FRACTION",
+    "SAMPLE_PHOTOS",
+    "Face",
+    "FaceAnalyzer",
+    "FaceEmbedder",
+    "ImageWriteError",
+    "align_face",
+    "alignment_matrix",
+    "arcface_template",
+    "detect_faces",
+    "extract_faces",
+    "face_masks",
+    "face_problem",
+    "get_face_analyzer",
+    "load_image",
+    "sample_photo",
+    "save_png_atomic",
+    "similarity_transform",
+]
+
+logger = logging.getLogger(__name__)
+
+ANALYZER_NAMES: tuple[str, ...] = ("dlib", "dlib-cnn", "insightface")
+PAD_FRACTION = 0.25
+PAD_GREY = (128, 128, 128)
+SAMPLE_PHOTOS: tuple[str, ...] = (
+    "ffhq-0100.jpg",
+    "ffhq-0293.jpg",
+    "ffhq-0381.jpg",
+    "newton.jpg",
+    "style-2.jpg",
+)
+
+
+def get_face_analyzer(name: str = "dlib", **kwargs: Any) -> FaceAnalyzer:
+    """A face analyzer by name: ``"dlib"`` (HOG detector, offline default), ``"dlib-cnn"``
+    (dlib's CNN detector), or ``"insightface"`` (optional extra; models never downloaded).
+
+    Keyword arguments go to :class:`~uniportrait.faces.dlib_backend.DlibFaceAnalyzer` or
+    :class:`~uniportrait.faces.insightface_backend.InsightFaceAnalyzer`.
+    """
+    if name in ("dlib", "dlib-hog", "dlib-cnn"):
+        from uniportrait.faces.dlib_backend import DlibFaceAnalyzer
+
+        kwargs.setdefault("detector", "cnn" if name == "dlib-cnn" else "hog")
+        return DlibFaceAnalyzer(**kwargs)
+    if name == "insightface":
+        from uniportrait.faces.insightface_backend import InsightFaceAnalyzer
+
+        return InsightFaceAnalyzer(**kwargs)
+    raise UniPortraitError(f"unknown face analyzer {name!r}; choose one of {', '.join(ANALYZER_NAMES)}")
+
+
+def detect_faces(image: Image.Image, analyzer: FaceAnalyzer, pad_retry: bool = True) -> list[Face]:
+    """All faces in an RGB image, largest first, with the padded retry when none is found."""
+    faces = analyzer.detect(image)
+    if faces or not pad_retry:
+        return faces
+    pad_x, pad_y = round(PAD_FRACTION * image.width), round(PAD_FRACTION * image.height)
+    padded = Image.new("RGB", (image.width + 2 * pad_x, image.height + 2 * pad_y), PAD_GREY)
+    padded.paste(image.convert("RGB"), (pad_x, pad_y))
+    faces = [face.translated(-pad_x, -pad_y) for face in analyzer.detect(padded)]
+    if faces:
+        logger.debug("found %d face(s) only after padding the image", len(faces))
+    return sort_faces(faces)
+
+
+def extract_faces(
+    image: ImageSource,
+    analyzer: FaceAnalyzer,
+    max_faces: int | None = None,
+    name: str | None = None,
+    min_size: int = MIN_FACE_SIZE,
+    size: int = ALIGNED_SIZE,
+) -> list[tuple[Face, Image.Image]]:
+    """Detect and align the faces of a photo: ``[(face, size×size RGB crop), ...]``, largest first.
+
+    Faces too small to align usefully (see :data:`~uniportrait.faces.align.MIN_FACE_SIZE`) are
+    skipped. ``name`` names the photo in errors (default: its path).
+
+    Raises:
+        InvalidImageError: the photo cannot be read.
+        NoFaceError: no face found, or only faces that are too small (the message says which).
+    """
+    name = name or describe_source(image)
+    picture = load_image(image)
+    faces = detect_faces(picture, analyzer)
+    usable = [face for face in faces if face_problem(face, min_size) is None]
+    if not usable:
+        if faces:
+            raise NoFaceError(
+                f"no usable face in {name}: {len(faces)} found, but {face_problem(faces[0], min_size)}"
+            )
+        smallest = getattr(analyzer, "min_face_px", None)
+        hint = f"; faces smaller than about {smallest:.0f} px are not detected" if smallest else ""
+        raise NoFaceError(f"no face found in {name} (is a face visible and facing the camera?{hint})")
+    if len(usable) < len(faces):
+        logger.info("%s: skipped %d face(s) too small to align", name, len(faces) - len(usable))
+    if max_faces is not None:
+        usable = usable[:max_faces]
+    return [(face, align_face(picture, face.landmarks, size)) for face in usable]
+
+
+def sample_photo(name: str) -> Path:
+    """Path of a bundled sample photo (see ``uniportrait/assets/faces/README.md``).
+
+    Names: :data:`SAMPLE_PHOTOS` (the ``.jpg`` may be left out).
+    """
+    filename = name if name.endswith(".jpg") else f"{name}.jpg"
+    if filename not in SAMPLE_PHOTOS:
+        raise UniPortraitError(f"unknown sample photo {name!r}; available: {', '.join(SAMPLE_PHOTOS)}")
+    resource = resources.files("uniportrait") / "assets" / "faces" / filename
+    path = Path(str(resource))
+    if not path.is_file():
+        raise UniPortraitError(f"bundled sample photo {filename} is missing from this installation ({path})")
+    return path
