@@ -110,7 +110,8 @@ def load_model(cls, spec: Any, what: str, subfolder: str | None = None, **kwargs
     error = ""
     for local_only in attempts:
         try:
-            return cls.from_pretrained(repo, subfolder=sub, local_files_only=local_only, **kwargs)
+            options = {"subfolder": sub} if sub else {}
+            return cls.from_pretrained(repo, local_files_only=local_only, **options, **kwargs)
         except Exception as exc:  # diffusers/transformers raise OSError, ValueError, EnvironmentError…
             error = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     where = f"{repo}" + (f" (subfolder {sub})" if sub else "")

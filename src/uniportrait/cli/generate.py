@@ -58,6 +58,11 @@ def register(subparsers) -> None:
     parser.add_argument("--height", type=int, default=None, help="default: 512 (sd15), 256 (tiny)")
     parser.add_argument("--num-images", type=int, default=1)
     parser.add_argument("--save-routing", action="store_true", help="also write routing-map overlays")
+    parser.add_argument("--check-faces", action="store_true",
+                        help="check each result with the dlib face matcher; re-sample with the next seed "
+                        "when an identity is missing or duplicated")  # fmt: skip
+    parser.add_argument("--retries", type=int, default=2, metavar="K",
+                        help="with --check-faces: re-sample at most K times (default 2)")  # fmt: skip
     parser.add_argument("--home", default=None, help="identity bank location (default: $UNIPORTRAIT_HOME)")
     add_model_args(parser)
     parser.set_defaults(func=run, identities=None)
@@ -140,18 +145,12 @@ def build_identities(pipe, request: GenerationRequest, bank, analyzer=None) -> l
     return identities
 
 
-def generate_and_write(
-    pipe, request: GenerationRequest, identities: list, out: Path, save_routing: bool
-) -> list[Path]:
-    """Run the pipeline, then write every file; on a failure while writing, remove what was written."""
+def run_pipeline(pipe, request: GenerationRequest, identities: list, save_routing: bool):
+    """One pipeline call for ``request`` (seeded with ``request.seed``)."""
     import torch
-    from PIL import Image
-
-    from uniportrait.faces.image_io import save_png_atomic
-    from uniportrait.visualize import routing_overlay
 
     generator = torch.Generator().manual_seed(request.seed)
-    result = pipe(
+    return pipe(
         request.prompt,
         identities=identities,
         negative_prompt=request.negative_prompt,
@@ -165,7 +164,27 @@ def generate_and_write(
         generator=generator,
         return_routing_maps=save_routing,
     )
-    meta = {"prompt": request.prompt, "uniportrait": json.dumps(request.settings())}
+
+
+def generate_and_write(
+    pipe,
+    request: GenerationRequest,
+    identities: list,
+    out: Path,
+    save_routing: bool,
+    result=None,
+    extra_metadata: dict[str, str] | None = None,
+) -> list[Path]:
+    """Run the pipeline (unless ``result`` is given), then write every file; on a failure while
+    writing, remove what was written."""
+    from PIL import Image
+
+    from uniportrait.faces.image_io import save_png_atomic
+    from uniportrait.visualize import routing_overlay
+
+    if result is None:
+        result = run_pipeline(pipe, request, identities, save_routing)
+    meta = {"prompt": request.prompt, "uniportrait": json.dumps(request.settings()), **(extra_metadata or {})}
     files: list[tuple[Path, Image.Image, dict | None]] = []
     for k, image in enumerate(result.images):
         files.append((out / f"image_{k:02d}.png", image, meta))
@@ -208,6 +227,8 @@ def run(args: argparse.Namespace) -> int:
 
     request = request_from_args(args)
     request.validate()
+    if args.check_faces and args.retries < 0:
+        raise UniPortraitError("--retries must be 0 or more")
     bank = IdentityBank(args.home)
     for kind, value in request.identity_specs:
         if kind == "name":
@@ -215,7 +236,24 @@ def run(args: argparse.Namespace) -> int:
     out = check_output_folder(args.out)
     pipe = load_pipeline_from_args(args)
     identities = build_identities(pipe, request, bank)
-    written = generate_and_write(pipe, request, identities, out, args.save_routing)
+    result, extra, check = None, None, None
+    if args.check_faces:
+        from dataclasses import replace
+
+        from uniportrait.evaluation.guard import FaceChecker, sample_with_face_check
+
+        checker = FaceChecker.for_identities(identities, "dlib", bank)
+        result, check = sample_with_face_check(
+            lambda seed: run_pipeline(pipe, replace(request, seed=seed), identities, args.save_routing),
+            checker,
+            request.seed,
+            args.retries,
+        )
+        request = replace(request, seed=check.seed)
+        extra = {"face_check": json.dumps(check.to_dict())}
+    written = generate_and_write(pipe, request, identities, out, args.save_routing, result, extra)
     for path in written:
         print(path)
+    if check is not None:
+        print(check.summary())
     return 0

@@ -1,0 +1,324 @@
+"""Face-similarity backends: detect faces, embed them, compare embeddings.
+
+Three backends, one interface (:class:`FaceSimilarityBackend`):
+
+``dlib`` (offline default)
+    dlib's HOG detector and its 128-D face-recognition ResNet (``face_recognition_models``).
+    dlib compares descriptors by Euclidean distance ``d``; ``d < 0.6`` means "same person" by
+    dlib's convention. We report a similarity linear in the distance::
+
+        sim = 1 - d / (2 * 0.6)        # d = 0 → 1,  d = 0.6 (dlib's threshold) → 0.5,  d = 1.2 → 0
+
+    It is not clipped (``d > 1.2`` gives a negative value). Cosine similarity of dlib descriptors
+    is not used: the descriptors are not centred, so unrelated faces still get cosines around
+    0.8 and the scale says little.
+``curricular``
+    The CurricularFace IR-101 backbone of the published UniPortrait files
+    (``glint360k_curricular_face_r101_backbone.bin``): faces found by dlib, aligned to the 112×112
+    ArcFace template, embedded (512-D), compared by cosine similarity, like the paper's Face Sim
+    (a cosine of face-recognition embeddings).
+``insightface``
+    insightface's SCRFD detector and ArcFace recognition (optional extra; model packs are
+    never downloaded), compared by cosine similarity.
+
+Numbers from different backends are not comparable: each has its own embedding space and scale.
+Every report names the backend and its thresholds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from uniportrait.errors import UniPortraitError, WeightsNotFoundError
+from uniportrait.evaluation.matching import Thresholds
+from uniportrait.faces.types import Face
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("dlib", "curricular", "insightface")
+DLIB_SAME_PERSON_DISTANCE = 0.6
+
+# Default thresholds, in each backend's similarity scale (see matching.Thresholds).
+# dlib: match = dlib's own 0.6-distance rule; blend / margin / related chosen from pixel blends of
+# pairs of the sample faces against unrelated pairs (measurements in docs/evaluation.md).
+# Cosine backends: conventional ArcFace-family levels, not calibrated here (no weights offline);
+# override them with the CLI's --threshold options.
+DEFAULT_THRESHOLDS = {
+    "dlib": Thresholds(match=0.5, blend=0.6, margin=0.1, related=0.4),
+    "curricular": Thresholds(match=0.3, blend=0.4, margin=0.1, related=0.2),
+    "insightface": Thresholds(match=0.3, blend=0.4, margin=0.1, related=0.2),
+}
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """What a report says about the backend."""
+
+    name: str
+    detector: str
+    embedding: str
+    similarity: str
+    thresholds: Thresholds
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "detector": self.detector,
+            "embedding": self.embedding,
+            "similarity": self.similarity,
+            "thresholds": self.thresholds.to_dict(),
+        }
+
+
+class FaceSimilarityBackend:
+    """Detect faces, embed them, and compare embeddings.
+
+    Subclasses implement :meth:`detect`, :meth:`embed_faces`, :meth:`embed_aligned` and
+    :meth:`similarity`, and set :attr:`info`.
+    """
+
+    info: BackendInfo
+
+    @property
+    def name(self) -> str:
+        return self.info.name
+
+    @property
+    def thresholds(self) -> Thresholds:
+        return self.info.thresholds
+
+    def with_thresholds(self, thresholds: Thresholds) -> FaceSimilarityBackend:
+        """Use other thresholds (e.g. from the command line)."""
+        self.info = BackendInfo(
+            self.info.name, self.info.detector, self.info.embedding, self.info.similarity, thresholds
+        )
+        return self
+
+    def detect(self, image: Image.Image) -> list[Face]:
+        """Every face in an RGB image, largest first."""
+        raise NotImplementedError
+
+    def embed_faces(self, image: Image.Image, faces: list[Face]) -> np.ndarray:
+        """(F, E) float32 embeddings of ``faces`` in ``image``."""
+        raise NotImplementedError
+
+    def embed_aligned(self, crop: Image.Image) -> np.ndarray:
+        """(E,) embedding of a 224×224 crop already aligned to the ArcFace template (as stored
+        in identities)."""
+        raise NotImplementedError
+
+    def similarity(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """(A, E) × (B, E) → (A, B) similarities, higher = more alike."""
+        raise NotImplementedError
+
+
+def _detect(analyzer, image: Image.Image) -> list[Face]:
+    from uniportrait.faces import detect_faces
+
+    return detect_faces(image.convert("RGB"), analyzer)
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = np.asarray(a, dtype=np.float64).reshape(-1, np.shape(a)[-1])
+    b = np.asarray(b, dtype=np.float64).reshape(-1, np.shape(b)[-1])
+    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+    return a @ b.T
+
+
+def _template_face(size: int) -> Face:
+    from uniportrait.faces import arcface_template
+
+    return Face((0.0, 0.0, float(size), float(size)), 1.0, arcface_template(size))
+
+
+class DlibBackend(FaceSimilarityBackend):
+    """dlib HOG detection + 128-D descriptors; ``sim = 1 - d / 1.2`` (see the module docstring).
+
+    Args:
+        analyzer: a :class:`~uniportrait.faces.dlib_backend.DlibFaceAnalyzer` (default: HOG,
+            one upsampling, 5-point landmarks).
+        thresholds: default :data:`DEFAULT_THRESHOLDS` ``["dlib"]``.
+    """
+
+    def __init__(self, analyzer=None, thresholds: Thresholds | None = None) -> None:
+        from uniportrait.faces import get_face_analyzer
+
+        self.analyzer = analyzer or get_face_analyzer("dlib")
+        scale = 2 * DLIB_SAME_PERSON_DISTANCE
+        self.info = BackendInfo(
+            name="dlib",
+            detector=self.analyzer.name,
+            embedding="dlib_face_recognition_resnet_model_v1 (128-D)",
+            similarity=f"1 - euclidean_distance / {scale:g} (dlib's same-person distance 0.6 -> 0.5)",
+            thresholds=thresholds or DEFAULT_THRESHOLDS["dlib"],
+        )
+
+    def detect(self, image: Image.Image) -> list[Face]:
+        return _detect(self.analyzer, image)
+
+    def embed_faces(self, image: Image.Image, faces: list[Face]) -> np.ndarray:
+        image = image.convert("RGB")
+        if not faces:
+            return np.zeros((0, 128), dtype=np.float32)
+        return np.stack([self.analyzer.embed(image, face) for face in faces]).astype(np.float32)
+
+    def embed_aligned(self, crop: Image.Image) -> np.ndarray:
+        # dlib re-aligns from a box; detect it on the crop, or use the whole crop when HOG misses.
+        crop = crop.convert("RGB")
+        faces = self.analyzer.detect(crop)
+        face = faces[0] if faces else _template_face(crop.width)
+        return self.analyzer.embed(crop, face).astype(np.float32)
+
+    def similarity(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        a = np.asarray(a, dtype=np.float64).reshape(-1, 128)
+        b = np.asarray(b, dtype=np.float64).reshape(-1, 128)
+        distance = np.linalg.norm(a[:, None, :] - b[None, :, :], axis=-1)  # (A, B)
+        return 1.0 - distance / (2 * DLIB_SAME_PERSON_DISTANCE)
+
+
+class CurricularBackend(FaceSimilarityBackend):
+    """CurricularFace IR-101 embeddings (cosine) on dlib-detected faces aligned to 112×112.
+
+    Args:
+        backbone: an :class:`~uniportrait.models.face_backbone.IRBackbone`, a path (the
+            published ``.bin``, a folder holding it, or a folder written by
+            ``IRBackbone.save_pretrained``), or a Hub id. Default: the published UniPortrait repo.
+        analyzer: the face detector (default: dlib HOG).
+        device: torch device for the backbone (default: CPU).
+    """
+
+    def __init__(
+        self, backbone: Any = None, analyzer=None, device=None, thresholds: Thresholds | None = None
+    ):
+        import torch
+
+        from uniportrait.faces import get_face_analyzer
+
+        self.analyzer = analyzer or get_face_analyzer("dlib")
+        self.backbone, source = _load_backbone(backbone)
+        self.backbone = self.backbone.to(device or torch.device("cpu")).eval()
+        self.input_size = int(self.backbone.config.input_size)
+        self.info = BackendInfo(
+            name="curricular",
+            detector=self.analyzer.name,
+            embedding=f"CurricularFace IR backbone ({source}), {self.backbone.config.embedding_dim}-D",
+            similarity="cosine",
+            thresholds=thresholds or DEFAULT_THRESHOLDS["curricular"],
+        )
+
+    def detect(self, image: Image.Image) -> list[Face]:
+        return _detect(self.analyzer, image)
+
+    def _embed_crops(self, crops: list[Image.Image]) -> np.ndarray:
+        import torch
+
+        if not crops:
+            return np.zeros((0, self.backbone.config.embedding_dim), dtype=np.float32)
+        size = self.input_size
+        arrays = [np.asarray(c.convert("RGB").resize((size, size), Image.BILINEAR)) for c in crops]
+        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (F, 3, S, S)
+        param = next(self.backbone.parameters())
+        with torch.no_grad():
+            embedding = self.backbone(x.to(param.device, param.dtype)).embedding  # (F, E)
+        embedding = torch.nn.functional.normalize(embedding.float(), dim=-1)
+        return embedding.cpu().numpy().astype(np.float32)
+
+    def embed_faces(self, image: Image.Image, faces: list[Face]) -> np.ndarray:
+        from uniportrait.faces import align_face
+
+        return self._embed_crops([align_face(image, face.landmarks, self.input_size) for face in faces])
+
+    def embed_aligned(self, crop: Image.Image) -> np.ndarray:
+        # A 224 crop on the ×2 template, resized, is a crop on the 112 template.
+        return self._embed_crops([crop])[0]
+
+    def similarity(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return _cosine(a, b)
+
+
+def _load_backbone(spec: Any):
+    """(IRBackbone, a short description of where it came from)."""
+    from torch import nn
+
+    from uniportrait.convert import BACKBONE_FILE, load_published_backbone, read_bin
+    from uniportrait.loading import resolve_file
+    from uniportrait.models.face_backbone import IRBackbone
+
+    if isinstance(spec, nn.Module):
+        return spec, "given module"
+    if spec is None:
+        from uniportrait.presets.pipelines import SD15_UNIPORTRAIT
+
+        spec = SD15_UNIPORTRAIT
+    path = Path(spec)
+    if path.is_dir() and (path / "config.json").is_file():
+        return IRBackbone.from_pretrained(path), str(path)
+    try:
+        file = resolve_file(spec, BACKBONE_FILE, "curricular face-similarity backend")
+    except WeightsNotFoundError as err:
+        raise WeightsNotFoundError(
+            f"{err}. The curricular backend needs {BACKBONE_FILE} (published with UniPortrait): pass "
+            "--backbone PATH, or use --backend dlib (offline)"
+        ) from None
+    return load_published_backbone(read_bin(file)), str(file)
+
+
+class InsightFaceBackend(FaceSimilarityBackend):
+    """insightface SCRFD detection + ArcFace embeddings (cosine). Needs the ``insightface`` extra
+    and a model pack on disk (see :mod:`uniportrait.faces.insightface_backend`)."""
+
+    def __init__(
+        self,
+        model: str = "antelopev2",
+        root: str | os.PathLike | None = None,
+        analyzer=None,
+        thresholds: Thresholds | None = None,
+    ) -> None:
+        from uniportrait.faces import get_face_analyzer
+
+        self.analyzer = analyzer or get_face_analyzer("insightface", model=model, root=root)
+        self.info = BackendInfo(
+            name="insightface",
+            detector=self.analyzer.name,
+            embedding=f"insightface {model} ArcFace (512-D)",
+            similarity="cosine",
+            thresholds=thresholds or DEFAULT_THRESHOLDS["insightface"],
+        )
+
+    def detect(self, image: Image.Image) -> list[Face]:
+        return _detect(self.analyzer, image)
+
+    def embed_faces(self, image: Image.Image, faces: list[Face]) -> np.ndarray:
+        if not faces:
+            return np.zeros((0, 512), dtype=np.float32)
+        return np.stack([self.analyzer.embed(image.convert("RGB"), face) for face in faces])
+
+    def embed_aligned(self, crop: Image.Image) -> np.ndarray:
+        return self.analyzer.embed(crop.convert("RGB"), _template_face(crop.width))
+
+    def similarity(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return _cosine(a, b)
+
+
+def get_backend(
+    name: str = "dlib", thresholds: Thresholds | None = None, **kwargs: Any
+) -> FaceSimilarityBackend:
+    """A backend by name: ``"dlib"`` (offline default), ``"curricular"``, ``"insightface"``.
+
+    Keyword arguments go to the backend's class (e.g. ``backbone=`` for ``curricular``).
+    """
+    if name == "dlib":
+        return DlibBackend(thresholds=thresholds, **kwargs)
+    if name == "curricular":
+        return CurricularBackend(thresholds=thresholds, **kwargs)
+    if name == "insightface":
+        return InsightFaceBackend(thresholds=thresholds, **kwargs)
+    raise UniPortraitError(f"unknown face-similarity backend {name!r}; choose one of {', '.join(BACKENDS)}")

@@ -1,0 +1,343 @@
+"""Behaviour of UniPortraitPipeline on the tiny random preset (offline, CPU, a few seconds)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import PROMPT, SIZE, assert_differ, assert_same, random_crop, random_pil, run_pipe
+from diffusers import StableDiffusionPipeline
+
+from uniportrait.errors import IdentityError, UniPortraitError, WeightsNotFoundError
+from uniportrait.models.attention import AttentionCall, UniPortraitAttnProcessor
+from uniportrait.presets import build_tiny_base, build_tiny_pipeline, load_preset
+
+# -- 1. no identities: plain Stable Diffusion --------------------------------------------------------
+
+
+def _sd_pipeline(components) -> StableDiffusionPipeline:
+    pipe = StableDiffusionPipeline(
+        vae=components["vae"],
+        text_encoder=components["text_encoder"],
+        tokenizer=components["tokenizer"],
+        unet=components["unet"],
+        scheduler=components["scheduler"],
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"num_images_per_prompt": 2, "negative_prompt": "blurry, dark"}],
+    ids=["single", "two-images-negative"],
+)
+def test_no_identity_equals_stable_diffusion(tiny_pipe, kwargs):
+    ours = run_pipe(tiny_pipe, seed=7, ip_scale=0.0, **kwargs).images
+
+    # The same component objects: diffusers then runs our processors with no per-call settings.
+    shared = run_pipe(_sd_pipeline(tiny_pipe.components), seed=7, **kwargs).images
+    # A second base with the same seed whose UNet keeps diffusers' own attention processors.
+    plain_base = build_tiny_base(0)
+    assert not any(
+        isinstance(p, UniPortraitAttnProcessor) for p in plain_base["unet"].attn_processors.values()
+    )
+    plain = run_pipe(_sd_pipeline(plain_base), seed=7, **kwargs).images
+
+    assert ours.shape == (kwargs.get("num_images_per_prompt", 1), SIZE, SIZE, 3)
+    assert_same(ours, shared)
+    assert_same(ours, plain)
+    if "num_images_per_prompt" in kwargs:
+        assert_differ(ours[0], ours[1])  # two different samples, not one repeated
+
+
+# -- 2. identities and their scales -------------------------------------------------------------------
+
+
+def test_identity_changes_image_and_faceid_scale_zero_does_not(generate, idents):
+    none = generate(seed=1)
+    one = generate(seed=1, identities=idents[:1])
+    assert_differ(one, none)
+    assert_differ(one, generate(seed=1, identities=idents[1:2]))  # another person, another image
+    assert_same(generate(seed=1, identities=idents[:1], faceid_scale=0.0), none)
+    assert_same(generate(seed=1, identities=idents[:2], faceid_scale=0.0), none)
+
+
+@pytest.mark.parametrize(("n_ids", "default", "other"), [(1, 0.1, 0.3), (2, 0.3, 0.1)])
+def test_face_structure_scale_defaults(generate, idents, n_ids, default, other):
+    ids = idents[:n_ids]
+    implicit = generate(seed=2, identities=ids)
+    assert_same(generate(seed=2, identities=ids, face_structure_scale=default), implicit, atol=0)
+    assert_differ(generate(seed=2, identities=ids, face_structure_scale=other), implicit)
+
+
+# -- 3. routing -----------------------------------------------------------------------------------
+
+
+def _cross_processor(pipe) -> UniPortraitAttnProcessor:
+    return next(p for p in pipe.adapter.processors if p.cross)
+
+
+@pytest.mark.parametrize("n_ids", [2, 3])
+def test_route_is_one_hot(tiny_pipe, n_ids):
+    proc = _cross_processor(tiny_pipe)
+    gen = torch.Generator().manual_seed(n_ids)
+    query_dim = proc.to_q_router[0].in_features
+    dim = proc.to_k_faceid.in_features
+    hidden = torch.randn(3, 40, query_dim, generator=gen)  # (B, L, C)
+    tokens = torch.randn(3, n_ids, 16, dim, generator=gen)  # (B, N, T, D)
+    with torch.no_grad():
+        weights, logits = proc.route(hidden, tokens, AttentionCall())
+    assert weights.shape == (3, n_ids, 40) and logits.shape == (3, 40, n_ids)
+    assert set(weights.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(weights.sum(1), torch.ones(3, 40))
+    assert torch.equal(weights.argmax(1), logits.argmax(-1))
+
+
+@pytest.mark.parametrize("n_ids", [2, 3])
+def test_routing_maps_in_pipeline(tiny_pipe, idents, n_ids, monkeypatch):
+    # Record every layer's routing map on the way, to check each one is one-hot.
+    seen: list[torch.Tensor] = []
+    for proc in tiny_pipe.adapter.processors:
+        if proc.cross:
+
+            def recording(hidden, tokens, call, _route=proc.route):
+                weights, logits = _route(hidden, tokens, call)
+                seen.append(weights)
+                return weights, logits
+
+            monkeypatch.setattr(proc, "route", recording)
+    out = run_pipe(tiny_pipe, seed=3, identities=idents[:n_ids], return_routing_maps=True)
+    monkeypatch.undo()
+
+    assert seen
+    for weights in seen:
+        assert set(weights.unique().tolist()) <= {0.0, 1.0}
+        assert torch.equal(weights.sum(1), torch.ones_like(weights[:, 0]))
+    assert len(out.routing_maps) == 1
+    maps = out.routing_maps[0]
+    assert maps.shape == (n_ids, SIZE, SIZE)
+    assert maps.min() >= 0.0 and maps.max() <= 1.0
+    torch.testing.assert_close(maps.sum(0), torch.ones(SIZE, SIZE), atol=1e-5, rtol=0)
+
+
+def _masks(n_ids: int, size: int = SIZE) -> np.ndarray:
+    """Vertical bands, one per identity, overlapping by a few columns (so some pixels are shared)."""
+    masks = np.zeros((n_ids, size, size), dtype=np.float32)
+    edges = np.linspace(0, size, n_ids + 1).astype(int)
+    for i in range(n_ids):
+        masks[i, :, max(0, edges[i] - 4) : min(size, edges[i + 1] + 4)] = 1.0
+    return masks
+
+
+@pytest.mark.parametrize("n_ids", [2, 3])
+def test_faceid_masks_replace_routing(generate, tiny_pipe, idents, n_ids):
+    masks = _masks(n_ids)
+    out = run_pipe(tiny_pipe, seed=4, identities=idents[:n_ids], faceid_masks=masks, return_routing_maps=True)
+    expected = torch.from_numpy(masks / masks.sum(0, keepdims=True).clip(min=1e-3))
+    torch.testing.assert_close(out.routing_maps[0], expected, atol=1e-6, rtol=0)
+    assert torch.any((expected > 0) & (expected < 1))  # the overlap is shared softly
+
+    swapped = generate(seed=4, identities=idents[:n_ids], faceid_masks=masks[::-1].copy())
+    assert_differ(swapped, out.images)
+    routed = generate(seed=4, identities=idents[:n_ids])
+    assert_differ(routed, out.images)
+
+
+# -- 4. mixing and several references ---------------------------------------------------------------
+
+
+def test_identity_mixing(tiny_pipe, crops):
+    beta = 0.2
+    main = tiny_pipe.encode_identity(crops[0])
+    other = tiny_pipe.encode_identity(crops[1])
+    third = tiny_pipe.encode_identity(crops[2])
+    tokens = {
+        k: tiny_pipe.identity_tokens(v, beta)
+        for k, v in {"main": main, "other": other, "third": third}.items()
+    }
+    mixed = tiny_pipe.encode_identity(crops[0], mix=[(crops[1], 0.3)])
+    torch.testing.assert_close(
+        tiny_pipe.identity_tokens(mixed, beta), 0.7 * tokens["main"] + 0.3 * tokens["other"]
+    )
+    double = tiny_pipe.encode_identity(crops[0], mix=[(other, 0.25), ([crops[2]], 0.5)])
+    torch.testing.assert_close(
+        tiny_pipe.identity_tokens(double, beta),
+        0.25 * tokens["main"] + 0.25 * tokens["other"] + 0.5 * tokens["third"],
+    )
+    assert not torch.allclose(tokens["main"], tokens["other"], atol=1e-4)
+
+
+@pytest.mark.parametrize("mix", [[1.5], [-0.1], [0.6, 0.6]], ids=["above-1", "negative", "sum-above-1"])
+def test_bad_mix_scales(tiny_pipe, crops, mix):
+    with pytest.raises(IdentityError, match="mix scale"):
+        tiny_pipe.encode_identity(crops[0], mix=[(crops[1 + i], s) for i, s in enumerate(mix)])
+
+
+def test_several_references_concatenate(tiny_pipe, crops):
+    beta = 0.3
+    first = tiny_pipe.encode_identity(crops[0])
+    second = tiny_pipe.encode_identity(crops[1])
+    both = tiny_pipe.encode_identity(torch.stack(crops[:2]))
+    assert both.num_references == 2
+    torch.testing.assert_close(both.intrinsic, torch.cat([first.intrinsic, second.intrinsic]))
+
+    tokens = tiny_pipe.identity_tokens(both, beta)
+    qformer = tiny_pipe.adapter.qformer
+    with torch.no_grad():
+        expected = qformer(
+            torch.cat([first.intrinsic, second.intrinsic], dim=1),  # (1, 2·T_id, C_id)
+            torch.cat([first.structure, second.structure], dim=1),  # (1, 2·T_st, C_st)
+            structure_scale=beta,
+        )[0]
+    assert tokens.shape == (qformer.config.num_queries, qformer.config.dim)
+    torch.testing.assert_close(tokens, expected)
+    for single in (first, second):
+        assert not torch.allclose(tokens, tiny_pipe.identity_tokens(single, beta), atol=1e-4)
+
+
+# -- 7. ControlNet and IP-Adapter ----------------------------------------------------------------------
+
+
+def test_controlnet_and_ip_adapter(generate, idents):
+    base = generate(seed=5, identities=idents[:1])
+    control, style = random_pil(11), random_pil(12)
+    assert_differ(generate(seed=5, identities=idents[:1], control_image=control), base)
+    assert_differ(generate(seed=5, identities=idents[:1], ip_image=style, ip_scale=0.6), base)
+    off = generate(
+        seed=5,
+        identities=idents[:1],
+        control_image=control,
+        controlnet_conditioning_scale=0.0,
+        ip_image=style,
+        ip_scale=0.0,
+    )
+    assert_same(off, base)
+
+
+def test_ip_adapter_unconditional_side_is_zero_embedding(tiny_pipe):
+    """CFG's unconditional side sees the projection of a zero CLIP embedding, not the image."""
+    cond, uncond = tiny_pipe.encode_ip_image(random_pil(12), torch.device("cpu"))
+    proj = tiny_pipe.adapter.image_proj
+    with torch.no_grad():
+        zeros = proj(torch.zeros(1, proj.config.clip_embed_dim))
+    assert cond.shape == uncond.shape == (1, proj.config.num_tokens, proj.config.cross_attention_dim)
+    torch.testing.assert_close(uncond, zeros)
+    assert not torch.allclose(cond, uncond, atol=1e-4)
+
+
+# -- 9. input checks -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"height": 60}, "multiples of 8"),
+        ({"steps": 0}, "num_inference_steps"),
+        ({"n_ids": 2, "faceid_masks": np.ones((3, 8, 8))}, r"faceid_masks must be \(num_identities=2"),
+        ({"n_ids": 2, "faceid_masks": np.ones((2, 8))}, "faceid_masks must be"),
+        ({"n_ids": 1, "faceid_masks": np.ones((1, 8, 8))}, "two or more identities"),
+        ({"face_structure_scale": 1.5}, "face_structure_scale"),
+        ({"faceid_scale": float("nan")}, "faceid_scale"),
+        ({"output_type": "jpeg"}, "output_type"),
+        ({"negative_prompt": ["a", "b"]}, "negative_prompt"),
+    ],
+    ids=["height", "steps", "masks-count", "masks-ndim", "masks-one-id", "structure", "nan", "output", "neg"],
+)
+def test_check_inputs(tiny_pipe, idents, kwargs, message):
+    kwargs = dict(kwargs)
+    ids = idents[: kwargs.pop("n_ids", 1)]
+    size = kwargs.pop("height", SIZE)
+    steps = kwargs.pop("steps", 2)
+    with pytest.raises(UniPortraitError, match=message):
+        tiny_pipe(PROMPT, identities=ids, height=size, width=SIZE, num_inference_steps=steps, **kwargs)
+
+
+def test_multi_id_needs_router():
+    from uniportrait.models.adapter import UniPortraitAdapter
+    from uniportrait.models.face_backbone import IRBackbone
+    from uniportrait.pipeline import UniPortraitPipeline
+    from uniportrait.presets.pipelines import tiny_adapter_config, tiny_backbone_config
+
+    base = build_tiny_base(0)
+    config = dataclasses.replace(tiny_adapter_config(base["unet"], base["image_encoder"]), multi_id=False)
+    pipe = UniPortraitPipeline(
+        **base,
+        face_backbone=IRBackbone(tiny_backbone_config()).eval(),
+        adapter=UniPortraitAdapter(config).eval(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    ids = [pipe.encode_identity(random_crop(i)) for i in range(2)]
+    with pytest.raises(UniPortraitError, match="router"):
+        run_pipe(pipe, identities=ids)
+    assert run_pipe(pipe, identities=ids[:1]).images.shape == (1, SIZE, SIZE, 3)
+
+
+def test_control_image_without_controlnet(idents):
+    pipe = build_tiny_pipeline(0, ip_adapter=False, controlnet=False)
+    with pytest.raises(UniPortraitError, match="no controlnet"):
+        run_pipe(pipe, identities=idents[:1], control_image=random_pil(1))
+    with pytest.raises(UniPortraitError, match="IP-Adapter"):
+        run_pipe(pipe, identities=idents[:1], ip_image=random_pil(1), ip_scale=0.5)
+
+
+# -- 10. the sd15 preset offline ---------------------------------------------------------------------
+
+
+def test_sd15_preset_offline_reports_what_to_download(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    empty = tmp_path / "hf"
+    empty.mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(empty))
+    # huggingface_hub reads its cache location at import; point the live value at the empty folder.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(empty / "hub"))
+
+    start = time.monotonic()
+    with pytest.raises(WeightsNotFoundError) as err:
+        load_preset("sd15")
+    assert time.monotonic() - start < 10
+    message = str(err.value)
+    for needed in (
+        "SG161222/Realistic_Vision_V5.1_noVAE",
+        "stabilityai/sd-vae-ft-mse",
+        "h94/IP-Adapter/models/image_encoder",
+        "uniportrait-faceid_sd15.bin",
+        "uniportrait-router_sd15.bin",
+        "glint360k_curricular_face_r101_backbone.bin",
+        "ip-adapter_sd15.bin",
+    ):
+        assert needed in message
+    assert str(empty / "hub") in message  # says where it looked
+
+    # Explicit local paths that do not exist: the same single error, naming them.
+    missing = tmp_path / "nowhere"
+    with pytest.raises(WeightsNotFoundError, match="nowhere"):
+        load_preset("sd15", base_model=str(missing / "base"), uniportrait=str(missing / "up"))
+
+
+# -- 11. no drift ---------------------------------------------------------------------------------------
+
+
+def test_base_weights_unchanged_by_generation(tiny_pipe, idents, generate):
+    modules = {"unet": tiny_pipe.unet, "vae": tiny_pipe.vae, "text_encoder": tiny_pipe.text_encoder}
+    before = {
+        f"{m}.{k}": v.detach().clone() for m, mod in modules.items() for k, v in mod.state_dict().items()
+    }
+    first = generate(seed=6, identities=idents[:2], ip_image=random_pil(3), ip_scale=0.5)
+    generate(seed=7, identities=idents[:1], faceid_scale=1.0)
+    generate(seed=8, identities=idents[:3], faceid_masks=_masks(3))
+    generate(seed=9)
+    after = {f"{m}.{k}": v for m, mod in modules.items() for k, v in mod.state_dict().items()}
+    assert before.keys() == after.keys()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert not changed, f"generation modified base weights: {changed[:5]}"
+    # ... and the same request still gives the same image.
+    assert_same(generate(seed=6, identities=idents[:2], ip_image=random_pil(3), ip_scale=0.5), first, atol=0)
