@@ -1,0 +1,269 @@
+"""Reading a prepared dataset for training, and a resumable, deterministic batch order.
+
+Samples are addressed by ``(row, seed)``: the row of ``index.jsonl`` (sorted by key, so the
+order does not depend on how ``prepare-data`` finished) and a seed for the sample's own
+randomness (which other photo feeds the ID augmentation). The :class:`BatchSchedule` makes both
+from the run's seed and the position in the stream alone, so the data seen after a resume is
+exactly the data an uninterrupted run would have seen.
+
+Batches only mix samples with the same number of faces (stage II has 2–4 identities per
+sample): each epoch, the rows of every face count are shuffled and cut into batches, and the
+batches of all counts are shuffled together.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from uniportrait.training.prepare import INDEX_FILE, DatasetError, read_dataset_info, read_jsonl
+
+logger = logging.getLogger(__name__)
+
+Item = tuple[int, int]  # (row index, sample seed)
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed from integers (stable across processes and Python runs)."""
+    state = np.random.SeedSequence([int(v) % (1 << 64) for v in values]).generate_state(1, np.uint64)[0]
+    return int(state) & ((1 << 63) - 1)
+
+
+def step_seed(seed: int, *keys: int) -> int:
+    """The seed of one unit of work (e.g. ``(seed, step, micro_batch, process)``)."""
+    return _mix(seed, *keys)
+
+
+class PortraitDataset(torch.utils.data.Dataset):
+    """Samples of a prepared dataset with ``min_faces``–``max_faces`` faces.
+
+    An item is a dict:
+        pixels: (3, R, R) float32 in [-1, 1] (shorter side resized to R, centre crop)
+        masks: (N, R, R) bool face masks after the same resize and crop
+        crops: (N, 224, 224, 3) uint8 aligned faces (structure branch and, usually, intrinsic)
+        id_crops: (N, 224, 224, 3) uint8 faces for the intrinsic branch (another photo of the
+            same person with probability ``id_augment``)
+        caption: str
+        original_size, crop_top_left: (h, w) and (top, left) of the stored image and the crop,
+            for SDXL's micro-conditioning
+        row: int
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        resolution: int,
+        min_faces: int = 1,
+        max_faces: int = 1,
+        id_augment: float = 0.0,
+    ) -> None:
+        self.root = Path(root)
+        read_dataset_info(self.root)
+        keep = ("key", "image", "faces", "caption", "width", "height", "num_faces", "identities")
+        rows = sorted(
+            ({k: r.get(k) for k in keep} for r in read_jsonl(self.root / INDEX_FILE)), key=lambda r: r["key"]
+        )  # only what training reads: the rows live in every process and DataLoader worker
+        self.rows = [r for r in rows if min_faces <= r["num_faces"] <= max_faces]
+        if not self.rows:
+            raise DatasetError(
+                f"{self.root} has no image with {min_faces}–{max_faces} faces ({len(rows)} images in total)"
+            )
+        self.resolution = int(resolution)
+        self.id_augment = float(id_augment)
+        # label -> [(row, face)] over the whole dataset, for the ID augmentation
+        self.by_label: dict[str, list[tuple[int, int]]] = defaultdict(list)
+        self._all_rows = rows
+        for r_index, row in enumerate(rows):
+            for f_index, label in enumerate(row.get("identities") or []):
+                if label is not None:
+                    self.by_label[label].append((r_index, f_index))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def num_faces(self) -> list[int]:
+        return [r["num_faces"] for r in self.rows]
+
+    def faces(self, row: dict[str, Any]) -> dict[str, np.ndarray]:
+        """The ``.npz`` contents of a row (crops, boxes, landmarks, scores, masks)."""
+        path = self.root / row["faces"]
+        if not path.is_file():
+            raise DatasetError(f"{path} is missing (listed in {self.root / INDEX_FILE})")
+        with np.load(path) as npz:
+            return {name: npz[name] for name in npz.files}
+
+    def __getitem__(self, item: Item | int) -> dict[str, Any]:
+        index, seed = item if isinstance(item, tuple) else (item, 0)
+        row = self.rows[index]
+        rng = np.random.default_rng(seed)
+        image = Image.open(self.root / row["image"]).convert("RGB")
+        faces = self.faces(row)
+        r = self.resolution
+        scale = r / min(image.width, image.height)
+        size = (max(r, round(image.width * scale)), max(r, round(image.height * scale)))
+        left, top = (size[0] - r) // 2, (size[1] - r) // 2
+        image = image.resize(size, Image.Resampling.BICUBIC).crop((left, top, left + r, top + r))
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+        masks = torch.from_numpy(faces["masks"]).float()[:, None]  # (N, 1, H, W)
+        masks = torch.nn.functional.interpolate(masks, size=(size[1], size[0]), mode="nearest")
+        masks = masks[:, 0, top : top + r, left : left + r] > 0.5  # (N, R, R)
+        crops = torch.from_numpy(faces["crops"])  # (N, 224, 224, 3)
+        id_crops = crops.clone()
+        labels = row.get("identities") or [None] * len(crops)
+        for f_index, label in enumerate(labels):
+            if label is None or rng.random() >= self.id_augment:
+                continue
+            others = [rf for rf in self.by_label[label] if self._all_rows[rf[0]]["key"] != row["key"]]
+            if others:
+                other_row, other_face = others[int(rng.integers(len(others)))]
+                id_crops[f_index] = torch.from_numpy(
+                    self.faces(self._all_rows[other_row])["crops"][other_face]
+                )
+        return {
+            "pixels": pixels,
+            "masks": masks,
+            "crops": crops,
+            "id_crops": id_crops,
+            "caption": row["caption"] or "",
+            "original_size": (row["height"], row["width"]),
+            "crop_top_left": (round(top / scale), round(left / scale)),
+            "row": index,
+        }
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack items with the same number of faces: tensors gain a batch axis, the rest are lists."""
+    counts = {len(it["crops"]) for it in items}
+    if len(counts) != 1:
+        raise ValueError(f"a batch must have one number of faces per sample, got {sorted(counts)}")
+    out: dict[str, Any] = {}
+    for key in items[0]:
+        values = [it[key] for it in items]
+        out[key] = torch.stack(values) if isinstance(values[0], torch.Tensor) else values
+    return out
+
+
+class BatchSchedule:
+    """The deterministic, endless stream of micro-batches for one process.
+
+    Every process computes the same per-epoch plan (a list of batches of rows); process ``rank``
+    of ``world`` takes batches ``rank, rank + world, ...``. The ``k``-th micro-batch of a process
+    depends only on ``(seed, k, rank, world)``, so resuming is starting the stream at ``k``.
+
+    Args:
+        num_faces: face count of each dataset row (batches never mix counts).
+        batch_size: samples per micro-batch.
+        seed: the run's seed.
+        rank, world: this process and the number of processes.
+        overfit: always yield the first batch with the same sample seeds (debugging).
+    """
+
+    def __init__(
+        self,
+        num_faces: list[int],
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        overfit: bool = False,
+    ) -> None:
+        self.batch_size, self.seed, self.rank, self.world, self.overfit = (
+            batch_size,
+            seed,
+            rank,
+            world,
+            overfit,
+        )
+        buckets: dict[int, list[int]] = defaultdict(list)
+        for row, n in enumerate(num_faces):
+            buckets[n].append(row)
+        self.buckets = dict(sorted(buckets.items()))
+        usable = sum(len(rows) // batch_size for rows in self.buckets.values())
+        if usable < world:
+            sizes = ", ".join(f"{len(r)} with {n} face(s)" for n, r in self.buckets.items())
+            raise DatasetError(
+                f"too few samples for batch size {batch_size} on {world} process(es): {sizes}; "
+                f"each face count needs whole batches and every process needs at least one"
+            )
+        self.batches_per_epoch = usable - usable % world
+        self._plan_epoch: int | None = None
+        self._plan: list[list[int]] = []
+
+    def _epoch_plan(self, epoch: int) -> list[list[int]]:
+        if self._plan_epoch != epoch:
+            rng = np.random.default_rng(_mix(self.seed, epoch, 0x5EED))
+            batches = []
+            for rows in self.buckets.values():
+                order = rng.permutation(rows)
+                whole = len(order) - len(order) % self.batch_size
+                batches += [order[i : i + self.batch_size].tolist() for i in range(0, whole, self.batch_size)]
+            perm = rng.permutation(len(batches))
+            self._plan = [batches[i] for i in perm[: self.batches_per_epoch]]
+            self._plan_epoch = epoch
+        return self._plan
+
+    def batch(self, k: int) -> list[Item]:
+        """This process's ``k``-th micro-batch: [(row, sample seed), ...]."""
+        if self.overfit:
+            k_global = self.rank
+            return [
+                (row, _mix(self.seed, 0, k_global, i)) for i, row in enumerate(self._epoch_plan(0)[k_global])
+            ]
+        g = k * self.world + self.rank
+        epoch, j = divmod(g, self.batches_per_epoch)
+        rows = self._epoch_plan(epoch)[j]
+        return [(row, _mix(self.seed, epoch, j, i)) for i, row in enumerate(rows)]
+
+    def epoch_of(self, k: int) -> int:
+        return (k * self.world + self.rank) // self.batches_per_epoch
+
+    def stream(self, start: int = 0) -> Iterator[list[Item]]:
+        """Micro-batches ``start, start + 1, ...`` (endless)."""
+        k = start
+        while True:
+            yield self.batch(k)
+            k += 1
+
+
+class _Stream(torch.utils.data.Sampler):
+    """A batch sampler over :meth:`BatchSchedule.stream` (DataLoader wants a Sampler)."""
+
+    def __init__(self, schedule: BatchSchedule, start: int) -> None:
+        self.schedule, self.start = schedule, start
+
+    def __iter__(self) -> Iterator[list[Item]]:
+        return self.schedule.stream(self.start)
+
+
+def make_loader(
+    dataset: PortraitDataset, schedule: BatchSchedule, start: int, num_workers: int
+) -> torch.utils.data.DataLoader:
+    """An endless DataLoader yielding this process's micro-batches from number ``start`` on."""
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=_Stream(schedule, start),
+        num_workers=num_workers,
+        collate_fn=collate,
+        persistent_workers=False,
+        pin_memory=torch.cuda.is_available(),
+    )
+
+
+class DataPosition:
+    """How many micro-batches this run has consumed; saved with the training state."""
+
+    def __init__(self) -> None:
+        self.micro_batches = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"micro_batches": self.micro_batches}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.micro_batches = int(state["micro_batches"])

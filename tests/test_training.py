@@ -1,0 +1,296 @@
+"""Training both stages on the tiny preset (offline, CPU, 64 px), data made from the sample photos."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from uniportrait.cli import main
+from uniportrait.training.config import TINY_BASE, ConfigError, load_config
+from uniportrait.training.data import BatchSchedule, PortraitDataset
+from uniportrait.training.losses import routing_loss
+from uniportrait.training.prepare import PrepareOptions, prepare_dataset
+from uniportrait.training.samples import make_sample_source
+from uniportrait.training.trainer import Trainer, find_checkpoint
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("training")
+    make_sample_source(root / "src")
+    options = PrepareOptions(identity_from_folder=True)
+    prepare_dataset(root / "src", root / "data", workers=1, options=options, progress=False)
+    return root / "data"
+
+
+def _config(stage: int, data, out, *overrides: str):
+    return load_config(
+        None, [f"data.path={data}", f"output_dir={out}", *overrides], stage=stage, base=TINY_BASE
+    )
+
+
+def _metrics(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("train_*.yaml")))
+def test_shipped_configs_are_valid(name):
+    cfg = load_config(CONFIGS / name)
+    assert cfg.stage == (2 if "stage2" in name else 1)
+
+
+def test_train_command_reports_config_errors(tmp_path, capsys):
+    assert main(["train", "--stage", "1", "--preset", "tiny", "--output-dir", str(tmp_path)]) == 2
+    assert "set data.path" in capsys.readouterr().err
+    assert main(["train", "--stage", "1", "--preset", "tiny", "--data", str(tmp_path)]) == 2
+    assert "not a dataset folder" in capsys.readouterr().err
+
+
+# -- units --------------------------------------------------------------------------------------
+
+
+def test_config_rejects_unknown_keys_and_bad_values(tmp_path):
+    with pytest.raises(ConfigError, match="unknown config key.*lerning_rate.*in train"):
+        _config(1, tmp_path, tmp_path, "train.lerning_rate=1")
+    with pytest.raises(ConfigError, match="must be a number"):
+        _config(1, tmp_path, tmp_path, "train.learning_rate=fast")
+    with pytest.raises(ConfigError, match="stage II needs"):
+        _config(2, tmp_path, tmp_path, "data.max_faces=1")
+    yaml_file = tmp_path / "c.yaml"
+    yaml_file.write_text(
+        "train:\n  learning_rate: 1e-5\n  max_steps: 7\nmodel:\n  preset: tiny\ndata:\n  path: x\n"
+    )
+    cfg = load_config(yaml_file, ["train.max_steps=9"], stage=2)
+    assert (cfg.stage, cfg.train.learning_rate, cfg.train.max_steps, cfg.face_range) == (2, 1e-5, 9, (2, 4))
+
+
+def test_routing_loss_and_agreement():
+    masks = torch.zeros(2, 2, 8, 8, dtype=torch.bool)
+    masks[:, 0, :, :4] = True  # identity 0 on the left half, identity 1 on the right
+    masks[:, 1, :, 4:] = True
+
+    def logits(m: torch.Tensor) -> torch.Tensor:  # (B, L, N) favouring the true identity
+        return m.float().flatten(2).transpose(1, 2) * 20 - 10
+
+    right = logits(masks)
+    perfect = routing_loss([(right, (8, 8)), (logits(masks[:, :, ::2, ::2]), (4, 4))], masks)
+    assert perfect.loss < 1e-6 and perfect.mass > 0.999 and perfect.accuracy == 1.0
+    wrong = routing_loss([(-right, (8, 8))], masks)
+    assert wrong.loss > 0.99 and wrong.accuracy == 0.0
+    flat = routing_loss([(torch.zeros(2, 64, 2), (8, 8))], masks)
+    assert abs(flat.loss - 0.25) < 1e-6 and abs(flat.mass - 0.5) < 1e-6
+    # Samples whose identities were dropped (CFG) are left out.
+    mixed = routing_loss(
+        [(torch.cat([right[:1], -right[1:]]), (8, 8))], masks, valid=torch.tensor([True, False])
+    )
+    assert mixed.loss < 1e-6
+
+
+def test_batch_schedule_is_deterministic_sharded_and_resumable():
+    faces = [1, 2, 2, 3, 2, 3, 2, 2, 3, 3, 2, 2]
+    ranks = [BatchSchedule(faces, 2, seed=5, rank=r, world=2) for r in range(2)]
+    epoch = [ranks[k % 2].batch(k // 2) for k in range(ranks[0].batches_per_epoch)]
+    rows = [row for batch in epoch for row, _ in batch]
+    assert len(rows) == len(set(rows))  # one epoch: no row twice
+    assert all(len({faces[row] for row, _ in batch}) == 1 for batch in epoch)  # one face count per batch
+    again = BatchSchedule(faces, 2, seed=5, rank=1, world=2)
+    stream = again.stream(start=3)
+    assert [next(stream) for _ in range(4)] == [ranks[1].batch(k) for k in range(3, 7)]
+    assert BatchSchedule(faces, 2, seed=6).batch(0) != BatchSchedule(faces, 2, seed=5).batch(0)
+
+
+def test_dataset_items(dataset):
+    ds = PortraitDataset(dataset, resolution=64, min_faces=2, max_faces=4)
+    item = ds[(0, 123)]
+    assert item["pixels"].shape == (3, 64, 64) and -1 <= item["pixels"].min() < item["pixels"].max() <= 1
+    assert item["masks"].shape == (2, 64, 64) and item["masks"].dtype == torch.bool
+    assert item["crops"].shape == (2, 224, 224, 3)
+    left = item["masks"][:, :, :32].sum((1, 2)) > item["masks"][:, :, 32:].sum((1, 2))
+    assert left.tolist() in ([True, False], [False, True])  # one face per half
+    always = PortraitDataset(dataset, resolution=64, id_augment=1.0)
+    swapped = always[(0, 1)]
+    assert not torch.equal(swapped["id_crops"], swapped["crops"])  # another photo of that person
+
+
+# -- the two stages ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stage1(dataset, tmp_path_factory):
+    """Stage I overfitting one fixed batch (same noise every step)."""
+    out = tmp_path_factory.mktemp("stage1")
+    cfg = _config(
+        1, dataset, out, "train.max_steps=30", "train.learning_rate=3e-3", "train.overfit_batch=true"
+    )
+    result = Trainer(cfg).train()
+    return out, result
+
+
+@pytest.fixture(scope="module")
+def stage2(dataset, stage1, tmp_path_factory):
+    """Stage II from the stage-I adapter, overfitting one fixed batch of two-person images."""
+    out = tmp_path_factory.mktemp("stage2")
+    cfg = _config(
+        2,
+        dataset,
+        out,
+        f"model.init_adapter={stage1[1]}",
+        "train.max_steps=40",
+        "train.learning_rate=1e-2",
+        "train.overfit_batch=true",
+        "validation.every=0",  # at the end only
+        "checkpoint.export_published=true",
+    )
+    trainer = Trainer(cfg)
+    result = trainer.train()
+    return out, result, trainer
+
+
+def test_stage1_overfits_a_fixed_batch(stage1):
+    out, result = stage1
+    losses = [m["loss"] for m in _metrics(out)]
+    assert len(losses) == 30 and all(np.isfinite(losses))
+    assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3])
+    assert sum(b < a for a, b in zip(losses, losses[1:])) >= 25  # falls almost every step
+    assert result == out / "adapter" and (result / "adapter.safetensors").is_file()
+
+
+def test_stage1_trains_only_its_parameters(stage1):
+    from uniportrait.models.adapter import read_adapter_files
+
+    out, result = stage1
+    trained, _ = read_adapter_files(result)
+    first = find_checkpoint(out)  # the last checkpoint holds the trained parameter set
+    names = set(load_file(str(first / "state" / "trainable.safetensors")))
+    assert any(n.startswith("qformer.") for n in names)
+    assert any("to_k_faceid" in n for n in names) and any(".to_q_lora." in n for n in names)
+    assert not any("router" in n or "multi_id" in n for n in names)
+    # untouched: the multi-ID LoRA "up" weights are still zero
+    multi_up = [p for n, p in trained.named_parameters() if "multi_id_lora.up" in n]
+    assert multi_up and all(float(p.detach().abs().sum()) == 0.0 for p in multi_up)
+
+
+def test_stage2_routing_learns_the_face_masks(stage2):
+    out, result, _ = stage2
+    rows = _metrics(out)
+    route = [m["routing"] for m in rows]
+    mass = [m["route_mass"] for m in rows]
+    assert np.mean(route[-3:]) < 0.6 * np.mean(route[:3])
+    assert np.mean(mass[:3]) < 0.55 and np.mean(mass[-3:]) > 0.7  # from chance (1/2) to mostly right
+    assert np.mean([m["route_accuracy"] for m in rows[-3:]]) > 0.75
+    images = sorted((out / "validation").glob("*/*.png"))
+    assert any(p.name.endswith("-routing.png") for p in images)
+
+
+def test_stage2_keeps_stage1_weights_and_loads_in_the_pipeline(stage1, stage2):
+    from uniportrait.convert import FACEID_FILE, ROUTER_FILE
+    from uniportrait.models.adapter import read_adapter_files
+    from uniportrait.pipeline import UniPortraitPipeline
+    from uniportrait.presets.tiny import build_tiny_base
+
+    out, result, trainer = stage2
+    before, _ = read_adapter_files(stage1[1])
+    after, backbone = read_adapter_files(result)
+    b_state, a_state = before.named_state_dict(), after.named_state_dict()
+    frozen = [k for k in b_state if k.startswith("qformer.") or "faceid" in k or ".to_q_lora." in k]
+    assert frozen and all(torch.equal(b_state[k], a_state[k]) for k in frozen)
+    assert any(not torch.equal(b_state[k], a_state[k]) for k in a_state if "router" in k)
+
+    base = build_tiny_base(0)
+    encoder = base.pop("image_encoder")
+    pipe = UniPortraitPipeline.from_pretrained(base, uniportrait=result, image_encoder=encoder)
+    crops = trainer.validation_samples()[0][1]
+    ids = [pipe.encode_identity(c) for c in crops]
+    image = pipe(
+        "two people", identities=ids, num_inference_steps=2, height=64, width=64, output_type="np"
+    ).images
+    assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
+
+    # The published layout: same tensors back through the conversion.
+    published = {
+        name: torch.load(out / "published" / name, weights_only=True) for name in (FACEID_FILE, ROUTER_FILE)
+    }
+    again = UniPortraitPipeline.from_pretrained(
+        build_tiny_base(0) | {"image_encoder": None},
+        uniportrait=published,
+        image_encoder=encoder,
+        face_backbone=backbone,
+        adapter_config=after.config,
+    )
+    round_trip = again.adapter.named_state_dict()
+    assert all(torch.equal(round_trip[k], v) for k, v in a_state.items())
+
+
+# -- exact resume --------------------------------------------------------------------------------
+
+
+def test_resume_is_exact(dataset, tmp_path):
+    common = (
+        "train.max_steps=4",
+        "train.gradient_accumulation_steps=2",
+        "train.lr_scheduler=constant_with_warmup",
+        "train.lr_warmup_steps=3",
+        "train.ema_decay=0.9",
+        "train.gradient_checkpointing=true",
+        "data.id_augment=0.5",
+        "data.id_drop=0.3",
+        "checkpoint.every=2",
+    )
+    straight = tmp_path / "straight"
+    Trainer(_config(1, dataset, straight, *common)).train()
+
+    parts = tmp_path / "parts"
+    first = Trainer(_config(1, dataset, parts, *common, "train.stop_after_steps=2")).train()
+    assert first.name == "checkpoint-00000002" and not (parts / "adapter").exists()
+    resumed = Trainer(_config(1, dataset, parts, *common), resume="latest")
+    assert resumed.global_step == 2 and resumed.position.micro_batches == 4
+    resumed.train()
+
+    a = load_file(str(straight / "adapter" / "adapter.safetensors"))
+    b = load_file(str(parts / "adapter" / "adapter.safetensors"))
+    assert a.keys() == b.keys()
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst <= 1e-6, worst
+    assert [m["loss"] for m in _metrics(straight)] == pytest.approx(
+        [m["loss"] for m in _metrics(parts)], abs=1e-6
+    )
+
+
+def test_gradient_checkpointing_recomputes_the_same_routing(dataset, tmp_path):
+    """The recomputed blocks redraw the same Gumbel noise, so the step is unchanged."""
+    weights = []
+    for flag in ("false", "true"):
+        out = tmp_path / flag
+        overrides = ("train.max_steps=2", "train.learning_rate=1e-2", f"train.gradient_checkpointing={flag}")
+        trainer = Trainer(_config(2, dataset, out, *overrides))
+        assert trainer.components.unet.is_gradient_checkpointing == (flag == "true")
+        trainer.train()
+        weights.append(load_file(str(out / "adapter" / "adapter.safetensors")))
+    plain, checkpointed = weights
+    assert max(float((plain[k] - checkpointed[k]).abs().max()) for k in plain) <= 1e-6
+
+
+# -- SDXL-style UNet and the command line ----------------------------------------------------------
+
+
+def test_tiny_sdxl_unet_trains_stage1(dataset, tmp_path):
+    out = tmp_path / "sdxl"
+    code = main(
+        ["-q", "train", "--stage", "1", "--preset", "tiny-sdxl", "--data", str(dataset), "--output-dir", str(out),
+         "--set", "train.max_steps=3", "--set", "validation.every=null"]
+    )  # fmt: skip
+    assert code == 0
+    losses = [m["loss"] for m in _metrics(out)]
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    config = json.loads((out / "adapter" / "config.json").read_text())["adapter"]
+    assert config["cross_attention_dim"] == 64
+    names = [layer["name"] for layer in config["layers"]]
+    assert any("transformer_blocks.1" in n for n in names)  # SDXL's 2 transformer layers per block

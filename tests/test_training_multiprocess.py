@@ -1,0 +1,87 @@
+"""Both stages under `accelerate launch` with two CPU processes (DDP over gloo).
+
+accelerate's own ``--cpu`` launcher starts a single process unless it is given an MPI hostfile;
+``--multi_gpu`` starts the processes with torchrun, and on a machine without CUDA the trainer
+asks accelerate for CPU (gloo) DDP. Slow-ish (two launches of two processes) but part of the
+default run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from uniportrait.training.prepare import PrepareOptions, prepare_dataset
+from uniportrait.training.samples import make_sample_source
+
+pytestmark = pytest.mark.slow
+
+
+def _tool(name: str) -> str:
+    path = shutil.which(name, path=str(Path(sys.executable).parent)) or shutil.which(name)
+    assert path, f"{name} is not installed"
+    return path
+
+
+def _launch(entry: list[str], stage: int, data: Path, out: Path, *overrides: str) -> str:
+    cmd = [
+        _tool("accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+        *entry, "--stage", str(stage), "--preset", "tiny",
+        "--data", str(data), "--output-dir", str(out),
+        "--set", "train.max_steps=3", "--set", "checkpoint.every=2",
+        *[arg for o in overrides for arg in ("--set", o)],
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    return log
+
+
+def test_two_processes_train_both_stages_and_the_result_loads(tmp_path):
+    from uniportrait.models.adapter import read_adapter_files
+    from uniportrait.pipeline import UniPortraitPipeline
+    from uniportrait.presets.tiny import build_tiny_base
+
+    make_sample_source(tmp_path / "src")
+    data = tmp_path / "data"
+    prepare_dataset(
+        tmp_path / "src", data, workers=1, options=PrepareOptions(identity_from_folder=True), progress=False
+    )
+
+    # The two documented entry points: the module, and the console script.
+    log1 = _launch(["-m", "uniportrait.training"], 1, data, tmp_path / "s1")
+    assert "2 process(es)" in log1
+    s1 = tmp_path / "s1" / "adapter"
+    log2 = _launch([_tool("uniportrait"), "train"], 2, data, tmp_path / "s2", f"model.init_adapter={s1}")
+    assert "2 process(es)" in log2
+
+    for out in (tmp_path / "s1", tmp_path / "s2"):
+        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert [m["step"] for m in metrics] == [1, 2, 3]  # written once, by the main process
+        assert all(np.isfinite(m["loss"]) for m in metrics)
+        states = sorted(p.name for p in (out / "checkpoints" / "checkpoint-00000002" / "state").iterdir())
+        assert "random_states_1.pkl" in states and "trainable.safetensors" in states  # both ranks' RNG
+    assert "route_mass" in metrics[0]
+
+    base = build_tiny_base(0)
+    encoder = base.pop("image_encoder")
+    pipe = UniPortraitPipeline.from_pretrained(
+        base, uniportrait=tmp_path / "s2" / "adapter", image_encoder=encoder
+    )
+    adapter, _ = read_adapter_files(tmp_path / "s2" / "adapter")
+    assert adapter.config.multi_id and pipe.adapter.config.multi_id
+    face = np.zeros((224, 224, 3), dtype=np.uint8)
+    ids = [pipe.encode_identity(face), pipe.encode_identity(face + 60)]
+    image = pipe(
+        "two people", identities=ids, num_inference_steps=2, height=64, width=64, output_type="np"
+    ).images
+    assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
