@@ -44,7 +44,26 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.register(subparsers)
+    _add_quiet(subparsers)
     return parser
+
+
+def _add_quiet(subparsers: argparse._SubParsersAction) -> None:
+    """Accept -q/--quiet after the sub-command too (``uniportrait generate ... --quiet``)."""
+    for sub in subparsers.choices.values():
+        try:
+            sub.add_argument(
+                "-q",
+                "--quiet",
+                action="store_true",
+                default=argparse.SUPPRESS,
+                help="only print errors and results",
+            )
+        except argparse.ArgumentError:
+            pass  # the command defines its own
+        for action in sub._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _add_quiet(action)
 
 
 def main(argv: list[str] | None = None) -> int:
