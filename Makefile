@@ -5,13 +5,13 @@ BIN := $(VENV)/bin
 # CPU build of torch; on a GPU machine install the torch you want first (see README).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench clean browser-deps
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -e ".[dev,serve]"
 	touch $@
 
 setup: $(BIN)/.installed
@@ -28,6 +28,12 @@ lint: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench.py --out outputs/bench
+
+# Debian's Chromium for the web UI's browser test (Playwright drives it; it never downloads a browser).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+browser-deps:
+	@test -x /usr/bin/chromium || { $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -q --no-install-recommends chromium fonts-dejavu-core; }
 
 clean:
 	rm -rf outputs .pytest_cache

@@ -1,0 +1,100 @@
+"""``uniportrait serve``: the web UI and the REST API in one process, sharing one pipeline."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+
+from uniportrait.cli._common import add_model_args, load_pipeline_from_args
+from uniportrait.errors import UniPortraitError
+
+logger = logging.getLogger(__name__)
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve the web UI (/ui) and the REST API (/v1, docs at /docs)",
+        description="Serve the web UI at /ui and the REST API at /v1 (OpenAPI docs at /docs) from one "
+        "process and one shared pipeline. Set UNIPORTRAIT_API_KEY to require a key (the UI then asks "
+        "for it as its password).",
+    )
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)"
+    )
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--workers", type=int, default=1, help="generation threads (default 1)")
+    parser.add_argument("--queue-size", type=int, default=8, help="requests that may wait; more get HTTP 429")
+    parser.add_argument("--timeout", type=float, default=600.0, help="per-request time limit in seconds")
+    parser.add_argument("--max-steps", type=int, default=50)
+    parser.add_argument("--max-images", type=int, default=4, help="images per request")
+    parser.add_argument("--max-identities", type=int, default=4, help="people per request")
+    parser.add_argument("--max-side", type=int, default=1024, help="largest width / height")
+    parser.add_argument("--max-upload-mb", type=float, default=10.0, help="per uploaded photo")
+    parser.add_argument("--max-pixels", type=int, default=16_000_000, help="per uploaded photo")
+    parser.add_argument("--no-ui", action="store_true", help="serve only the REST API (no gradio needed)")
+    parser.add_argument("--home", default=None, help="identity bank location (default: $UNIPORTRAIT_HOME)")
+    add_model_args(parser)
+    parser.set_defaults(func=run)
+
+
+def config_from_args(args: argparse.Namespace):
+    from uniportrait.server.config import MB, Limits, ServerConfig
+
+    try:
+        limits = Limits(
+            max_upload_bytes=int(args.max_upload_mb * MB),
+            max_steps=args.max_steps,
+            max_images=args.max_images,
+            max_identities=args.max_identities,
+            max_side=args.max_side,
+            max_pixels=args.max_pixels,
+        )
+        return ServerConfig(
+            limits=limits,
+            workers=args.workers,
+            queue_size=args.queue_size,
+            timeout_s=args.timeout,
+            api_key=ServerConfig.api_key_from_env(),
+            home=args.home,
+            preset=args.preset,
+            # The tiny preset's random weights make noise: keep its defaults quick.
+            default_side=128 if args.preset == "tiny" else 512,
+            default_steps=8 if args.preset == "tiny" else 25,
+            ui=not args.no_ui,
+        )
+    except ValueError as err:
+        raise UniPortraitError(str(err)) from None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    try:
+        import uvicorn
+    except ImportError:
+        raise UniPortraitError("serving needs the 'serve' extra: pip install 'uniportrait[serve]'") from None
+    from uniportrait.server import API_KEY_ENV, create_app
+
+    if not is_loopback(args.host) and config.api_key is None:
+        logger.warning(
+            "binding %s without an API key: anyone who can reach this port can use it (set %s)",
+            args.host,
+            API_KEY_ENV,
+        )
+    pipe = load_pipeline_from_args(args)
+    pipe.set_progress_bar_config(disable=True)
+    app = create_app(pipe, config)
+    base = f"http://{f'[{args.host}]' if ':' in args.host else args.host}:{args.port}"
+    logger.info("%sAPI docs: %s/docs", f"web UI: {base}/ui  " if config.ui else "", base)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
+    return 0

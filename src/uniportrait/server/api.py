@@ -1,0 +1,321 @@
+"""The FastAPI app: REST API under ``/v1``, health at ``/healthz``, OpenAPI at ``/docs``, and the
+web UI mounted at ``/ui``.
+
+Errors are JSON ``{"detail": "<one-line message>", "code": "<stable code>"}``:
+
+=====  ==========================================================================================
+400    ``invalid_image`` (not an image, corrupt), ``invalid_name`` (identity name)
+401    ``missing_api_key``, ``wrong_api_key`` (only when ``UNIPORTRAIT_API_KEY`` is set)
+404    ``unknown_identity``
+409    ``identity_exists``, ``encoder_mismatch``
+413    ``upload_too_large`` (one photo, or the whole body), ``too_many_pixels``
+422    ``invalid_request`` (settings, limits on steps / images / identities / size), ``no_face``
+429    ``queue_full``, with a ``Retry-After`` header (seconds)
+504    ``timeout`` (the per-request time limit)
+=====  ==========================================================================================
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+from contextlib import asynccontextmanager
+from typing import Annotated, Literal
+
+import PIL.Image
+from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel, Field
+from starlette.datastructures import UploadFile as StarletteUpload
+
+from uniportrait import __version__
+from uniportrait.bank import IdentityBank
+from uniportrait.errors import UniPortraitError
+from uniportrait.server.config import ServerConfig
+from uniportrait.server.jobs import JobTimeout, QueueFull, WorkQueue
+from uniportrait.server.service import (
+    GenerateRequest,
+    IdentityRequest,
+    PortraitService,
+    ServiceError,
+    Upload,
+)
+from uniportrait.server.transport import (
+    BodyLimit,
+    b64png,
+    error_response,
+    multipart_response,
+    png_bytes,
+    result_json,
+)
+
+logger = logging.getLogger(__name__)
+
+IDENTITY_FIELD = re.compile(r"^(id|mix)([1-9][0-9]?)(_scale)?$")
+
+
+class GenerateForm(BaseModel):
+    """The settings of ``POST /v1/generate`` (multipart form fields); people come as ``id<k>``."""
+
+    prompt: str = Field(description="free-form text prompt")
+    negative_prompt: str | None = None
+    seed: int | None = Field(None, description="random when left out; the seed used is returned")
+    steps: int | None = Field(None, description="denoising steps (default: the server's)")
+    guidance_scale: float = 7.5
+    faceid_scale: float = Field(0.7, description="weight of the identities, 0–2")
+    structure_scale: float | None = Field(
+        None, description="0–1; default 0.1 for one person, 0.3 for several"
+    )
+    width: int | None = Field(None, description="multiple of 8 (default: the server's)")
+    height: int | None = Field(None, description="multiple of 8 (default: the server's)")
+    num_images: int = 1
+    routing: bool = Field(False, description="also return routing-map overlays (two or more people)")
+    format: Literal["json", "png", "multipart"] = Field(
+        "json", description="json: base64 PNGs; png: the image itself; multipart: multipart/mixed PNG parts"
+    )
+
+
+GENERATE_DOC = """Generate images of the people given as form fields, in order:
+
+* `id1`, `id2`, …: one or more **photos** of that person (repeat the field for several photos),
+  **or** the **name** of a stored identity (a text field).
+* `mix1`, `mix2`, …: optional photos of faces blended into person *k*, with `mix1_scale`, … in [0, 1].
+
+Example: `curl -F prompt="two people in a cafe" -F id1=@alice.jpg -F id2=bob -F steps=20 …`
+"""
+
+
+BEARER = HTTPBearer(auto_error=False, description="the server's UNIPORTRAIT_API_KEY")
+API_KEY_HEADER = APIKeyHeader(
+    name="X-API-Key", auto_error=False, description="the server's UNIPORTRAIT_API_KEY"
+)
+
+
+def require_key(
+    request: Request,
+    token: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)],
+    key: Annotated[str | None, Depends(API_KEY_HEADER)],
+) -> None:
+    """When the server has an API key, the request must carry it (Bearer token or X-API-Key)."""
+    expected = request.app.state.config.api_key
+    if expected is None:
+        return
+    given = key or (token.credentials if token else None)
+    if not given:
+        raise ServiceError(
+            401,
+            "missing_api_key",
+            "this server needs an API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
+        )
+    if not hmac.compare_digest(given.encode(), expected.encode()):
+        raise ServiceError(401, "wrong_api_key", "the API key is wrong")
+
+
+def create_app(pipe, config: ServerConfig | None = None, service: PortraitService | None = None) -> FastAPI:
+    """The app around one shared ``pipe``. ``config.api_key`` (or ``$UNIPORTRAIT_API_KEY`` via the
+    command line) protects ``/v1`` and the UI."""
+    config = config or ServerConfig()
+    service = service or PortraitService(pipe, config.limits, IdentityBank(config.home))
+    queue = WorkQueue(config.workers, config.queue_size)
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        yield
+        queue.shutdown()
+
+    app = FastAPI(
+        title="UniPortrait",
+        version=__version__,
+        description="Identity-preserving generation of one or several people. Web UI at [/ui](/ui).",
+        lifespan=lifespan,
+    )
+    app.state.service, app.state.queue, app.state.config = service, queue, config
+    app.add_middleware(BodyLimit, limit=config.limits.max_request_bytes)
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(_req, err: ServiceError):
+        headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+        return error_response(err.status, err.code, err.message, headers)
+
+    @app.exception_handler(QueueFull)
+    async def _queue_full(_req, err: QueueFull):
+        return error_response(429, "queue_full", str(err), {"Retry-After": str(err.retry_after)})
+
+    @app.exception_handler(JobTimeout)
+    async def _timeout(_req, err: JobTimeout):
+        return error_response(504, "timeout", str(err))
+
+    @app.exception_handler(UniPortraitError)
+    async def _library_error(_req, err: UniPortraitError):
+        return error_response(422, "invalid_request", str(err))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_req, err: RequestValidationError):
+        problems = [f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in err.errors()]
+        return error_response(422, "invalid_request", "; ".join(problems))
+
+    auth = [Depends(require_key)]
+
+    @app.get("/", include_in_schema=False)
+    async def root():
+        return RedirectResponse("/ui/" if config.ui else "/docs")
+
+    @app.get("/healthz", tags=["server"])
+    async def healthz() -> dict:
+        """Liveness and load; needs no API key."""
+        return {"status": "ok", "version": __version__, "preset": config.preset, "queue": queue.stats()}
+
+    @app.post("/v1/generate", tags=["generate"], dependencies=auth, description=GENERATE_DOC)
+    async def generate(request: Request, form: Annotated[GenerateForm, Form()]):
+        job = GenerateRequest(
+            prompt=form.prompt,
+            identities=await identities_from_form(request, service),
+            negative_prompt=form.negative_prompt,
+            seed=form.seed,
+            steps=form.steps or config.default_steps,
+            guidance_scale=form.guidance_scale,
+            faceid_scale=form.faceid_scale,
+            structure_scale=form.structure_scale,
+            width=form.width or config.default_side,
+            height=form.height or config.default_side,
+            num_images=form.num_images,
+            routing=form.routing,
+        )
+        if form.format == "png" and job.num_images != 1:
+            raise ServiceError(
+                422, "invalid_request", "format=png returns one image; use json or multipart for several"
+            )
+        service.check_generate(job)
+
+        def work(deadline):  # on a worker thread: generating and PNG-encoding stay off the event loop
+            result = service.generate(job, deadline)
+            if form.format == "png":
+                headers = {"X-Seed": str(result.seed)}
+                return Response(png_bytes(result.images[0]), media_type="image/png", headers=headers)
+            if form.format == "multipart":
+                return multipart_response(result, job)
+            return JSONResponse(result_json(result, job))
+
+        return await queue.run(work, config.timeout_s)
+
+    @app.get("/v1/identities", tags=["identities"], dependencies=auth)
+    async def list_identities() -> dict:
+        """Stored identities; ``usable`` says whether this server's encoder made them."""
+        return {"identities": service.list_identities()}
+
+    @app.post("/v1/identities", tags=["identities"], dependencies=auth, status_code=201)
+    async def add_identity(
+        name: Annotated[str, Form(description="1–64 letters, digits, '_', '.', '-'")],
+        photos: Annotated[list[UploadFile], File(description="one or more photos of the person")],
+        mix: Annotated[list[UploadFile] | None, File(description="faces to blend in")] = None,
+        mix_scale: Annotated[float, Form()] = 0.0,
+        overwrite: Annotated[bool, Form()] = False,
+    ) -> dict:
+        """Detect, align and encode the photos, and store the identity under ``name``."""
+        ident = IdentityRequest(
+            photos=[await read_upload(f, service, f"identity {name!r}") for f in photos],
+            mix=[await read_upload(f, service, f"identity {name!r} (mix)") for f in mix or []],
+            mix_scale=mix_scale,
+        )
+        service.check_new_identity(name, ident, overwrite)
+        return await queue.run(lambda d: service.add_identity(name, ident, overwrite, d), config.timeout_s)
+
+    @app.get("/v1/identities/{name:path}", tags=["identities"], dependencies=auth)
+    async def show_identity(name: str) -> dict:
+        """One stored identity, with its aligned reference faces as base64 PNGs."""
+        info = service.describe(service.stored_info(name))
+        identity = service.bank.get(name)
+        crops = [] if identity.crops is None else [PIL.Image.fromarray(c.numpy()) for c in identity.crops]
+        return {**info, "faces": [b64png(c) for c in crops]}
+
+    @app.delete("/v1/identities/{name:path}", tags=["identities"], dependencies=auth)
+    async def delete_identity(name: str) -> dict:
+        service.remove_identity(name)
+        return {"deleted": name}
+
+    if config.ui:
+        mount_ui(app, service, queue, config)
+    return app
+
+
+async def read_upload(upload: StarletteUpload, service: PortraitService, label: str) -> Upload:
+    """Read one uploaded file, refusing it as soon as it is over the per-photo limit."""
+    limit = service.limits.max_upload_bytes
+    data = await upload.read(limit + 1)
+    result = Upload(data, upload.filename or "photo")
+    service.check_upload_size(result, label)
+    return result
+
+
+async def identities_from_form(request: Request, service: PortraitService) -> list[IdentityRequest]:
+    """``id<k>`` (photos or a stored name), ``mix<k>`` (photos), ``mix<k>_scale`` → people in order."""
+    form = await request.form()
+    people: dict[int, IdentityRequest] = {}
+    known = set(GenerateForm.model_fields)
+    for key, value in form.multi_items():
+        if key in known:
+            continue
+        match = IDENTITY_FIELD.match(key)
+        if not match or (match.group(3) and match.group(1) != "mix"):
+            raise ServiceError(
+                422,
+                "invalid_request",
+                f"unknown form field {key!r}; expected {', '.join(sorted(known))}, id<k>, mix<k>, mix<k>_scale",
+            )
+        kind, k, is_scale = match.group(1), int(match.group(2)), bool(match.group(3))
+        person = people.setdefault(k, IdentityRequest())
+        label = f"{kind}{k}"
+        if is_scale:
+            try:
+                person.mix_scale = float(value)
+            except ValueError:
+                raise ServiceError(422, "invalid_request", f"{key} must be a number, got {value!r}") from None
+        elif isinstance(value, StarletteUpload):
+            label = f"identity {k}" + (" (mix)" if kind == "mix" else "")
+            (person.photos if kind == "id" else person.mix).append(await read_upload(value, service, label))
+        elif kind == "id" and value.strip():
+            if person.name is not None:
+                raise ServiceError(422, "invalid_request", f"{label}: one stored identity name per person")
+            person.name = value.strip()
+        else:
+            raise ServiceError(
+                422, "invalid_request", f"{label}: expected a photo upload, got text {value!r}"
+            )
+    order = sorted(people)
+    if order != list(range(1, len(order) + 1)):
+        raise ServiceError(
+            422, "invalid_request", f"people must be numbered id1, id2, … without gaps; got {order}"
+        )
+    return [people[k] for k in order]
+
+
+def mount_ui(app: FastAPI, service: PortraitService, queue: WorkQueue, config: ServerConfig) -> None:
+    """Mount the Gradio UI at ``/ui`` (password: the API key, when one is set)."""
+    try:
+        import gradio as gr
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise UniPortraitError(
+            "the web UI needs gradio: pip install 'uniportrait[serve]' (or start with --no-ui)"
+        ) from err
+    from uniportrait.server.ui import PortraitUI
+
+    auth = None
+    if config.api_key is not None:
+        key = config.api_key
+
+        def auth(_user: str, password: str) -> bool:
+            return hmac.compare_digest(password.encode(), key.encode())
+
+    blocks = PortraitUI(service, queue, config).build()
+    gr.mount_gradio_app(
+        app,
+        blocks,
+        path="/ui",
+        auth=auth,
+        auth_message="Password: the server's API key",
+        max_file_size=config.limits.max_upload_bytes,
+        show_error=True,
+    )
