@@ -10,6 +10,12 @@ Nothing here is module-level state. A request's settings travel as a :class:`Att
 passed in ``cross_attention_kwargs={"uniportrait": call}``; with no call (or ``None``) a
 processor computes plain attention, which is what the ControlNet sees.
 
+Cost per denoising step (see ``docs/performance.md``): the LoRA set can be *fused* into the
+projection weights for a call (:mod:`uniportrait.models.fusion`, ``AttentionCall.fused``);
+everything that depends only on the call (identity and image-prompt keys/values, resized masks)
+is computed at the first step and reused (inference only); all identities share one SDPA call;
+branches whose scale is 0 are skipped.
+
 Shapes: ``B`` batch (CFG halves included), ``L`` query positions, ``N`` identities,
 ``T`` tokens per identity, ``D`` cross-attention width, ``h`` the layer's inner width,
 ``H`` heads, ``d = h / H``.
@@ -18,12 +24,16 @@ Shapes: ``B`` batch (CFG halves included), ``L`` query positions, ``N`` identiti
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from uniportrait.models.fusion import FusedLoRA
 
 LoRASetName = Literal["none", "single", "multi"]
 
@@ -90,6 +100,13 @@ class AttentionCall:
         generator: RNG for the Gumbel noise.
         router_logits: when a list, each router appends (logits (B, L, N), (h, w)) to it
             (for the routing loss in training).
+        fused: the active LoRA set already fused into the projection weights
+            (:class:`~uniportrait.models.fusion.FusedLoRA`, inference only); processors it
+            covers use those weights instead of adding the LoRA, the others add it as usual.
+
+    Under ``torch.no_grad`` the call also keeps what every step would recompute identically
+    (identity keys/values, resized masks); it belongs to one call, so do not change its
+    tensors in place between UNet evaluations.
     """
 
     id_tokens: torch.Tensor | None = None
@@ -105,10 +122,27 @@ class AttentionCall:
     gumbel_tau: float | None = None
     generator: torch.Generator | None = None
     router_logits: list | None = field(default=None, repr=False)
+    fused: FusedLoRA | None = field(default=None, repr=False)
+    _memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def num_ids(self) -> int:
         return 0 if self.id_tokens is None else self.id_tokens.shape[1]
+
+    def memo(self, key: Any, sources: tuple, build: Callable[[], Any]) -> Any:
+        """``build()``, computed once per call for ``key`` while ``sources`` are the same objects.
+
+        Only under ``torch.no_grad`` (a cached tensor must not carry one step's graph into the
+        next); with gradients enabled ``build()`` runs every time.
+        """
+        if torch.is_grad_enabled():
+            return build()
+        hit = self._memo.get(key)
+        if hit is not None and len(hit[0]) == len(sources) and all(a is b for a, b in zip(hit[0], sources)):
+            return hit[1]
+        value = build()
+        self._memo[key] = (sources, value)
+        return value
 
 
 def layer_grid(num_positions: int, latent_hw: tuple[int, int] | None) -> tuple[int, int]:
@@ -133,6 +167,19 @@ def resize_masks(masks: torch.Tensor, hw: tuple[int, int], batch: int) -> torch.
     """(1 or B, C, h0, w0) masks → (B, C, L) at the layer's grid (bilinear)."""
     resized = F.interpolate(masks.float(), size=hw, mode="bilinear", align_corners=False)
     return resized.flatten(2).expand(batch, -1, -1)
+
+
+def _accumulate(total: torch.Tensor, extra: torch.Tensor, scale: float) -> torch.Tensor:
+    """``total + scale * extra``; in place when no graph is being recorded."""
+    if torch.is_grad_enabled():
+        return total + scale * extra
+    return total.add_(extra, alpha=scale)
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, S, h) → (B, H, S, d)."""
+    batch, length, inner = x.shape
+    return x.view(batch, length, heads, inner // heads).transpose(1, 2)
 
 
 class UniPortraitAttnProcessor(nn.Module):
@@ -211,16 +258,35 @@ class UniPortraitAttnProcessor(nn.Module):
 
     @staticmethod
     def _project(
-        linear: nn.Linear, lora: dict[str, LoRALinear] | None, key: str, x: torch.Tensor, scale: float
+        linear: nn.Linear,
+        fused_weight: torch.Tensor | None,
+        lora: dict[str, LoRALinear] | None,
+        key: str,
+        x: torch.Tensor,
+        scale: float,
     ) -> torch.Tensor:
+        """``linear(x) + scale · lora[key](x)``, or ``x @ fused_weightᵀ + bias`` when fused."""
+        if fused_weight is not None:
+            return F.linear(x, fused_weight, linear.bias)
         out = linear(x)
         if lora is not None and scale != 0.0:
             out = out + scale * lora[key](x)
         return out
 
+    def _fused_weights(self, call: AttentionCall | None) -> tuple[torch.Tensor, ...] | None:
+        """This layer's (W_q, W_k, W_v, W_out) with the call's LoRA set folded in, if it has them."""
+        if call is None or call.fused is None:
+            return None
+        if call.fused.which != call.lora or call.fused.scale != call.lora_scale:
+            raise ValueError(
+                f"AttentionCall.fused holds the {call.fused.which!r} LoRA set at scale {call.fused.scale}, "
+                f"but the call asks for {call.lora!r} at {call.lora_scale}"
+            )
+        return call.fused.get(self)
+
     # -- the call ------------------------------------------------------------------------------
 
-    def __call__(  # noqa: C901 - one path, kept in one place on purpose
+    def __call__(
         self,
         attn,
         hidden_states: torch.Tensor,
@@ -247,28 +313,27 @@ class UniPortraitAttnProcessor(nn.Module):
         if encoder_hidden_states is not None and attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
 
-        lora = self.lora_modules(call.lora) if call is not None else None
+        # The active LoRA set: fused into the weights for this call, or added as low-rank terms.
+        fused = self._fused_weights(call)
+        lora = self.lora_modules(call.lora) if call is not None and fused is None else None
         lora_scale = call.lora_scale if call is not None else 0.0
+        w_q, w_k, w_v, w_out = fused if fused is not None else (None, None, None, None)
 
-        query = self._project(attn.to_q, lora, "q", hidden_states, lora_scale)  # (B, L, h)
-        key = self._project(attn.to_k, lora, "k", context, lora_scale)  # (B, S, h)
-        value = self._project(attn.to_v, lora, "v", context, lora_scale)
         heads = attn.heads
-        head_dim = key.shape[-1] // heads
-        query = query.view(batch, -1, heads, head_dim).transpose(1, 2)  # (B, H, L, d)
-        key = key.view(batch, -1, heads, head_dim).transpose(1, 2)  # (B, H, S, d)
-        value = value.view(batch, -1, heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
+        query = _heads(self._project(attn.to_q, w_q, lora, "q", hidden_states, lora_scale), heads)
+        key = _heads(self._project(attn.to_k, w_k, lora, "k", context, lora_scale), heads)
+        value = _heads(self._project(attn.to_v, w_v, lora, "v", context, lora_scale), heads)
+        if attn.norm_q is not None:  # query, key, value: (B, H, L or S, d)
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=attn.scale)
         if self.cross and call is not None:
-            out = out + self._conditioning(attn, hidden_states, query, call)
-        out = out.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query.dtype)  # (B, L, h)
+            out = self._add_conditioning(out, attn, hidden_states, query, call)
+        out = out.transpose(1, 2).flatten(2).to(query.dtype)  # (B, L, h)
 
-        out = self._project(attn.to_out[0], lora, "out", out, lora_scale)
+        out = self._project(attn.to_out[0], w_out, lora, "out", out, lora_scale)
         out = attn.to_out[1](out)
         if input_ndim == 4:
             out = out.transpose(-1, -2).reshape(batch, channels, height, width)
@@ -276,29 +341,51 @@ class UniPortraitAttnProcessor(nn.Module):
             out = out + residual
         return out / attn.rescale_output_factor
 
-    def _conditioning(
-        self, attn, hidden_states: torch.Tensor, query: torch.Tensor, call: AttentionCall
-    ) -> torch.Tensor | float:
-        """IP-Adapter and identity attention, summed; (B, H, L, d) or 0."""
-        batch, heads, num_q, head_dim = query.shape
-        extra: torch.Tensor | float = 0.0
+    def _add_conditioning(
+        self, out: torch.Tensor, attn, hidden_states: torch.Tensor, query: torch.Tensor, call: AttentionCall
+    ) -> torch.Tensor:
+        """``out`` + IP-Adapter and identity attention, all (B, H, L, d)."""
+        batch, heads, num_q, _ = query.shape
         hw = None
         if call.ip_tokens is not None and call.ip_scale != 0.0:
             if not hasattr(self, "to_k_ip"):
                 raise ValueError("an image prompt was given but no IP-Adapter weights are loaded")
-            tokens = call.ip_tokens.to(query.dtype)
-            k_ip = self.to_k_ip(tokens).view(batch, -1, heads, head_dim).transpose(1, 2)
-            v_ip = self.to_v_ip(tokens).view(batch, -1, heads, head_dim).transpose(1, 2)
+            k_ip, v_ip = call.memo(
+                (self, "ip_kv", query.dtype),
+                (call.ip_tokens,),
+                lambda: self._keys_values(
+                    call.ip_tokens[:, None], self.to_k_ip, self.to_v_ip, heads, query.dtype
+                ),
+            )
             ip_out = F.scaled_dot_product_attention(query, k_ip, v_ip, scale=attn.scale)  # (B, H, L, d)
             if call.ip_mask is not None:
                 hw = layer_grid(num_q, call.latent_hw)
-                mask = resize_masks(call.ip_mask, hw, batch)  # (B, 1, L)
-                ip_out = ip_out * mask[:, :, :, None].to(ip_out.dtype)
-            extra = extra + call.ip_scale * ip_out
+                mask = call.memo(
+                    ("ip_mask", hw, batch, query.dtype),
+                    (call.ip_mask,),
+                    lambda: resize_masks(call.ip_mask, hw, batch)[:, :, :, None].to(query.dtype),
+                )  # (B, 1, L, 1)
+                ip_out = ip_out * mask
+            out = _accumulate(out, ip_out, call.ip_scale)
 
         if call.id_tokens is not None and call.faceid_scale != 0.0:
-            extra = extra + call.faceid_scale * self._identity(attn, hidden_states, query, call, hw)
-        return extra
+            out = _accumulate(out, self._identity(attn, hidden_states, query, call, hw), call.faceid_scale)
+        return out
+
+    @staticmethod
+    def _keys_values(
+        tokens: torch.Tensor, to_k: nn.Linear, to_v: nn.Linear, heads: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, N, T, D) tokens → keys and values (B, H, N·T, d), identity-major along the tokens."""
+        batch, n_ids, n_tok, _ = tokens.shape
+        tokens = tokens.to(dtype)
+
+        def project(linear: nn.Linear) -> torch.Tensor:
+            x = linear(tokens)  # (B, N, T, h)
+            x = x.view(batch, n_ids, n_tok, heads, -1).permute(0, 3, 1, 2, 4)  # (B, H, N, T, d)
+            return x.reshape(batch, heads, n_ids * n_tok, -1)
+
+        return project(to_k), project(to_v)
 
     def _identity(
         self,
@@ -309,29 +396,93 @@ class UniPortraitAttnProcessor(nn.Module):
         hw: tuple[int, int] | None,
     ) -> torch.Tensor:
         """Σₙ routingₙ ⊙ Attn(q, K_idₙ, V_idₙ): (B, H, L, d)."""
-        batch, heads, num_q, head_dim = query.shape
-        tokens = call.id_tokens.to(query.dtype)  # (B, N, T, D)
+        batch, heads, num_q, _ = query.shape
+        tokens = call.id_tokens  # (B, N, T, D)
         n_ids, n_tok = tokens.shape[1], tokens.shape[2]
-        # All identities in one SDPA call: identities become extra "heads".
-        k_id = self.to_k_faceid(tokens).view(batch, n_ids, n_tok, heads, head_dim).transpose(2, 3)
-        v_id = self.to_v_faceid(tokens).view(batch, n_ids, n_tok, heads, head_dim).transpose(2, 3)
-        q_id = query.unsqueeze(1).expand(batch, n_ids, heads, num_q, head_dim)
-        id_out = F.scaled_dot_product_attention(q_id, k_id, v_id, scale=attn.scale)  # (B, N, H, L, d)
+        k_id, v_id = call.memo(
+            (self, "faceid_kv", query.dtype),
+            (tokens,),
+            lambda: self._keys_values(tokens, self.to_k_faceid, self.to_v_faceid, heads, query.dtype),
+        )  # (B, H, N·T, d)
         if n_ids == 1:
-            return id_out[:, 0]
+            return F.scaled_dot_product_attention(query, k_id, v_id, scale=attn.scale)
 
         hw = hw or layer_grid(num_q, call.latent_hw)
-        if call.faceid_masks is not None:
-            weights = resize_masks(call.faceid_masks, hw, batch)  # (B, N, L)
-            weights = weights / weights.sum(1, keepdim=True).clamp(min=1e-3)
-        else:
-            weights, logits = self.route(hidden_states, tokens, call)  # (B, N, L), (B, L, N)
-            if call.routing_recorder is not None:
-                call.routing_recorder.add(weights, hw)
-            if call.router_logits is not None:
-                call.router_logits.append((logits, hw))
-        weights = weights.to(id_out.dtype)
-        return (id_out * weights[:, :, None, :, None]).sum(1)
+        if call.faceid_masks is not None:  # soft user masks replace the router
+            weights = call.memo(
+                ("faceid_masks", hw, batch), (call.faceid_masks,), lambda: _normalised(call, hw, batch)
+            )
+            return self._weighted(query, k_id, v_id, weights, n_ids, attn.scale)
+        if call.gumbel_tau is not None:  # training: straight-through Gumbel routing
+            weights, logits = self.route(hidden_states, tokens.to(query.dtype), call)
+            self._report(call, weights, logits, hw)
+            return self._weighted(query, k_id, v_id, weights, n_ids, attn.scale)
+
+        # Hard routing: each position attends to its identity's T tokens only. That is one SDPA
+        # call over all N·T tokens with a mask keeping, per position, its identity's block.
+        # Rows whose identities all carry the same tokens (the unconditional half of CFG) get the
+        # same output whatever the routing, so the router runs on the other rows only.
+        shared = (
+            0
+            if call.router_logits is not None
+            else call.memo("shared_rows", (tokens,), lambda: _shared_rows(tokens))
+        )
+        index = torch.zeros(batch, num_q, dtype=torch.long, device=query.device)  # (B, L)
+        if shared < batch:
+            routed = call.memo(
+                ("routed_tokens", shared, query.dtype), (tokens,), lambda: tokens[shared:].to(query.dtype)
+            )
+            weights, logits = self.route(hidden_states[shared:], routed, call)
+            index[shared:] = weights.argmax(1)
+            if call.routing_recorder is not None or call.router_logits is not None:
+                full = weights.new_full((batch, n_ids, num_q), 1.0 / n_ids)
+                full[shared:] = weights
+                self._report(call, full, logits, hw)
+        owner = call.memo(
+            ("token_owner", n_ids, n_tok, query.device),
+            (),
+            lambda: torch.arange(n_ids, device=query.device).repeat_interleave(n_tok),
+        )  # (N·T,)
+        mask = index[:, None, :, None] == owner  # (B, 1, L, N·T)
+        return F.scaled_dot_product_attention(query, k_id, v_id, attn_mask=mask, scale=attn.scale)
+
+    @staticmethod
+    def _weighted(
+        query: torch.Tensor,
+        k_id: torch.Tensor,
+        v_id: torch.Tensor,
+        weights: torch.Tensor,
+        n_ids: int,
+        scale: float | None,
+    ) -> torch.Tensor:
+        """Σₙ weightsₙ ⊙ Attn(q, K_idₙ, V_idₙ) for soft weights (B, N, L): (B, H, L, d)."""
+        n_tok = k_id.shape[2] // n_ids
+        weights = weights.to(query.dtype)[:, :, None, :, None]  # (B, N, 1, L, 1)
+        out = 0.0
+        for n in range(n_ids):
+            block = slice(n * n_tok, (n + 1) * n_tok)
+            attended = F.scaled_dot_product_attention(
+                query, k_id[:, :, block], v_id[:, :, block], scale=scale
+            )
+            out = out + weights[:, n] * attended
+        return out
+
+    @staticmethod
+    def _report(
+        call: AttentionCall, weights: torch.Tensor, logits: torch.Tensor, hw: tuple[int, int]
+    ) -> None:
+        if call.routing_recorder is not None:
+            call.routing_recorder.add(weights, hw)
+        if call.router_logits is not None:
+            call.router_logits.append((logits, hw))
+
+    def _router_keys(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """ϕ(W_aggr F) mapped through θ's last layer: (B, N, 2C), and its bias term (B, N) or None."""
+        aggregated = self.aggr_router(tokens.transpose(-1, -2)).squeeze(-1)  # (B, N, D)
+        r_key = self.to_k_router(aggregated)  # (B, N, h)
+        last = self.to_q_router[2]
+        bias = None if last.bias is None else r_key @ last.bias
+        return r_key @ last.weight, bias
 
     def route(
         self, hidden_states: torch.Tensor, tokens: torch.Tensor, call: AttentionCall
@@ -342,10 +493,14 @@ class UniPortraitAttnProcessor(nn.Module):
         """
         if not hasattr(self, "to_q_router"):
             raise ValueError("several identities need the router weights, which are not loaded")
-        r_query = self.to_q_router(hidden_states)  # (B, L, h)
-        aggregated = self.aggr_router(tokens.transpose(-1, -2)).squeeze(-1)  # (B, N, D)
-        r_key = self.to_k_router(aggregated)  # (B, N, h)
+        # θ(Z)·ϕ(F) with θ = W₂·GELU(W₁Z + b₁) equals GELU(W₁Z + b₁)·(W₂ᵀϕ(F)): the last layer of
+        # θ moves to the identity side (N vectors per call instead of a matrix product per position).
+        first, act, last = self.to_q_router
+        r_key, r_bias = call.memo((self, "router_keys"), (tokens,), lambda: self._router_keys(tokens))
+        r_query = act(first(hidden_states))  # (B, L, 2C)
         logits = torch.bmm(r_query, r_key.transpose(1, 2))  # (B, L, N)
+        if r_bias is not None:
+            logits = logits + r_bias[:, None, :]
         if call.gumbel_tau is None:
             index = logits.argmax(dim=-1, keepdim=True)
             hard = torch.zeros_like(logits).scatter_(-1, index, 1.0)
@@ -355,3 +510,15 @@ class UniPortraitAttnProcessor(nn.Module):
         soft = torch.softmax((logits + gumbel) / call.gumbel_tau, dim=-1)
         hard = torch.zeros_like(soft).scatter_(-1, soft.argmax(dim=-1, keepdim=True), 1.0)
         return (hard - soft.detach() + soft).transpose(1, 2), logits  # straight-through
+
+
+def _normalised(call: AttentionCall, hw: tuple[int, int], batch: int) -> torch.Tensor:
+    """User masks at the layer's grid, normalised across identities: (B, N, L)."""
+    weights = resize_masks(call.faceid_masks, hw, batch)
+    return weights / weights.sum(1, keepdim=True).clamp(min=1e-3)
+
+
+def _shared_rows(tokens: torch.Tensor) -> int:
+    """How many leading rows of ``tokens`` (B, N, T, D) give every identity the same tokens."""
+    same = (tokens == tokens[:, :1]).flatten(1).all(dim=1).tolist()  # (B,)
+    return next((i for i, s in enumerate(same) if not s), len(same))
