@@ -106,17 +106,9 @@ SD15_IP_ADAPTER = "h94/IP-Adapter/models/ip-adapter_sd15.bin"
 
 def sd15_scheduler():
     """DDIM as published: scaled-linear betas 0.00085–0.012, no clipping, steps_offset 1."""
-    from diffusers import DDIMScheduler
+    from uniportrait.presets.tiny import published_ddim_scheduler
 
-    return DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-    )
+    return published_ddim_scheduler()
 
 
 def build_sd15_pipeline(

@@ -88,8 +88,8 @@ def load_tiny_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer.from_pretrained(str(TINY_TOKENIZER_PATH), local_files_only=True)
 
 
-def _make_scheduler() -> DDIMScheduler:
-    # The scheduler settings published with Stable Diffusion 1.5.
+def published_ddim_scheduler() -> DDIMScheduler:
+    """DDIM as published with SD1.5 and UniPortrait: scaled-linear betas 0.00085–0.012, no clipping, steps_offset 1."""
     return DDIMScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,
@@ -192,7 +192,7 @@ def build_tiny_base(seed: int = 0, config: TinyBaseConfig | None = None) -> dict
         "vae": _finalize(vae),
         "text_encoder": _finalize(text_encoder),
         "tokenizer": tokenizer,
-        "scheduler": _make_scheduler(),
+        "scheduler": published_ddim_scheduler(),
         "image_encoder": _finalize(image_encoder),
     }
 
