@@ -341,3 +341,35 @@ def test_base_weights_unchanged_by_generation(tiny_pipe, idents, generate):
     assert not changed, f"generation modified base weights: {changed[:5]}"
     # ... and the same request still gives the same image.
     assert_same(generate(seed=6, identities=idents[:2], ip_image=random_pil(3), ip_scale=0.5), first, atol=0)
+
+
+def test_step_callback_sees_every_step_and_can_replace_or_stop(tiny_pipe):
+    seen = []
+
+    def record(pipe, step, t, tensors):
+        seen.append((step, int(t), tuple(tensors["latents"].shape)))
+
+    base = run_pipe(tiny_pipe, steps=3, callback_on_step_end=record).images
+    assert [s for s, _, _ in seen] == [0, 1, 2]
+    assert_same(base, run_pipe(tiny_pipe, steps=3).images)  # observing changes nothing
+
+    zeroed = run_pipe(
+        tiny_pipe, steps=3, callback_on_step_end=lambda p, s, t, k: {"latents": k["latents"] * 0}
+    )
+    assert_differ(base, zeroed.images)
+
+    class Stop(Exception):
+        pass
+
+    def stop(pipe, step, t, tensors):
+        if step == 1:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run_pipe(
+            tiny_pipe,
+            steps=3,
+            identities=[tiny_pipe.encode_identity(random_crop(0))],
+            callback_on_step_end=stop,
+        )
+    assert_same(base, run_pipe(tiny_pipe, steps=3).images)  # the pipeline is usable afterwards

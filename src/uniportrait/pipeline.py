@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -338,6 +338,7 @@ class UniPortraitPipeline(DiffusionPipeline):
         output_type: str = "pil",
         return_routing_maps: bool = False,
         lora_scale: float = 1.0,
+        callback_on_step_end: Callable[[UniPortraitPipeline, int, torch.Tensor, dict], dict] | None = None,
         return_dict: bool = True,
     ) -> UniPortraitPipelineOutput | tuple:
         """Generate images of the given identities.
@@ -355,6 +356,9 @@ class UniPortraitPipeline(DiffusionPipeline):
                 ControlNet sees only the text.
             return_routing_maps: also return each image's routing maps (N, H, W), averaged over
                 layers and steps.
+            callback_on_step_end: called as ``f(pipe, step, timestep, {"latents": latents})`` after
+                every step; a returned ``"latents"`` replaces them, and an exception it raises
+                stops the generation (e.g. a server's time limit).
             Others: as in diffusers' StableDiffusionPipeline.
         """
         identities = list(identities or [])
@@ -450,7 +454,7 @@ class UniPortraitPipeline(DiffusionPipeline):
         # 8. Denoising loop, with the LoRA set fused into the projections (read-only, shared)
         with self._fused_lora(call) as fused, self.progress_bar(total=len(scheduler.timesteps)) as progress:
             call.fused = fused
-            for t in scheduler.timesteps:
+            for step, t in enumerate(scheduler.timesteps):
                 model_input = torch.cat([latents] * 2) if do_cfg else latents
                 model_input = scheduler.scale_model_input(model_input, t)
                 residuals = {}
@@ -479,6 +483,9 @@ class UniPortraitPipeline(DiffusionPipeline):
                     noise_uncond, noise_text = noise_pred.chunk(2)
                     noise_pred = noise_uncond + guidance_scale * (noise_text - noise_uncond)
                 latents = scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
+                if callback_on_step_end is not None:
+                    outputs = callback_on_step_end(self, step, t, {"latents": latents}) or {}
+                    latents = outputs.get("latents", latents)
                 progress.update()
 
         # 9. Decode

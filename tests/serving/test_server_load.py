@@ -8,6 +8,7 @@ import time
 
 import httpx
 import numpy as np
+import pytest
 
 from .support import GatedPipe, decode_png
 
@@ -157,3 +158,36 @@ def test_timeout_answers_504_and_drops_queued_work(serve, tiny_pipe):
     gated.gate.set()
     _wait_busy(http, 0)  # the stuck job finished in the background and freed its slot
     assert gated.calls == 1  # the request that timed out while queued never ran
+
+
+def test_running_generation_stops_at_the_deadline(tiny_pipe):
+    """A generation already running stops at its next denoising step once the time is up."""
+    from uniportrait.server.jobs import Deadline, JobTimeout
+    from uniportrait.server.service import GenerateRequest, PortraitService
+
+    steps_done = []
+
+    def count(pipe, step, t, tensors):
+        steps_done.append(step)
+
+    class ExpiresAfterTwoSteps(Deadline):
+        def check(self) -> None:
+            if len(steps_done) >= 2:
+                raise JobTimeout(self.limit_s)
+
+    class CountingPipe:
+        def __getattr__(self, name):
+            return getattr(tiny_pipe, name)
+
+        def __call__(self, *args, callback_on_step_end=None, **kwargs):
+            def both(pipe, step, t, tensors):
+                count(pipe, step, t, tensors)
+                return callback_on_step_end(pipe, step, t, tensors)
+
+            return tiny_pipe(*args, callback_on_step_end=both, **kwargs)
+
+    service = PortraitService(CountingPipe())
+    request = GenerateRequest(prompt="a person", steps=20, width=64, height=64)
+    with pytest.raises(JobTimeout):
+        service.generate(request, ExpiresAfterTwoSteps(60.0))
+    assert steps_done == [0, 1]  # stopped mid-denoising, not after all 20 steps

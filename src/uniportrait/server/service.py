@@ -272,6 +272,7 @@ class PortraitService:
                 num_images_per_prompt=request.num_images,
                 generator=torch.Generator().manual_seed(seed),
                 return_routing_maps=want_maps,
+                callback_on_step_end=lambda _pipe, _step, _t, _tensors: deadline.check(),
             )
         except UniPortraitError as err:
             raise invalid(str(err)) from None
