@@ -149,6 +149,7 @@ class UniPortraitPipeline(DiffusionPipeline):
             mixed.append((other, float(scale)))
         return Identity(intrinsic, structure, self.encoder_id, mixed, name)
 
+    @torch.no_grad()
     def identity_tokens(self, identity: Identity, face_structure_scale: float) -> torch.Tensor:
         """Run the Q-Former on an identity (mixing applied): (num_queries, D)."""
         self.check_identity(identity)
@@ -173,6 +174,7 @@ class UniPortraitPipeline(DiffusionPipeline):
         )
         return out[0]
 
+    @torch.no_grad()
     def unconditional_identity_tokens(self, face_structure_scale: float) -> torch.Tensor:
         """The 'no identity' tokens used on the unconditional side of CFG: (num_queries, D).
 
@@ -236,6 +238,7 @@ class UniPortraitPipeline(DiffusionPipeline):
         embeds = self.text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
         return embeds.to(dtype=self.text_encoder.dtype, device=device)
 
+    @torch.no_grad()
     def encode_ip_image(self, image, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """IP-Adapter tokens for an image prompt and for the unconditional side: 2 × (1, 4, D)."""
         crops = faces_to_tensor(image if not isinstance(image, PIL.Image.Image) else image.convert("RGB"))
