@@ -373,3 +373,12 @@ def test_step_callback_sees_every_step_and_can_replace_or_stop(tiny_pipe):
             callback_on_step_end=stop,
         )
     assert_same(base, run_pipe(tiny_pipe, steps=3).images)  # the pipeline is usable afterwards
+
+
+def test_routing_maps_sum_to_one_when_nothing_is_routed(tiny_pipe):
+    twin = tiny_pipe.encode_identity(random_crop(0))
+    for kwargs in ({"identities": [twin, twin]}, {"identities": [twin, twin], "faceid_scale": 0.0}):
+        out = run_pipe(tiny_pipe, return_routing_maps=True, **kwargs)
+        maps = out.routing_maps[0]
+        assert maps.shape[0] == 2
+        torch.testing.assert_close(maps.sum(0), torch.ones(maps.shape[1:]), atol=1e-5, rtol=0)

@@ -522,7 +522,8 @@ class UniPortraitPipeline(DiffusionPipeline):
 
     @staticmethod
     def _routing_maps(recorder, masks, batch, n_ids, size, do_cfg) -> list[torch.Tensor]:
-        """Per image (N, H, W): the router's average, the given masks, or all-ones for one identity."""
+        """Per image (N, H, W): the router's average, the given masks, or an even split when
+        nothing was routed (one identity, ``faceid_scale=0``, or identical identities)."""
         if n_ids == 0:
             return [torch.zeros(0, *size) for _ in range(batch)]
         if recorder is not None and recorder.mean() is not None:
@@ -531,6 +532,6 @@ class UniPortraitPipeline(DiffusionPipeline):
             maps = masks.expand(batch, -1, -1, -1).float()
             maps = maps / maps.sum(1, keepdim=True).clamp(min=1e-3)
         else:
-            maps = torch.ones(batch, n_ids, 1, 1)
+            maps = torch.full((batch, n_ids, 1, 1), 1.0 / n_ids)
         maps = torch.nn.functional.interpolate(maps.float().cpu(), size=size, mode="nearest")
         return list(maps)
