@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,7 +78,7 @@ class BackendInfo:
         }
 
 
-class FaceSimilarityBackend:
+class FaceSimilarityBackend(ABC):
     """Detect faces, embed them, and compare embeddings.
 
     Subclasses implement :meth:`detect`, :meth:`embed_faces`, :meth:`embed_aligned` and
@@ -101,22 +102,22 @@ class FaceSimilarityBackend:
         )
         return self
 
+    @abstractmethod
     def detect(self, image: Image.Image) -> list[Face]:
         """Every face in an RGB image, largest first."""
-        raise NotImplementedError
 
+    @abstractmethod
     def embed_faces(self, image: Image.Image, faces: list[Face]) -> np.ndarray:
         """(F, E) float32 embeddings of ``faces`` in ``image``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def embed_aligned(self, crop: Image.Image) -> np.ndarray:
         """(E,) embedding of a 224×224 crop already aligned to the ArcFace template (as stored
         in identities)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def similarity(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """(A, E) × (B, E) → (A, B) similarities, higher = more alike."""
-        raise NotImplementedError
 
 
 def _detect(analyzer, image: Image.Image) -> list[Face]:
