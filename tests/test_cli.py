@@ -258,3 +258,44 @@ def test_help_everywhere(capsys):
             main(cmd + ["--help"])
         assert exc.value.code == 0
     assert "usage" in capsys.readouterr().out
+
+
+def test_generate_with_a_saved_adapter(tmp_path):
+    import torch
+
+    from uniportrait.presets import build_tiny_pipeline
+
+    other = build_tiny_pipeline(seed=3)
+    folder = other.adapter.save_pretrained(tmp_path / "adapter", face_backbone=other.face_backbone)
+    photo = str(sample_photo("ffhq-0100"))
+    default, custom = tmp_path / "default", tmp_path / "custom"
+    assert main(["generate", "--prompt", "p", "--id", photo, "--out", str(default)] + FAST) == 0
+    args = ["generate", "--prompt", "p", "--id", photo, "--out", str(custom), "--adapter", str(folder)]
+    assert main(args + FAST) == 0
+    got = _pixels(_images(custom)[0])
+    assert not np.array_equal(_pixels(_images(default)[0]), got)
+
+    # the same as the Python API with that adapter
+    from uniportrait.photos import identity_from_photos
+
+    pipe = build_tiny_pipeline(adapter=folder)
+    ident = identity_from_photos(pipe, [photo])
+    image = pipe("p", identities=[ident], num_inference_steps=2, height=64, width=64,
+                 generator=torch.Generator().manual_seed(0)).images[0]  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(image), got)
+
+
+def test_sd15_with_own_adapter_reports_missing_base(tmp_path, capsys, monkeypatch):
+    from uniportrait.presets import build_tiny_pipeline
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder = build_tiny_pipeline().adapter.save_pretrained(tmp_path / "adapter")
+    code = main(["generate", "--prompt", "p", "--out", str(tmp_path / "o"), "--preset", "sd15",
+                 "--adapter", str(folder)])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "Realistic_Vision" in err and "glint360k" in err and str(folder) not in err
+    assert (
+        main(["generate", "--prompt", "p", "--out", str(tmp_path / "o"), "--adapter", str(tmp_path / "no")])
+        == 2
+    )

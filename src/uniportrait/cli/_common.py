@@ -31,6 +31,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="weights dtype (default float32)",
     )
+    group.add_argument(
+        "--adapter",
+        default=None,
+        metavar="DIR",
+        help="use this adapter (our format, e.g. from `uniportrait train`, or a folder of the published files)",
+    )
     group.add_argument("--seed-model", type=int, default=0, help=argparse.SUPPRESS)  # tiny preset weights
 
 
@@ -40,9 +46,15 @@ def load_pipeline_from_args(args: argparse.Namespace):
     from uniportrait.presets import load_preset
 
     kwargs = {}
+    adapter = getattr(args, "adapter", None)
+    if adapter is not None and not Path(adapter).is_dir():
+        raise UniPortraitError(f"--adapter {adapter}: not a folder")
     if args.preset == "tiny":
         kwargs["seed"] = args.seed_model
+        kwargs["adapter"] = adapter
     else:
+        if adapter is not None:
+            kwargs["uniportrait"] = adapter
         kwargs["device"] = args.device
         kwargs["torch_dtype"] = getattr(torch, args.dtype) if args.dtype else None
     pipe = load_preset(args.preset, **kwargs)

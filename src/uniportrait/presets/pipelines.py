@@ -58,10 +58,14 @@ def tiny_backbone_config(sizes: TinyAdapterSizes = TinyAdapterSizes()):
     )
 
 
-def build_tiny_pipeline(seed: int = 0, ip_adapter: bool = True, controlnet: bool = False, sizes=None):
+def build_tiny_pipeline(
+    seed: int = 0, ip_adapter: bool = True, controlnet: bool = False, sizes=None, adapter=None
+):
     """Every component built offline from small configs; deterministic for ``seed``.
 
-    The caller's global RNG state is left as it was.
+    ``adapter``: a folder in our format (e.g. a tiny training run's output) to use instead of
+    the random adapter; its face backbone too, if it has one. The caller's global RNG state is
+    left as it was.
     """
     from uniportrait.models.adapter import UniPortraitAdapter
     from uniportrait.models.face_backbone import IRBackbone
@@ -69,6 +73,7 @@ def build_tiny_pipeline(seed: int = 0, ip_adapter: bool = True, controlnet: bool
     from uniportrait.presets.tiny import build_tiny_base, build_tiny_controlnet
 
     sizes = sizes or TinyAdapterSizes()
+    adapter_folder = adapter
     base = build_tiny_base(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
@@ -82,8 +87,15 @@ def build_tiny_pipeline(seed: int = 0, ip_adapter: bool = True, controlnet: bool
                 torch.nn.init.normal_(param, std=sizes.init_std)
         adapter.eval()
         control = build_tiny_controlnet(base["unet"], seed=seed + 2) if controlnet else None
+    encoder_id = f"tiny-seed{seed}"
+    if adapter_folder is not None:
+        from uniportrait.models.adapter import read_adapter_files
+
+        adapter, own_backbone = read_adapter_files(adapter_folder)
+        if own_backbone is not None:
+            backbone, encoder_id = own_backbone, None  # fingerprint the shipped backbone
     return UniPortraitPipeline(
-        **base, face_backbone=backbone, adapter=adapter, controlnet=control, encoder_id=f"tiny-seed{seed}"
+        **base, face_backbone=backbone, adapter=adapter, controlnet=control, encoder_id=encoder_id
     )
 
 
@@ -120,15 +132,25 @@ def build_sd15_pipeline(
     controlnet=None,
     torch_dtype=None,
     device=None,
+    face_backbone=None,
 ):
     """The published setup. Each argument may be a Hub id or a local path.
+
+    ``uniportrait`` may also be an adapter folder in our format (e.g. from ``uniportrait
+    train``); without its own face backbone, the published one is used.
 
     Raises:
         WeightsNotFoundError: before loading anything, listing every part that is missing.
     """
-    from uniportrait.loading import load_pipeline
+    from pathlib import Path
 
-    preflight_sd15(base_model, vae, uniportrait, image_encoder, ip_adapter)
+    from uniportrait.loading import load_pipeline
+    from uniportrait.models.adapter import BACKBONE_WEIGHTS, is_adapter_folder
+
+    ours = Path(uniportrait).is_dir() and is_adapter_folder(Path(uniportrait))
+    if ours and face_backbone is None and not (Path(uniportrait) / BACKBONE_WEIGHTS).is_file():
+        face_backbone = SD15_UNIPORTRAIT
+    preflight_sd15(base_model, vae, uniportrait, image_encoder, ip_adapter, face_backbone)
     return load_pipeline(
         base_model,
         uniportrait=uniportrait,
@@ -139,10 +161,11 @@ def build_sd15_pipeline(
         scheduler=sd15_scheduler(),
         torch_dtype=torch_dtype,
         device=device,
+        face_backbone=face_backbone,
     )
 
 
-def preflight_sd15(base_model, vae, uniportrait, image_encoder, ip_adapter) -> None:
+def preflight_sd15(base_model, vae, uniportrait, image_encoder, ip_adapter, face_backbone=None) -> None:
     """Check that every file of the published setup is at hand; one error listing what is not."""
     from uniportrait.convert import BACKBONE_FILE, FACEID_FILE, ROUTER_FILE
     from uniportrait.loading import resolve_file
@@ -153,10 +176,17 @@ def preflight_sd15(base_model, vae, uniportrait, image_encoder, ip_adapter) -> N
         (base_model, "tokenizer/vocab.json"),
         (vae, "config.json"),
         (image_encoder, "config.json"),
-        (uniportrait, FACEID_FILE),
-        (uniportrait, ROUTER_FILE),
-        (uniportrait, BACKBONE_FILE),
     ]
+    from pathlib import Path
+
+    from uniportrait.models.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_adapter_folder
+
+    if Path(uniportrait).is_dir() and is_adapter_folder(Path(uniportrait)):
+        wanted += [(uniportrait, ADAPTER_CONFIG), (uniportrait, ADAPTER_WEIGHTS)]
+    else:
+        wanted += [(uniportrait, FACEID_FILE), (uniportrait, ROUTER_FILE), (uniportrait, BACKBONE_FILE)]
+    if isinstance(face_backbone, str):
+        wanted.append((face_backbone, BACKBONE_FILE))
     if ip_adapter:
         wanted.append((ip_adapter, None))
     missing = []
