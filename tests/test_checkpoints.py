@@ -420,3 +420,27 @@ def test_identity_from_another_encoder_refused(tiny_pipe, crops, tmp_path):
     other = build_tiny_pipeline(1, ip_adapter=False)
     with pytest.raises(IdentityError, match="'Bo' was encoded by another face encoder"):
         run_pipe(other, identities=[Identity.load(path)])
+
+
+def test_pipeline_save_pretrained_round_trip(tmp_path):
+    from uniportrait import UniPortraitPipeline
+    from uniportrait.presets import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline(seed=5)
+    folder = tmp_path / "saved"
+    pipe.save_pretrained(folder)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "image_encoder", "scheduler", "text_encoder", "tokenizer", "unet", "uniportrait", "vae",
+    ]  # fmt: skip
+    loaded = UniPortraitPipeline.from_pretrained(folder)
+    crops = [random_crop(1), random_crop(2)]
+    for p in (pipe, loaded):
+        ids = [p.encode_identity(c) for c in crops]
+        p._test_out = run_pipe(p, identities=ids).images
+    assert_same(pipe._test_out, loaded._test_out, atol=1e-6)
+    # the original keeps working with its processors, and a non-empty target is refused
+    assert_same(pipe._test_out, run_pipe(pipe, identities=[pipe.encode_identity(c) for c in crops]).images)
+    from uniportrait.errors import UniPortraitError
+
+    with pytest.raises(UniPortraitError, match="not empty"):
+        pipe.save_pretrained(folder)

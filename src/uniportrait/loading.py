@@ -39,6 +39,9 @@ from uniportrait.models.qformer import QFormerConfig
 
 logger = logging.getLogger(__name__)
 
+#: Where :meth:`UniPortraitPipeline.save_pretrained` puts the adapter inside its folder.
+SAVED_ADAPTER = "uniportrait"
+
 
 def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
@@ -342,6 +345,14 @@ def load_pipeline(
 
     from uniportrait.pipeline import UniPortraitPipeline
 
+    saved = Path(base_model) if isinstance(base_model, (str, os.PathLike)) else None
+    if saved is not None and saved.is_dir():  # a folder written by UniPortraitPipeline.save_pretrained
+        if uniportrait is None and is_adapter_folder(saved / SAVED_ADAPTER):
+            uniportrait = saved / SAVED_ADAPTER
+        if image_encoder is None and (saved / "image_encoder").is_dir():
+            image_encoder = saved / "image_encoder"
+        if controlnet is None and (saved / "controlnet").is_dir():
+            controlnet = saved / "controlnet"
     if uniportrait is None:
         raise UniPortraitError("uniportrait=... is required (our adapter folder or the published files)")
     if image_encoder is None:

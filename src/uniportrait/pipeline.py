@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -115,6 +117,50 @@ class UniPortraitPipeline(DiffusionPipeline):
         from uniportrait.loading import load_pipeline
 
         return load_pipeline(base_model, uniportrait=uniportrait, image_encoder=image_encoder, **kwargs)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """Save the whole pipeline so that ``UniPortraitPipeline.from_pretrained(folder)`` reloads it.
+
+        The SD components and the image encoder (and ControlNet) go in diffusers' layout; the
+        adapter and face backbone in our format under ``uniportrait/``; the UNet is saved with
+        diffusers' own attention processors (its weights only). Written to a temporary folder and moved into place: a failure leaves nothing behind.
+        """
+        import shutil
+        import tempfile
+
+        from uniportrait.loading import SAVED_ADAPTER
+
+        target = Path(save_directory)
+        if target.exists() and any(target.iterdir()):
+            raise UniPortraitError(f"{target} exists and is not empty")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        processors = self.unet.attn_processors
+        try:
+            from diffusers.models.attention_processor import AttnProcessor2_0
+
+            self.unet.set_attn_processor(AttnProcessor2_0())
+            for name in (
+                "vae",
+                "text_encoder",
+                "tokenizer",
+                "unet",
+                "scheduler",
+                "image_encoder",
+                "controlnet",
+            ):
+                component = getattr(self, name, None)
+                if component is not None:
+                    component.save_pretrained(tmp / name, **kwargs)
+            self.adapter.save_pretrained(tmp / SAVED_ADAPTER, face_backbone=self.face_backbone)
+            if target.exists():
+                target.rmdir()
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
+            self.unet.set_attn_processor(processors)
 
     @classmethod
     def from_preset(cls, name: str = "tiny", **kwargs) -> UniPortraitPipeline:
