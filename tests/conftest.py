@@ -86,3 +86,21 @@ def assert_differ(a: np.ndarray, b: np.ndarray, min_diff: float = 1e-3) -> None:
     assert a.shape == b.shape
     diff = float(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)).max())
     assert diff > min_diff, f"outputs should differ but max |diff| = {diff:.2e}"
+
+
+def plain_sd_pipeline(components):
+    """diffusers' own StableDiffusionPipeline from SD components (no safety checker, quiet)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=components["vae"],
+        text_encoder=components["text_encoder"],
+        tokenizer=components["tokenizer"],
+        unet=components["unet"],
+        scheduler=components["scheduler"],
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -8,29 +8,22 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import PROMPT, SIZE, assert_differ, assert_same, random_crop, random_pil, run_pipe
-from diffusers import StableDiffusionPipeline
+from conftest import (
+    PROMPT,
+    SIZE,
+    assert_differ,
+    assert_same,
+    plain_sd_pipeline,
+    random_crop,
+    random_pil,
+    run_pipe,
+)
 
 from uniportrait.errors import IdentityError, UniPortraitError, WeightsNotFoundError
 from uniportrait.models.attention import AttentionCall, UniPortraitAttnProcessor
 from uniportrait.presets import build_tiny_base, build_tiny_pipeline, load_preset
 
 # -- 1. no identities: plain Stable Diffusion --------------------------------------------------------
-
-
-def _sd_pipeline(components) -> StableDiffusionPipeline:
-    pipe = StableDiffusionPipeline(
-        vae=components["vae"],
-        text_encoder=components["text_encoder"],
-        tokenizer=components["tokenizer"],
-        unet=components["unet"],
-        scheduler=components["scheduler"],
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 @pytest.mark.parametrize(
@@ -42,13 +35,13 @@ def test_no_identity_equals_stable_diffusion(tiny_pipe, kwargs):
     ours = run_pipe(tiny_pipe, seed=7, ip_scale=0.0, **kwargs).images
 
     # The same component objects: diffusers then runs our processors with no per-call settings.
-    shared = run_pipe(_sd_pipeline(tiny_pipe.components), seed=7, **kwargs).images
+    shared = run_pipe(plain_sd_pipeline(tiny_pipe.components), seed=7, **kwargs).images
     # A second base with the same seed whose UNet keeps diffusers' own attention processors.
     plain_base = build_tiny_base(0)
     assert not any(
         isinstance(p, UniPortraitAttnProcessor) for p in plain_base["unet"].attn_processors.values()
     )
-    plain = run_pipe(_sd_pipeline(plain_base), seed=7, **kwargs).images
+    plain = run_pipe(plain_sd_pipeline(plain_base), seed=7, **kwargs).images
 
     assert ours.shape == (kwargs.get("num_images_per_prompt", 1), SIZE, SIZE, 3)
     assert_same(ours, shared)

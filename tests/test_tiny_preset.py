@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+from conftest import plain_sd_pipeline
 from transformers import CLIPTokenizer
 
 from uniportrait.presets import (
@@ -22,21 +22,6 @@ PROMPT = "a photo of a man and a woman at the beach"
 @pytest.fixture(scope="module")
 def base():
     return build_tiny_base(seed=0)
-
-
-def _pipe(components) -> StableDiffusionPipeline:
-    pipe = StableDiffusionPipeline(
-        vae=components["vae"],
-        text_encoder=components["text_encoder"],
-        tokenizer=components["tokenizer"],
-        unet=components["unet"],
-        scheduler=components["scheduler"],
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def _same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -118,7 +103,7 @@ def test_seed_determinism_and_global_rng_untouched(base):
 
 
 def test_plain_sd_pipeline_generates_deterministically(base):
-    pipe = _pipe(base)
+    pipe = plain_sd_pipeline(base)
     assert pipe.vae_scale_factor == 8
 
     def run(seed):

@@ -135,3 +135,25 @@ def read_config_and_weights(directory: str | Path) -> tuple[dict[str, Any], dict
     if not isinstance(config, dict):
         raise CheckpointError(f"{config_path} must hold a JSON object")
     return config, load_file(str(weights_path))
+
+
+class ConfigWeightsMixin:
+    """``save_pretrained``/``from_pretrained`` in the ``config.json`` + ``model.safetensors`` format.
+
+    For modules built as ``cls(config)`` from a config dataclass with ``to_dict``/``from_dict``;
+    subclasses name that dataclass in ``config_class``.
+    """
+
+    config_class: type
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``config.json`` + ``model.safetensors`` into ``directory``."""
+        return save_config_and_weights(self, self.config.to_dict(), directory)  # type: ignore[attr-defined]
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path):
+        """Load what :meth:`save_pretrained` wrote (strict keys and shapes)."""
+        config, state = read_config_and_weights(directory)
+        model = cls(cls.config_class.from_dict(config))  # type: ignore[call-arg]
+        load_state_dict_strict(model, state, what=str(directory))
+        return model

@@ -14,7 +14,6 @@ import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
@@ -23,10 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from uniportrait.models._loading import (
+    ConfigWeightsMixin,
     config_from_dict,
     load_state_dict_strict,
-    read_config_and_weights,
-    save_config_and_weights,
 )
 from uniportrait.models._mixins import DeviceDtypeMixin
 
@@ -135,8 +133,10 @@ class BasicBlockIR(nn.Module):
         return self.res_layer(x) + self.shortcut_layer(x)
 
 
-class IRBackbone(DeviceDtypeMixin, nn.Module):
+class IRBackbone(ConfigWeightsMixin, DeviceDtypeMixin, nn.Module):
     """IR face-recognition backbone (TFace ``Backbone`` layout)."""
+
+    config_class = IRBackboneConfig
 
     def __init__(self, config: IRBackboneConfig | None = None) -> None:
         super().__init__()
@@ -185,18 +185,6 @@ class IRBackbone(DeviceDtypeMixin, nn.Module):
                 stages.append(x)  # (B, c_i, S/2^(i+1), S/2^(i+1))
         embedding = self.output_layer(x) if compute_embedding else None  # (B, E)
         return IRBackboneOutput(embedding=embedding, stages=tuple(stages))
-
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` into ``directory``."""
-        return save_config_and_weights(self, self.config.to_dict(), directory)
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path) -> IRBackbone:
-        """Load what :meth:`save_pretrained` wrote (strict keys and shapes)."""
-        config, state = read_config_and_weights(directory)
-        model = cls(IRBackboneConfig.from_dict(config))
-        load_state_dict_strict(model, state, what=str(directory))
-        return model
 
 
 def load_tface_state_dict(model: IRBackbone, state_dict: Mapping[str, torch.Tensor]) -> None:

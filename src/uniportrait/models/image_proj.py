@@ -9,17 +9,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from uniportrait.models._loading import (
+    ConfigWeightsMixin,
     config_from_dict,
-    load_state_dict_strict,
-    read_config_and_weights,
-    save_config_and_weights,
 )
 
 logger = logging.getLogger(__name__)
@@ -53,8 +50,10 @@ class ImageProjectionConfig:
         return config_from_dict(cls, d)
 
 
-class ImageProjection(nn.Module):
+class ImageProjection(ConfigWeightsMixin, nn.Module):
     """Linear map of a CLIP image embedding to ``num_tokens`` tokens, then LayerNorm per token."""
+
+    config_class = ImageProjectionConfig
 
     def __init__(self, config: ImageProjectionConfig | None = None) -> None:
         super().__init__()
@@ -72,15 +71,3 @@ class ImageProjection(nn.Module):
         tokens = self.proj(image_embeds.to(self.proj.weight.dtype))  # (B, N*D)
         tokens = tokens.view(-1, cfg.num_tokens, cfg.cross_attention_dim)  # (B, N, D)
         return self.norm(tokens)  # (B, N, D)
-
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` into ``directory``."""
-        return save_config_and_weights(self, self.config.to_dict(), directory)
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path) -> ImageProjection:
-        """Load what :meth:`save_pretrained` wrote (strict keys and shapes)."""
-        config, state = read_config_and_weights(directory)
-        model = cls(ImageProjectionConfig.from_dict(config))
-        load_state_dict_strict(model, state, what=str(directory))
-        return model

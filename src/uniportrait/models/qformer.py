@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,10 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from uniportrait.models._loading import (
+    ConfigWeightsMixin,
     config_from_dict,
-    load_state_dict_strict,
-    read_config_and_weights,
-    save_config_and_weights,
 )
 
 logger = logging.getLogger(__name__)
@@ -192,13 +189,15 @@ def _mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
 
 
-class IDQFormer(nn.Module):
+class IDQFormer(ConfigWeightsMixin, nn.Module):
     """ID embedding Q-Former: (intrinsic, structure) face features → ``num_queries`` tokens.
 
     Parameter names follow the published layout: ``latents``, ``proj_id.{0,2}``,
     ``proj_clip.{0,2}``, ``layers.{l}.{0: intrinsic attention, 1: structure attention,
     2: feed-forward}``, ``proj_out``, ``norm_out``.
     """
+
+    config_class = QFormerConfig
 
     def __init__(self, config: QFormerConfig | None = None) -> None:
         super().__init__()
@@ -274,15 +273,3 @@ class IDQFormer(nn.Module):
                 q = q + scale * drop_path(s, cfg.drop_path_rate, self.training, generator)
             q = q + ff(q)  # (B, Q, dim)
         return self.norm_out(self.proj_out(q))  # (B, Q, dim)
-
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` into ``directory``."""
-        return save_config_and_weights(self, self.config.to_dict(), directory)
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path) -> IDQFormer:
-        """Load what :meth:`save_pretrained` wrote (strict keys and shapes)."""
-        config, state = read_config_and_weights(directory)
-        model = cls(QFormerConfig.from_dict(config))
-        load_state_dict_strict(model, state, what=str(directory))
-        return model
