@@ -299,3 +299,7 @@ def test_sd15_with_own_adapter_reports_missing_base(tmp_path, capsys, monkeypatc
         main(["generate", "--prompt", "p", "--out", str(tmp_path / "o"), "--adapter", str(tmp_path / "no")])
         == 2
     )
+
+
+def test_safety_checker_flag_needs_real_weights(tmp_path, capsys):
+    assert "--safety-checker needs real weights" in _bad_generate(tmp_path, capsys, ["--safety-checker"])

@@ -375,3 +375,47 @@ def test_routing_maps_sum_to_one_when_nothing_is_routed(tiny_pipe):
         maps = out.routing_maps[0]
         assert maps.shape[0] == 2
         torch.testing.assert_close(maps.sum(0), torch.ones(maps.shape[1:]), atol=1e-5, rtol=0)
+
+
+def _tiny_safety_checker(threshold: float):
+    """diffusers' safety checker with tiny random weights; ``threshold`` decides what it flags."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig
+
+    config = CLIPConfig(
+        text_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2},
+        vision_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                       "num_attention_heads": 2, "image_size": 224, "patch_size": 32},
+        projection_dim=8,
+    )  # fmt: skip
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        checker = StableDiffusionSafetyChecker(config).eval()
+    with torch.no_grad():
+        checker.concept_embeds_weights.fill_(threshold)  # cosine − threshold > 0 → flagged
+        checker.special_care_embeds_weights.fill_(10.0)
+    return checker
+
+
+def test_safety_checker_blacks_out_flagged_images():
+    from uniportrait import UniPortraitPipeline
+    from uniportrait.presets import build_tiny_pipeline
+
+    ref = build_tiny_pipeline()
+    plain = run_pipe(ref).images
+    for threshold, flagged in ((10.0, False), (-10.0, True)):
+        pipe = UniPortraitPipeline(
+            vae=ref.vae, text_encoder=ref.text_encoder, tokenizer=ref.tokenizer, unet=ref.unet,
+            scheduler=ref.scheduler, image_encoder=ref.image_encoder, face_backbone=ref.face_backbone,
+            adapter=ref.adapter, encoder_id=ref.encoder_id, safety_checker=_tiny_safety_checker(threshold),
+        )  # fmt: skip
+        out = run_pipe(pipe, num_images_per_prompt=2)
+        assert out.nsfw_content_detected == [flagged, flagged]
+        if flagged:
+            assert np.all(out.images == 0)
+        else:
+            assert_same(out.images[:1], plain)
+    assert (
+        ref(PROMPT, num_inference_steps=1, height=64, width=64, output_type="np").nsfw_content_detected
+        is None
+    )

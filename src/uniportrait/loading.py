@@ -321,6 +321,7 @@ def load_pipeline(
     face_backbone: Any = None,
     adapter_config: AdapterConfig | None = None,
     face_backbone_config: IRBackboneConfig | None = None,
+    safety_checker: Any = None,
 ):
     """Build a :class:`~uniportrait.pipeline.UniPortraitPipeline`.
 
@@ -339,6 +340,8 @@ def load_pipeline(
         face_backbone: replace the backbone shipped with the weights.
         adapter_config, face_backbone_config: sizes for reading the published layout when they
             differ from the published SD1.5 ones (e.g. tiny test models).
+        safety_checker: optional diffusers ``StableDiffusionSafetyChecker``: module, folder or
+            Hub id (e.g. ``CompVis/stable-diffusion-safety-checker``); flagged images come back black.
     """
     from diffusers import AutoencoderKL, ControlNetModel
     from transformers import CLIPVisionModelWithProjection
@@ -379,8 +382,14 @@ def load_pipeline(
         if controlnet is not None
         else None
     )
+    checker = None
+    if safety_checker is not None:
+        from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+
+        checker = load_model(StableDiffusionSafetyChecker, safety_checker, f"safety checker {safety_checker}")
     pipe = UniPortraitPipeline(
         **components,
+        safety_checker=checker,
         image_encoder=encoder.eval(),
         face_backbone=backbone.eval(),
         adapter=adapter.eval(),

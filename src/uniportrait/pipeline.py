@@ -49,10 +49,15 @@ MULTI_ID_STRUCTURE_SCALE = 0.3
 
 @dataclass
 class UniPortraitPipelineOutput:
-    """Images, and (when asked) per-image routing maps (num_ids, H, W), float32 in [0, 1]."""
+    """Images, and (when asked) per-image routing maps (num_ids, H, W), float32 in [0, 1].
+
+    ``nsfw_content_detected``: per image, whether the safety checker flagged (and blacked out)
+    it; None when the pipeline has no safety checker.
+    """
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
     routing_maps: list[torch.Tensor] | None = None
+    nsfw_content_detected: list[bool] | None = None
 
 
 class UniPortraitPipeline(DiffusionPipeline):
@@ -61,11 +66,12 @@ class UniPortraitPipeline(DiffusionPipeline):
     Components: the usual SD ones (``vae``, ``text_encoder``, ``tokenizer``, ``unet``,
     ``scheduler``), the identity encoders (``face_backbone``: IR backbone, ``image_encoder``:
     CLIP vision), the ``adapter`` (:class:`~uniportrait.models.adapter.UniPortraitAdapter`)
-    and an optional ``controlnet``.
+    and the optional ``controlnet`` and ``safety_checker`` (diffusers'
+    ``StableDiffusionSafetyChecker``, with its ``feature_extractor``).
     """
 
     model_cpu_offload_seq = "text_encoder->image_encoder->face_backbone->unet->vae"
-    _optional_components = ["controlnet"]
+    _optional_components = ["controlnet", "safety_checker", "feature_extractor"]
 
     def __init__(
         self,
@@ -78,9 +84,15 @@ class UniPortraitPipeline(DiffusionPipeline):
         face_backbone,
         adapter,
         controlnet=None,
+        safety_checker=None,
+        feature_extractor=None,
         encoder_id: str | None = None,
     ) -> None:
         super().__init__()
+        if safety_checker is not None and feature_extractor is None:
+            from transformers import CLIPImageProcessor
+
+            feature_extractor = CLIPImageProcessor()  # SD's: 224 px, CLIP normalisation
         adapter.attach(unet)
         if controlnet is not None:
             controlnet.set_attn_processor(UniPortraitAttnProcessor.text_only())
@@ -94,6 +106,8 @@ class UniPortraitPipeline(DiffusionPipeline):
             face_backbone=face_backbone,
             adapter=adapter,
             controlnet=controlnet,
+            safety_checker=safety_checker,
+            feature_extractor=feature_extractor,
         )
         self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
@@ -537,14 +551,17 @@ class UniPortraitPipeline(DiffusionPipeline):
                     latents = outputs.get("latents", latents)
                 progress.update()
 
-        # 9. Decode
+        # 9. Decode (and the safety checker, when there is one)
+        flagged = None
         if output_type == "latent":
             images = latents
         else:
             decoded = self.vae.decode(
                 latents / self.vae.config.scaling_factor, return_dict=False, generator=generator
             )[0]
-            images = self.image_processor.postprocess(decoded, output_type=output_type)
+            decoded, flagged = self.run_safety_checker(decoded, device)
+            keep = None if flagged is None else [not f for f in flagged]  # flagged ones stay black
+            images = self.image_processor.postprocess(decoded, output_type=output_type, do_denormalize=keep)
         self.maybe_free_model_hooks()
 
         routing = None
@@ -552,7 +569,17 @@ class UniPortraitPipeline(DiffusionPipeline):
             routing = self._routing_maps(recorder, masks, batch, n_ids, (height, width), do_cfg)
         if not return_dict:
             return images, routing
-        return UniPortraitPipelineOutput(images=images, routing_maps=routing)
+        return UniPortraitPipelineOutput(images=images, routing_maps=routing, nsfw_content_detected=flagged)
+
+    def run_safety_checker(self, image: torch.Tensor, device) -> tuple[torch.Tensor, list[bool] | None]:
+        """diffusers' safety checker on decoded images (B, 3, H, W) in [-1, 1]; flagged ones become 0."""
+        if self.safety_checker is None:
+            return image, None
+        pil = self.image_processor.postprocess(image, output_type="pil")
+        pixels = self.feature_extractor(pil, return_tensors="pt").pixel_values
+        pixels = pixels.to(device, self.safety_checker.dtype)
+        image, flagged = self.safety_checker(images=image, clip_input=pixels)
+        return image, [bool(f) for f in flagged]
 
     # -- helpers -------------------------------------------------------------------------------
 

@@ -37,6 +37,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="use this adapter (our format, e.g. from `uniportrait train`, or a folder of the published files)",
     )
+    group.add_argument(
+        "--safety-checker",
+        action="store_true",
+        help="run diffusers' NSFW safety checker (CompVis/stable-diffusion-safety-checker) on the images; "
+        "flagged images come back black (sd15 preset)",
+    )
     group.add_argument("--seed-model", type=int, default=0, help=argparse.SUPPRESS)  # tiny preset weights
 
 
@@ -49,10 +55,16 @@ def load_pipeline_from_args(args: argparse.Namespace):
     adapter = getattr(args, "adapter", None)
     if adapter is not None and not Path(adapter).is_dir():
         raise UniPortraitError(f"--adapter {adapter}: not a folder")
+    if getattr(args, "safety_checker", False) and args.preset == "tiny":
+        raise UniPortraitError("--safety-checker needs real weights: use it with --preset sd15")
     if args.preset == "tiny":
         kwargs["seed"] = args.seed_model
         kwargs["adapter"] = adapter
     else:
+        if getattr(args, "safety_checker", False):
+            from uniportrait.presets.pipelines import SAFETY_CHECKER
+
+            kwargs["safety_checker"] = SAFETY_CHECKER
         if adapter is not None:
             kwargs["uniportrait"] = adapter
         kwargs["device"] = args.device

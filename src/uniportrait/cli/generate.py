@@ -184,6 +184,9 @@ def generate_and_write(
 
     if result is None:
         result = run_pipeline(pipe, request, identities, save_routing)
+    for k, flagged in enumerate(getattr(result, "nsfw_content_detected", None) or []):
+        if flagged:
+            logger.warning("image %d was flagged by the safety checker and is black", k)
     meta = {"prompt": request.prompt, "uniportrait": json.dumps(request.settings()), **(extra_metadata or {})}
     files: list[tuple[Path, Image.Image, dict | None]] = []
     for k, image in enumerate(result.images):

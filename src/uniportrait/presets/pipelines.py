@@ -114,6 +114,7 @@ SD15_VAE = "stabilityai/sd-vae-ft-mse"
 SD15_UNIPORTRAIT = "Junjie96/UniPortrait"
 SD15_IMAGE_ENCODER = "h94/IP-Adapter/models/image_encoder"
 SD15_IP_ADAPTER = "h94/IP-Adapter/models/ip-adapter_sd15.bin"
+SAFETY_CHECKER = "CompVis/stable-diffusion-safety-checker"
 
 
 def sd15_scheduler():
@@ -133,6 +134,7 @@ def build_sd15_pipeline(
     torch_dtype=None,
     device=None,
     face_backbone=None,
+    safety_checker: str | None = None,
 ):
     """The published setup. Each argument may be a Hub id or a local path.
 
@@ -150,7 +152,7 @@ def build_sd15_pipeline(
     ours = Path(uniportrait).is_dir() and is_adapter_folder(Path(uniportrait))
     if ours and face_backbone is None and not (Path(uniportrait) / BACKBONE_WEIGHTS).is_file():
         face_backbone = SD15_UNIPORTRAIT
-    preflight_sd15(base_model, vae, uniportrait, image_encoder, ip_adapter, face_backbone)
+    preflight_sd15(base_model, vae, uniportrait, image_encoder, ip_adapter, face_backbone, safety_checker)
     return load_pipeline(
         base_model,
         uniportrait=uniportrait,
@@ -162,10 +164,13 @@ def build_sd15_pipeline(
         torch_dtype=torch_dtype,
         device=device,
         face_backbone=face_backbone,
+        safety_checker=safety_checker,
     )
 
 
-def preflight_sd15(base_model, vae, uniportrait, image_encoder, ip_adapter, face_backbone=None) -> None:
+def preflight_sd15(
+    base_model, vae, uniportrait, image_encoder, ip_adapter, face_backbone=None, safety_checker=None
+) -> None:
     """Check that every file of the published setup is at hand; one error listing what is not."""
     from uniportrait.convert import BACKBONE_FILE, FACEID_FILE, ROUTER_FILE
     from uniportrait.loading import resolve_file
@@ -187,6 +192,8 @@ def preflight_sd15(base_model, vae, uniportrait, image_encoder, ip_adapter, face
         wanted += [(uniportrait, FACEID_FILE), (uniportrait, ROUTER_FILE), (uniportrait, BACKBONE_FILE)]
     if isinstance(face_backbone, str):
         wanted.append((face_backbone, BACKBONE_FILE))
+    if isinstance(safety_checker, str):
+        wanted.append((safety_checker, "config.json"))
     if ip_adapter:
         wanted.append((ip_adapter, None))
     missing = []
