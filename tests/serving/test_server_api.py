@@ -52,6 +52,7 @@ def test_generate_one_identity(client, photos):
     assert decode_png(body["images"][0]).shape == (64, 64, 3)
     assert [decode_png(f).shape for f in body["faces"][0]] == [(224, 224, 3)]  # the aligned face used
     assert body["routing_overlays"] is None  # one person: nothing to route
+    assert body["nsfw_content_detected"] is None  # no safety checker on this pipeline
 
 
 def test_generate_two_identities_with_routing(client, photos):

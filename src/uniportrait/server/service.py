@@ -90,6 +90,7 @@ class GenerateResult:
     faces: list[list[PIL.Image.Image]]
     seed: int
     seconds: float
+    nsfw: list[bool] | None = None  # per image, when the pipeline has a safety checker
 
 
 def invalid(message: str) -> ServiceError:
@@ -285,6 +286,7 @@ class PortraitService:
             faces=[_crops(i) for i in identities],
             seed=seed,
             seconds=time.monotonic() - start,
+            nsfw=getattr(out, "nsfw_content_detected", None),
         )
 
     # -- the identity bank ---------------------------------------------------------------------

@@ -41,6 +41,7 @@ def result_json(result: GenerateResult, request: GenerateRequest) -> dict:
         "routing_overlays": [b64png(o) for o in result.overlays] if request.routing and maps else None,
         "routing_maps": maps,
         "faces": [[b64png(face) for face in crops] for crops in result.faces],
+        "nsfw_content_detected": result.nsfw,  # null without a safety checker; flagged images are black
     }
 
 
