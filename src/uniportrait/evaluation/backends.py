@@ -86,6 +86,7 @@ class FaceSimilarityBackend(ABC):
     """
 
     info: BackendInfo
+    analyzer: Any  # the face analyzer that finds faces (see uniportrait.faces)
 
     @property
     def name(self) -> str:
@@ -102,9 +103,11 @@ class FaceSimilarityBackend(ABC):
         )
         return self
 
-    @abstractmethod
     def detect(self, image: Image.Image) -> list[Face]:
-        """Every face in an RGB image, largest first."""
+        """Every face in an RGB image, largest first (with the backend's ``analyzer``)."""
+        from uniportrait.faces import detect_faces
+
+        return detect_faces(image.convert("RGB"), self.analyzer)
 
     @abstractmethod
     def embed_faces(self, image: Image.Image, faces: list[Face]) -> np.ndarray:
@@ -118,12 +121,6 @@ class FaceSimilarityBackend(ABC):
     @abstractmethod
     def similarity(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """(A, E) × (B, E) → (A, B) similarities, higher = more alike."""
-
-
-def _detect(analyzer, image: Image.Image) -> list[Face]:
-    from uniportrait.faces import detect_faces
-
-    return detect_faces(image.convert("RGB"), analyzer)
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -161,9 +158,6 @@ class DlibBackend(FaceSimilarityBackend):
             similarity=f"1 - euclidean_distance / {scale:g} (dlib's same-person distance 0.6 -> 0.5)",
             thresholds=thresholds or DEFAULT_THRESHOLDS["dlib"],
         )
-
-    def detect(self, image: Image.Image) -> list[Face]:
-        return _detect(self.analyzer, image)
 
     def embed_faces(self, image: Image.Image, faces: list[Face]) -> np.ndarray:
         image = image.convert("RGB")
@@ -214,9 +208,6 @@ class CurricularBackend(FaceSimilarityBackend):
             similarity="cosine",
             thresholds=thresholds or DEFAULT_THRESHOLDS["curricular"],
         )
-
-    def detect(self, image: Image.Image) -> list[Face]:
-        return _detect(self.analyzer, image)
 
     def _embed_crops(self, crops: list[Image.Image]) -> np.ndarray:
         import torch
@@ -293,9 +284,6 @@ class InsightFaceBackend(FaceSimilarityBackend):
             similarity="cosine",
             thresholds=thresholds or DEFAULT_THRESHOLDS["insightface"],
         )
-
-    def detect(self, image: Image.Image) -> list[Face]:
-        return _detect(self.analyzer, image)
 
     def embed_faces(self, image: Image.Image, faces: list[Face]) -> np.ndarray:
         if not faces:
