@@ -60,6 +60,25 @@ def test_bad_settings_fail_before_loading(args, message, capsys):
     assert message in capsys.readouterr().err
 
 
+def test_bad_or_busy_port_fails_before_loading(capsys, monkeypatch):
+    import socket
+
+    import uniportrait.cli.serve as serve_cli
+
+    def no_loading(args):
+        raise AssertionError("the model must not load")
+
+    monkeypatch.setattr(serve_cli, "load_pipeline_from_args", no_loading)
+    assert main(["serve", "--preset", "tiny", "--port", "99999"]) == 2
+    assert "--port must be between 1 and 65535" in capsys.readouterr().err
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["serve", "--preset", "tiny", "--port", str(port)]) == 2
+        assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
 def test_loopback_hosts():
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.2") and not is_loopback("example.org")

@@ -77,8 +77,24 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def check_address(host: str, port: int) -> None:
+    """Fail before the model loads when the port is invalid or already taken."""
+    import socket
+
+    if not 1 <= port <= 65535:
+        raise UniPortraitError(f"--port must be between 1 and 65535, got {port}")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            raise UniPortraitError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
+    check_address(args.host, args.port)
     try:
         import uvicorn
     except ImportError:
