@@ -204,3 +204,24 @@ def test_shipped_base_model_generates_through_uniportrait_pipeline(tmp_path):
     )
     image = np.asarray(out.images[0])
     assert image.shape == (64, 64, 3) and np.isfinite(image).all()
+
+
+@shipped
+def test_world_backend_matches_people_in_a_group_picture():
+    from PIL import Image
+
+    from uniportrait.evaluation import evaluate_image, get_backend, reference_from_photos
+
+    backend = get_backend("world")
+    rng = np.random.default_rng(4)
+    a, b = HELD_OUT_START + 11, HELD_OUT_START + 12
+    group = sample_spec(rng, [a, b], seed=3, look={"sunglasses": 0}).render()
+    refs = [
+        reference_from_photos(backend, [Image.fromarray(sample_spec(rng, [ident], seed=s).render().image)])
+        for ident, s in ((a, 4), (b, 5))
+    ]
+    faces, match = evaluate_image(Image.fromarray(group.image), refs, backend)
+    assert len(faces) == 2 and not match.missing and not match.duplicated
+    # the face matched to each reference is the one drawn at that person's place
+    for ref_index, face_index in enumerate(match.face_of_reference):
+        assert abs(faces[face_index].box[0] - group.boxes[ref_index][0]) < 4

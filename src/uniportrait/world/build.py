@@ -35,13 +35,13 @@ class BuildPlan:
     groups_val: int = 600
     val_identities: int = 200
     vae_steps: int = 1200
-    clip_steps: int = 800
-    unet_steps: int = 2400
-    backbone_steps: int = 1500
-    detector_steps: int = 1500
-    face_oracle_steps: int = 1500
-    person_oracle_steps: int = 1000
-    scene_oracle_steps: int = 500
+    clip_steps: int = 400
+    unet_steps: int = 2000
+    backbone_steps: int = 500
+    detector_steps: int = 700
+    face_oracle_steps: int = 600
+    person_oracle_steps: int = 500
+    scene_oracle_steps: int = 300
 
     def scaled(self, scale: float) -> BuildPlan:
         values = {k: max(2, int(v * scale)) for k, v in asdict(self).items()}
@@ -121,7 +121,7 @@ def run_build(
             work / "vae" / "vae",
         ),
         "clip": (
-            lambda: train_base.train_clip(data, work / "clip", steps=plan.clip_steps),
+            lambda: train_base.train_clip(data, work / "clip", steps=plan.clip_steps, batch=96),
             work / "clip" / "image_encoder",
         ),
         "unet": (
@@ -133,7 +133,7 @@ def run_build(
         "crops": (lambda: _crops_stage(work, plan), data / "crops_val.npz"),
         "backbone": (
             lambda: train_base.train_backbone(
-                data / "crops_train.npz", work / "backbone", steps=plan.backbone_steps
+                data / "crops_train.npz", work / "backbone", steps=plan.backbone_steps, batch=64
             ),
             work / "backbone" / "face_backbone",
         ),
@@ -157,7 +157,7 @@ def run_build(
 def export(work: Path, out: Path) -> None:
     """Copy the trained models to ``out`` in fp16 safetensors (the shipped layout)."""
     import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
     from uniportrait.models.face_backbone import IRBackbone
@@ -174,16 +174,18 @@ def export(work: Path, out: Path) -> None:
         return
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    base = tmp / "base"
-    UNet2DConditionModel.from_pretrained(work / "unet" / "unet").to(torch.float16).save_pretrained(
-        base / "unet"
-    )
-    AutoencoderKL.from_pretrained(work / "vae" / "vae").to(torch.float16).save_pretrained(base / "vae")
-    CLIPTextModel.from_pretrained(work / "clip" / "text_encoder").to(torch.float16).save_pretrained(
-        base / "text_encoder"
-    )
-    CLIPTokenizer.from_pretrained(work / "clip" / "tokenizer").save_pretrained(base / "tokenizer")
-    published_ddim_scheduler().save_pretrained(base / "scheduler")
+    # a whole diffusers SD pipeline folder (model_index.json + parts), readable by
+    # DiffusionPipeline.from_pretrained as well as by our loaders
+    StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(work / "vae" / "vae").to(torch.float16),
+        text_encoder=CLIPTextModel.from_pretrained(work / "clip" / "text_encoder").to(torch.float16),
+        tokenizer=CLIPTokenizer.from_pretrained(work / "clip" / "tokenizer"),
+        unet=UNet2DConditionModel.from_pretrained(work / "unet" / "unet").to(torch.float16),
+        scheduler=published_ddim_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ).save_pretrained(tmp / "base")
     CLIPVisionModelWithProjection.from_pretrained(work / "clip" / "image_encoder").to(
         torch.float16
     ).save_pretrained(tmp / "image_encoder")

@@ -66,7 +66,7 @@ class FaceDetector(ModelMixin, ConfigMixin):
     """
 
     @register_to_config
-    def __init__(self, widths: tuple[int, ...] = (24, 32, 48, 64, 96), size_unit: float = 16.0) -> None:
+    def __init__(self, widths: tuple[int, ...] = (16, 32, 48, 64, 96), size_unit: float = 16.0) -> None:
         super().__init__()
         self.stem = _conv(3, widths[0])
         self.down = nn.ModuleList([_ResBlock(a, b, 2) for a, b in zip(widths[:-1], widths[1:])])

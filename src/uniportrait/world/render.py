@@ -12,7 +12,7 @@ people in front removed) and the look; and the scene's background, lighting and 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps
@@ -84,7 +84,6 @@ class Rendered:
     masks: np.ndarray
     people: list[Person]
     scene: SceneStyle
-    extra: dict = field(default_factory=dict)
 
 
 def _lerp(a: float, b: float, t: float) -> float:

@@ -75,21 +75,7 @@ def oracle_report(oracles, data_dir: Path) -> dict:
     with np.load(data_dir / "crops_val.npz") as f:
         crops = {k: f[k] for k in f.files}
     desc = oracles.describe_crops(crops["crops"])
-    emb, labels = desc["embedding"], crops["labels"]
-    sim = emb @ emb.T
-    iu = np.triu_indices(len(labels), 1)
-    scores, same = sim[iu], (labels[:, None] == labels[None, :])[iu]
-    tar, thr = tar_at_far(scores, same, 1e-3)
-    out["recogniser"] = {
-        "faces": int(len(labels)),
-        "identities": int(len(np.unique(labels))),
-        "pairs": int(len(scores)),
-        "roc_auc": roc_auc(scores, same),
-        "tar_at_far_1e-3": tar,
-        "threshold_at_far_1e-3": thr,
-        "mean_sim_same": float(scores[same].mean()),
-        "mean_sim_different": float(scores[~same].mean()),
-    }
+    out["recogniser"] = verification(desc["embedding"], crops["labels"])
     out["traits"] = trait_accuracy(desc["traits"], crops["traits"])
     # detector + attributes on held-out singles and groups
     det, person_true, person_pred = {}, [], []
@@ -113,8 +99,8 @@ def oracle_report(oracles, data_dir: Path) -> dict:
             "faces": found_all,
             "recall_iou_0.5": matched / found_all,
             "false_positives_per_picture": fps / len(data["images"]),
-            "landmark_error_px_mean": float(lm_err.mean()),
-            "faces_with_landmark_error_below_1.5px": float((lm_err < 1.5).mean()),
+            "landmark_error_px_mean": float(lm_err.mean()) if len(lm_err) else None,
+            "faces_with_landmark_error_below_1.5px": float((lm_err < 1.5).mean()) if len(lm_err) else None,
         }
         pairs = np.array(
             [(i, p) for i in range(len(data["images"])) for p in range(int(data["num_people"][i]))]
@@ -150,6 +136,38 @@ def trait_accuracy(pred: np.ndarray, truth: np.ndarray) -> dict:
     return out
 
 
+@torch.no_grad()
+def verification(embeddings: np.ndarray, labels: np.ndarray) -> dict:
+    """ROC AUC and TAR at FAR 1e-3 of all pairs of (N, E) L2-normalised embeddings."""
+    sim = embeddings @ embeddings.T
+    iu = np.triu_indices(len(labels), 1)
+    scores, same = sim[iu], (labels[:, None] == labels[None, :])[iu]
+    tar, thr = tar_at_far(scores, same, 1e-3)
+    return {
+        "faces": int(len(labels)),
+        "identities": int(len(np.unique(labels))),
+        "pairs": int(len(scores)),
+        "roc_auc": roc_auc(scores, same),
+        "tar_at_far_1e-3": tar,
+        "threshold_at_far_1e-3": thr,
+        "mean_sim_same": float(scores[same].mean()),
+        "mean_sim_different": float(scores[~same].mean()),
+    }
+
+
+@torch.no_grad()
+def backbone_report(backbone, data_dir: Path) -> dict:
+    """The world's face backbone (UniPortrait's, not an oracle) as a recogniser on held-out faces."""
+    import torch.nn.functional as F
+
+    from uniportrait.world.train_base import to_pixels
+
+    with np.load(data_dir / "crops_val.npz") as f:
+        crops, labels = f["crops"], f["labels"]
+    emb = torch.cat([backbone(to_pixels(crops[k : k + 256])).embedding for k in range(0, len(crops), 256)])
+    return verification(F.normalize(emb.float(), dim=-1).numpy(), labels)
+
+
 # -- VAE --------------------------------------------------------------------------------------------
 
 
@@ -159,6 +177,7 @@ def vae_report(vae, oracles, data_dir: Path, count: int = 600) -> dict:
     from uniportrait.world.train_base import to_pixels
 
     data = load_set(data_dir / "singles_val.npz")
+    count = min(count, len(data["images"]))
     images = data["images"][:count]
     x = to_pixels(images)
     dist = vae.encode(x).latent_dist
@@ -318,7 +337,7 @@ def base_pipeline(base_dir: Path):
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
-        torch_dtype=torch.float32,
+        dtype=torch.float32,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -387,8 +406,13 @@ def run_report(work: Path, assets: Path, out: Path, quick: bool = False) -> dict
     data_dir = work / "data"
     report = {"oracles": oracle_report(oracles, data_dir)}
     logger.info("oracles: %s", json.dumps(report["oracles"]["recogniser"]))
-    vae = AutoencoderKL.from_pretrained(assets / "base" / "vae", torch_dtype=torch.float32).eval()
+    vae = AutoencoderKL.from_pretrained(assets / "base" / "vae", dtype=torch.float32).eval()
     report["vae"] = vae_report(vae, oracles, data_dir)
+    from uniportrait.models.face_backbone import IRBackbone
+
+    report["face_backbone"] = backbone_report(
+        IRBackbone.from_pretrained(assets / "face_backbone").float().eval(), data_dir
+    )
     logger.info("vae: %s", json.dumps(report["vae"]))
     pipe = base_pipeline(assets / "base")
     report["base_model"] = base_report(pipe, oracles, *((40, 12, (0,)) if quick else (200, 60, (0, 1, 2))))

@@ -20,7 +20,7 @@ from uniportrait.world.oracles import (
     detector_targets,
     person_crops,
 )
-from uniportrait.world.train_base import augment_faces, to_pixels
+from uniportrait.world.train_base import IdentityBatches, augment_faces, supcon_loss, to_pixels
 from uniportrait.world.traits import CONTINUOUS_TRAITS, DISCRETE_TRAITS, PERSON_ATTRIBUTES, SCENE_ATTRIBUTES
 
 logger = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ def focal_loss(logits: torch.Tensor, heat: torch.Tensor) -> torch.Tensor:
     return (pos_loss.sum() + neg_loss.sum()) / pos.sum().clamp(min=1.0)
 
 
-def train_detector(sets: list[dict], out: Path, steps: int, batch: int = 32, lr: float = 2e-3, seed: int = 0):
+def train_detector(sets: list[dict], out: Path, steps: int, batch: int = 16, lr: float = 2e-3, seed: int = 0):
     torch.manual_seed(seed)
     model = FaceDetector()
     unit = model.config.size_unit
@@ -69,12 +69,6 @@ def train_detector(sets: list[dict], out: Path, steps: int, batch: int = 32, lr:
     return model.eval()
 
 
-def _cosface(emb: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, margin=0.35, scale=30.0):
-    logits = emb @ F.normalize(weight, dim=-1).T
-    logits = scale * (logits - margin * F.one_hot(labels, weight.shape[0]))
-    return F.cross_entropy(logits, labels), (logits.argmax(1) == labels).float().mean()
-
-
 def _trait_targets(traits: np.ndarray):
     """Trait vectors → continuous targets (N, C) and class indices per discrete trait."""
     n_cont = len(CONTINUOUS_TRAITS)
@@ -86,32 +80,29 @@ def _trait_targets(traits: np.ndarray):
     return cont, classes
 
 
-def train_face_oracle(crops: dict, out: Path, steps: int, batch: int = 128, lr: float = 2e-3, seed: int = 1):
+def train_face_oracle(crops: dict, out: Path, steps: int, batch: int = 64, lr: float = 1e-3, seed: int = 1):
+    """Identity embedding (supervised contrastive, identities × 4 faces per batch) + trait heads."""
     torch.manual_seed(seed)
     model = FaceOracle()
     labels = np.unique(crops["labels"], return_inverse=True)[1].astype(np.int64)
-    num_classes = int(labels.max()) + 1
-    head = torch.nn.ParameterDict(
-        {"w": torch.nn.Parameter(torch.randn(num_classes, model.config.embedding_dim) * 0.01)}
-    )
-    opt = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=lr, weight_decay=5e-4)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=5e-4)
     gen = torch.Generator().manual_seed(seed)
+    batches = IdentityBatches(labels, batch // 4, 4, gen)
 
     def step(i: int) -> dict[str, float]:
-        idx = torch.randint(len(labels), (batch,), generator=gen).numpy()
+        idx = batches()
         out = model(augment_faces(to_pixels(crops["crops"][idx]), gen))
-        y = torch.from_numpy(labels[idx])
-        l_id, acc = _cosface(out["embedding"], head["w"], y)
+        l_id = supcon_loss(out["embedding"], torch.from_numpy(labels[idx]))
         cont, classes = _trait_targets(crops["traits"][idx])
         l_cont = F.binary_cross_entropy_with_logits(out["cont"], cont)
         l_disc = sum(F.cross_entropy(out[name], classes[name]) for name in DISCRETE_TRAITS) / len(
             DISCRETE_TRAITS
         )
-        loss = l_id + l_cont + l_disc
+        loss = l_id + 2.0 * l_cont + l_disc
         loss.backward()
-        return {"id": l_id.item(), "acc": acc.item(), "cont": l_cont.item(), "disc": l_disc.item()}
+        return {"id": l_id.item(), "cont": l_cont.item(), "disc": l_disc.item()}
 
-    run_loop(out / "run_face", {"model": model, "head": head}, opt, step, steps, lr, "oracle: face")
+    run_loop(out / "run_face", {"model": model}, opt, step, steps, lr, "oracle: face", warmup=50)
     return model.eval()
 
 
@@ -150,7 +141,7 @@ def train_person_oracle(
     return model.eval()
 
 
-def train_scene_oracle(sets: list[dict], out: Path, steps: int, batch: int = 64, lr=2e-3, seed=3):
+def train_scene_oracle(sets: list[dict], out: Path, steps: int, batch: int = 32, lr=2e-3, seed=3):
     torch.manual_seed(seed)
     model = SceneOracle()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
