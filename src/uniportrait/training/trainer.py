@@ -43,13 +43,7 @@ from torch import nn
 from uniportrait.errors import UniPortraitError
 from uniportrait.training.components import TextConditioner, load_components, set_trainable
 from uniportrait.training.config import ConfigError, TrainConfig
-from uniportrait.training.data import (
-    BatchSchedule,
-    DataPosition,
-    PortraitDataset,
-    make_loader,
-    step_seed,
-)
+from uniportrait.training.data import DataPosition, make_loader, open_portrait_dataset, step_seed
 from uniportrait.training.model import TrainingModel
 
 logger = logging.getLogger(__name__)
@@ -196,9 +190,9 @@ class Trainer:
         from diffusers import DDPMScheduler
 
         from uniportrait.identity import unconditional_features
-        from uniportrait.training.prepare import read_dataset_info
+        from uniportrait.training.shards import check_training_data
 
-        read_dataset_info(cfg.data.path)  # fail before loading any network
+        check_training_data(cfg.data.path)  # fail before loading any network
         c = self.components = load_components(cfg)
         self.trained = set_trainable(c.adapter, cfg.stage)
         for module in c.frozen_modules():
@@ -221,15 +215,14 @@ class Trainer:
         self.uncond_intrinsic, self.uncond_structure = (t.to(self.device) for t in uncond)
 
         lo, hi = cfg.face_range
-        self.dataset = PortraitDataset(
+        self.dataset = open_portrait_dataset(
             cfg.data.path,
             cfg.data.resolution,
             lo,
             hi,
             id_augment=cfg.data.id_augment if cfg.stage == 1 else 0.0,
         )
-        self.schedule = BatchSchedule(
-            self.dataset.num_faces(),
+        self.schedule = self.dataset.schedule(
             cfg.train.batch_size,
             cfg.train.seed,
             rank=acc.process_index,
@@ -588,14 +581,8 @@ class Trainer:
         """(prompt, [aligned face crop (224, 224, 3) uint8 per identity]) for the first rows."""
         v = self.cfg.validation
         out = []
-        for index in range(min(v.num_samples, len(self.dataset))):
-            row = self.dataset.rows[index]
-            crops = list(self.dataset.faces(row)["crops"])
-            prompt = (
-                v.prompts[index % len(v.prompts)]
-                if v.prompts
-                else (row.get("caption") or "a photo of a person")
-            )
+        for index, (caption, crops) in enumerate(self.dataset.validation_samples(v.num_samples)):
+            prompt = v.prompts[index % len(v.prompts)] if v.prompts else (caption or "a photo of a person")
             out.append((prompt, crops))
         return out
 
