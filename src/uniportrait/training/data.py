@@ -284,16 +284,37 @@ def make_loader(
 
 
 class DataPosition:
-    """How many micro-batches this run has consumed; saved with the training state."""
+    """How many micro-batches each process of this run has consumed; saved with the training state.
 
-    def __init__(self) -> None:
+    A checkpoint written by ``N`` processes resumes on ``M``: the ``N × micro_batches`` batches
+    consumed so far are the start of the global stream, so each of the ``M`` processes goes on
+    from ``ceil(N × micro_batches / M)`` (with the folder format's :class:`BatchSchedule` that
+    continues the same stream, skipping fewer than ``M`` batches when ``M`` does not divide it).
+    """
+
+    def __init__(self, world: int = 1) -> None:
         self.micro_batches = 0
+        self.world = world
 
     def state_dict(self) -> dict[str, int]:
-        return {"micro_batches": self.micro_batches}
+        return {"micro_batches": self.micro_batches, "world": self.world}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.micro_batches = int(state["micro_batches"])
+        saved_world = int(state.get("world", self.world))
+        consumed = int(state["micro_batches"]) * saved_world  # batches of the global stream
+        self.micro_batches = -(-consumed // self.world)
+        if saved_world != self.world:
+            logger.warning(
+                "resuming a %d-process checkpoint on %d processes: the global batch changes by %d/%d "
+                "(keep batch_size × gradient_accumulation_steps × processes to keep the recipe); "
+                "the data stream goes on at batch %d of %d consumed",
+                saved_world,
+                self.world,
+                self.world,
+                saved_world,
+                self.micro_batches * self.world,
+                consumed,
+            )
 
 
 # -- WebDataset shards --------------------------------------------------------------------------

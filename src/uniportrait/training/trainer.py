@@ -18,7 +18,8 @@ Layout of ``output_dir``::
     published/                           the final adapter in the published .bin layout (optional)
 
 Exact resume: the data order, the noise, the condition dropouts and the routing noise of every
-micro-batch are functions of ``(seed, step, micro-batch, process)`` and of the data position,
+micro-batch are functions of the seed and of the micro-batch's index in the global stream
+(``micro-batches consumed by each process × processes + rank``), and of the data position,
 and the optimizer and LR schedule are restored from the checkpoint, so a resumed run follows
 the same trajectory as an uninterrupted one.
 """
@@ -116,6 +117,27 @@ def find_checkpoint(output_dir: str | Path, which: str = "latest") -> Path | Non
     return max(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]), default=None)
 
 
+def _single_process_launch_warning() -> str | None:
+    """Why this single process is probably not what ``accelerate launch`` was asked for, or None.
+
+    accelerate's simple launcher (no ``--multi_gpu``/``--use_fsdp``/``--use_deepspeed``, e.g.
+    ``accelerate launch --num_processes 2`` on a machine without GPUs) starts one process; it
+    sets ``MASTER_ADDR`` only when more than one process or machine was asked for, and unlike
+    the multi-process launchers it sets no ``WORLD_SIZE``.
+    """
+    import os
+
+    env = os.environ
+    if "ACCELERATE_USE_CPU" in env and "MASTER_ADDR" in env and "WORLD_SIZE" not in env:
+        return (
+            "accelerate launch started ONE process although more processes or machines were asked for: "
+            "accelerate starts several processes only with --multi_gpu (also on CPUs, over gloo), "
+            "--use_fsdp or --use_deepspeed (or a config file from configs/accelerate/). "
+            "This run trains in 1 process; see docs/scale.md"
+        )
+    return None
+
+
 def _distributed_without_gpu() -> bool:
     """Started by a multi-process launcher (torchrun, ``accelerate launch --multi_gpu``) on a
     machine without CUDA: accelerate then needs ``cpu=True`` to set up gloo."""
@@ -177,6 +199,8 @@ class Trainer:
             **kwargs,
         )
         self.device = self.accelerator.device
+        if self.accelerator.num_processes == 1 and (warning := _single_process_launch_warning()):
+            logger.warning(warning)
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
             self.accelerator.mixed_precision, torch.float32
         )
@@ -229,7 +253,7 @@ class Trainer:
             world=acc.num_processes,
             overfit=cfg.train.overfit_batch,
         )
-        self.position = DataPosition()
+        self.position = DataPosition(acc.num_processes)
 
         model = TrainingModel(
             c.unet, c.adapter, cfg.stage, cfg.train.gumbel_tau, cfg.train.routing_loss_weight
@@ -501,9 +525,12 @@ class Trainer:
         started, started_step = time.perf_counter(), self.global_step
         self.model.train()
         while self.global_step < stop_at:
-            for micro in range(t.gradient_accumulation_steps):
+            for _ in range(t.gradient_accumulation_steps):
                 batch = next(batches)
-                seed = step_seed(t.seed, self.global_step, micro, acc.process_index)
+                # The batch's index in the global stream: the same data and randomness for
+                # N processes × A accumulation steps as for one process × N·A steps.
+                global_batch = self.position.micro_batches * acc.num_processes + acc.process_index
+                seed = step_seed(t.seed, global_batch)
                 inputs = self.prepare_inputs(batch, 0 if t.overfit_batch else seed)
                 with acc.accumulate(self.model):
                     out = self.model(**inputs)
