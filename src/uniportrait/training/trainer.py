@@ -138,6 +138,12 @@ def _single_process_launch_warning() -> str | None:
     return None
 
 
+def _env_flag(name: str) -> bool:
+    import os
+
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
 def _distributed_without_gpu() -> bool:
     """Started by a multi-process launcher (torchrun, ``accelerate launch --multi_gpu``) on a
     machine without CUDA: accelerate then needs ``cpu=True`` to set up gloo."""
@@ -259,6 +265,22 @@ class Trainer:
             c.unet, c.adapter, cfg.stage, cfg.train.gumbel_tau, cfg.train.routing_loss_weight
         )
         optimizer = self._optimizer()
+        engine = str(acc.distributed_type).rsplit(".", 1)[-1]
+        if engine in ("FSDP", "DEEPSPEED"):
+            logger.warning("%s has not been tested with this trainer (docs/scale.md); DDP has", engine)
+        elif _env_flag("ACCELERATE_USE_FSDP") or _env_flag("ACCELERATE_USE_DEEPSPEED"):
+            logger.warning(
+                "FSDP/DeepSpeed was asked for, but accelerate enables them only on GPUs: these %d %s "
+                "process(es) train with %s",
+                acc.num_processes,
+                self.device.type,
+                "DDP over gloo" if engine == "MULTI_CPU" else engine,
+            )
+        if getattr(acc.state, "deepspeed_plugin", None) is not None:
+            # We do not prepare a DataLoader, from which accelerate would read the batch size.
+            acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = (
+                cfg.train.batch_size
+            )
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.lr_scheduler = self._lr_scheduler(self.optimizer)
         self.ema = EMA(self.trained, cfg.train.ema_decay) if cfg.train.ema_decay else None
