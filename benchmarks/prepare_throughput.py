@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -38,6 +39,12 @@ def make_photos(folder: Path, count: int, size: tuple[int, int]) -> None:
         background.save(folder / f"{k:05d}.jpg", quality=92)
 
 
+def _cpu_seconds() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -55,9 +62,11 @@ def main() -> None:
         make_photos(src, args.images, tuple(args.size))
         for workers in args.workers:
             out = Path(tmp) / f"out-{workers}"
+            cpu_before = _cpu_seconds()
             started = time.perf_counter()
             summary = prepare_dataset(src, out, workers=workers, progress=False)
             elapsed = time.perf_counter() - started
+            cpu = _cpu_seconds() - cpu_before
             print(
                 json.dumps(
                     {
@@ -67,6 +76,11 @@ def main() -> None:
                         "size": list(args.size),
                         "seconds": round(elapsed, 2),
                         "images_per_s": round(summary.total / elapsed, 2),
+                        # CPU time of this process and its finished workers: what one core costs,
+                        # whatever else the machine was running
+                        "cpu_s_per_image": round(cpu / summary.total, 3),
+                        "images_per_cpu_s": round(summary.total / cpu, 2),
+                        "load_avg_1min": round(os.getloadavg()[0], 1),
                         "cpus": os.cpu_count(),
                         "cpu": platform.processor() or platform.machine(),
                     }

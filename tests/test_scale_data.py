@@ -79,6 +79,11 @@ def test_a_part_resumes_and_merge_checks_the_split(made, tmp_path, capsys):
     assert "different splits" in capsys.readouterr().err
     assert main([*args, "--shard", "2/2"]) == 2
     assert "need 0 <= I < N" in capsys.readouterr().err
+    merged = made / "merged"
+    before = sorted(p.name for p in merged.iterdir())
+    with pytest.raises(DatasetError, match="was merged from parts"):
+        prepare_dataset(src, merged, progress=False)
+    assert sorted(p.name for p in merged.iterdir()) == before
 
 
 def _img2dataset_tar(src, path) -> dict[str, str]:

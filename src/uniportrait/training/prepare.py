@@ -467,17 +467,21 @@ def prepare_dataset(
 
     options = options or PrepareOptions()
     out = Path(out) if shard is None else part_folder(out, *shard)
-    for sub in (IMAGE_DIR, FACES_DIR):
-        (out / sub).mkdir(parents=True, exist_ok=True)
     info_path = out / INFO_FILE
     if info_path.is_file():
         old = read_dataset_info(out) if (out / INDEX_FILE).is_file() else json.loads(info_path.read_text())
+        if old.get("merged"):
+            raise DatasetError(
+                f"{out} was merged from parts: add images with --shard I/N (then merge again) or use a new folder"
+            )
         if old.get("options") and old["options"] != asdict(options):
             logger.warning(
                 "%s was started with other options %s; now %s", out, old["options"], asdict(options)
             )
 
     items = scan_source(src, manifest, options.identity_from_folder)
+    for sub in (IMAGE_DIR, FACES_DIR):
+        (out / sub).mkdir(parents=True, exist_ok=True)
     if shard is not None:
         items = [item for item in items if in_shard(item.key, *shard)]
     rows = read_jsonl(out / INDEX_FILE)
