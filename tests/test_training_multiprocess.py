@@ -184,6 +184,22 @@ def test_two_processes_match_one_process_with_the_same_global_batch_and_resume_a
     )
 
 
+def test_mixed_precision_two_processes_match_one_process(single_data, tmp_path):
+    """The same comparison under bf16 autocast (frozen networks stored in bf16), both runs in
+    fresh processes with one thread each (accelerate's precision is fixed once per process)."""
+    bf16 = [*EQUAL, "train.mixed_precision=bf16"]
+    _launch(["-m", "uniportrait.training"], 1, single_data, tmp_path / "ddp", *bf16)
+    sets = [*bf16, "train.max_steps=3", "checkpoint.every=2", "train.gradient_accumulation_steps=2"]
+    cmd = [_tool("uniportrait"), "train", "--stage", "1", "--preset", "tiny", "--data", str(single_data),
+           "--output-dir", str(tmp_path / "one"), *[a for o in sets for a in ("--set", o)]]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "weights bfloat16" in proc.stdout + proc.stderr
+    for step in (2, 3):
+        _assert_same(_weights(tmp_path / "ddp", step), _weights(tmp_path / "one", step))
+
+
 def test_launch_without_multi_gpu_warns_that_it_runs_one_process(single_data, tmp_path):
     log = _launch(
         ["-m", "uniportrait.training"], 1, single_data, tmp_path / "run", "train.max_steps=1", multi_gpu=False
