@@ -220,3 +220,30 @@ def test_training_reads_webdataset_shards(shards, tmp_path):
     metrics = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2] and all(np.isfinite(m["loss"]) for m in metrics)
     assert len(trainer.validation_samples()) == 1
+
+
+def test_a_png_dataset_packs_and_reads_like_its_folder(made, tmp_path):
+    """Datasets stored as PNG (``uniportrait world render`` writes them so) pack as ``<key>.png``."""
+    import shutil
+
+    from PIL import Image
+
+    data = tmp_path / "png"
+    shutil.copytree(made / "single", data)
+    rows = read_jsonl(data / INDEX_FILE)
+    for row in rows:
+        png = row["image"].replace(".jpg", ".png")
+        Image.open(data / row["image"]).save(data / png)
+        (data / row["image"]).unlink()
+        row["image"] = png
+    (data / INDEX_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    info = pack_webdataset(data, tmp_path / "shards", samples_per_shard=5, progress=False)
+    with tarfile.open(tmp_path / "shards" / info["shards"][0]["file"]) as tar:
+        assert any(name.endswith(".png") for name in tar.getnames())
+        assert not any(name.endswith(".jpg") for name in tar.getnames())
+    folder, sharded = PortraitDataset(data, 64, 1, 4), ShardedPortraitDataset(tmp_path / "shards", 64, 1, 4)
+    by_key = {r["key"]: i for i, r in enumerate(folder.rows)}
+    for shard in info["shards"]:
+        for record in sharded.records(shard["file"]):
+            x, y = sharded[(record, 0)], folder[(by_key[record["meta"]["key"]], 0)]
+            assert torch.equal(x["pixels"], y["pixels"]) and torch.equal(x["masks"], y["masks"])

@@ -362,14 +362,14 @@ class ShardedPortraitDataset(torch.utils.data.Dataset):
 
     def records(self, shard: str) -> list[dict[str, Any]]:
         """The samples of one shard with this dataset's face counts, in file order."""
-        from uniportrait.training.shards import read_member, tar_members
+        from uniportrait.training.shards import image_member, read_member, tar_members
 
         path = self.root / shard
         out = []
         with path.open("rb") as f:
             for key, members in tar_members(path).items():
-                if not {"json", "jpg", "npz"} <= set(members):
-                    raise DatasetError(f"{path}: sample {key} lacks a .json, .jpg or .npz member")
+                if not {"json", "npz"} <= set(members) or image_member(members) is None:
+                    raise DatasetError(f"{path}: sample {key} lacks a .json, .npz or image member")
                 meta = json.loads(read_member(f, members["json"]))
                 lo, hi = self.face_range
                 if lo <= meta["num_faces"] <= hi:
@@ -377,11 +377,11 @@ class ShardedPortraitDataset(torch.utils.data.Dataset):
         return out
 
     def _read(self, record: dict[str, Any]) -> tuple[Image.Image, dict[str, np.ndarray], dict | None]:
-        from uniportrait.training.shards import read_member
+        from uniportrait.training.shards import image_member, read_member
 
         members = record["members"]
         with open(record["shard"], "rb") as f:
-            image = Image.open(io.BytesIO(read_member(f, members["jpg"]))).convert("RGB")
+            image = Image.open(io.BytesIO(read_member(f, members[image_member(members)]))).convert("RGB")
             with np.load(io.BytesIO(read_member(f, members["npz"]))) as npz:
                 faces = {name: npz[name] for name in npz.files}
             alt = None

@@ -15,7 +15,8 @@ Three pieces, each usable on its own:
 - **WebDataset shards.** ``uniportrait data pack DATA --out SHARDS`` writes the samples of a
   dataset folder, in a seeded random order, into ``SHARDS/shard-<k>.tar`` (plain POSIX tars,
   readable by the ``webdataset`` library) with a ``dataset.json`` that lists the shards and their
-  sample counts per number of faces. One sample is ``<key>.jpg`` (the stored image),
+  sample counts per number of faces. One sample is ``<key>.jpg`` (the stored image; ``.png``
+  for a dataset stored as PNG),
   ``<key>.npz`` (the faces file, as in the folder format), ``<key>.json`` (its index row) and,
   for a single-face sample with a labelled face, ``<key>.alt.npz``: up to ``alternatives``
   aligned crops of *other* photos of the same person (``crops`` (M, 224, 224, 3) uint8, ``face`` (M,) int: which face
@@ -190,6 +191,11 @@ def tar_members(path: str | Path) -> dict[str, dict[str, tuple[int, int]]]:
     return samples
 
 
+def image_member(members: dict[str, tuple[int, int]]) -> str | None:
+    """The extension of a sample's image member (``jpg``, ``png``, ...), or None."""
+    return next((ext for ext in members if f".{ext}" in IMAGE_SUFFIXES), None)
+
+
 def read_member(file, member: tuple[int, int]) -> bytes:
     """The bytes of a member, from an open binary file."""
     file.seek(member[0])
@@ -213,7 +219,7 @@ def scan_tar_source(src: str | Path) -> list[SourceItem]:
         members = tar_members(tar)
         with tar.open("rb") as f:
             for key, files in members.items():
-                ext = next((e for e in files if f".{e}" in IMAGE_SUFFIXES), None)
+                ext = image_member(files)
                 if ext is None:
                     continue
                 meta: dict[str, Any] = {}
@@ -314,7 +320,8 @@ def pack_webdataset(
                     row = rows[int(index)]
                     key = row["key"]
                     tar.add(f"{key}.json", json.dumps({k2: row.get(k2) for k2 in keep}).encode())
-                    tar.add(f"{key}.jpg", (root / row["image"]).read_bytes())
+                    image_ext = Path(row["image"]).suffix.lower().lstrip(".")  # jpg, or png (world render)
+                    tar.add(f"{key}.{image_ext}", (root / row["image"]).read_bytes())
                     tar.add(f"{key}.npz", (root / row["faces"]).read_bytes())
                     alt = _alternatives(root, rows, int(index), by_label, alternatives, rng)
                     if alt is not None:
