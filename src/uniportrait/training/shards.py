@@ -302,6 +302,9 @@ def pack_webdataset(
     if not rows:
         raise DatasetError(f"{root} has no images to pack")
     out.mkdir(parents=True, exist_ok=True)
+    # Until the new dataset.json is written, the folder is not a dataset (an interrupted re-pack
+    # must not leave an old list over new shards).
+    (out / INFO_FILE).unlink(missing_ok=True)
     by_label: dict[str, list[tuple[int, int]]] = defaultdict(list)
     for r_index, row in enumerate(rows):
         for f_index, label in enumerate(row.get("identities") or []):
