@@ -1,9 +1,11 @@
-"""Both stages under `accelerate launch` with two CPU processes (DDP over gloo).
+"""Training under `accelerate launch` with two CPU processes (DDP over gloo).
 
-accelerate's own ``--cpu`` launcher starts a single process unless it is given an MPI hostfile;
-``--multi_gpu`` starts the processes with torchrun, and on a machine without CUDA the trainer
-asks accelerate for CPU (gloo) DDP. Slow-ish (two launches of two processes) but part of the
-default run.
+``configs/accelerate/cpu2.yaml`` is a MULTI_GPU config: accelerate starts several processes only
+through torchrun, and on a machine without CUDA the trainer asks accelerate for CPU (gloo) DDP.
+Covered: both stages in 2 processes; 2 processes × batch 1 = 1 process × 2 accumulation steps
+(fp32 and bf16, with EMA); a 2-process checkpoint resumed in 1 process; the warning when
+``accelerate launch --num_processes 2`` starts one process; the shipped accelerate configs; FSDP
+(skipped without 2 GPUs, with the reason). Slow (several launches) but part of the default run.
 """
 
 from __future__ import annotations
