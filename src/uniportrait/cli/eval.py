@@ -104,7 +104,13 @@ def _shard(args: argparse.Namespace):
         if args.shard is not None:
             raise UniPortraitError("--shard and a multi-process launch both split the grid: use one")
         import torch
-        from accelerate import PartialState
+
+        try:
+            from accelerate import PartialState
+        except ImportError:
+            raise UniPortraitError(
+                "a multi-process launch splits the grid with accelerate: pip install 'uniportrait[train]'"
+            ) from None
 
         state = PartialState(cpu=not torch.cuda.is_available())
         return (state.process_index, state.num_processes), state
