@@ -23,6 +23,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "convert",
     "eval",
     "prepare_data",
+    "data",
     "train",
     "serve",
     "world",

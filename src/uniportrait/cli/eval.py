@@ -19,7 +19,10 @@ multi-ID failure rates (missing, duplicated, blended identities) and the face de
   uniportrait eval --generate bench.yaml --out bench/ --preset sd15   # generate a grid, then evaluate
 
 Writes DIR/results.json, DIR/results.md and DIR/contact_sheet.png (with --generate also
-DIR/images/ and DIR/manifest.jsonl). The manifest is checked completely before anything is
+DIR/images/ and DIR/manifest.jsonl). A grid is split over processes with --shard I/N (each
+process generates its part; then the same command without --shard evaluates, generating only
+what is missing) or under `accelerate launch` (the processes split the grid, the main one
+evaluates). Images already made for the same job and model are kept, so a grid also resumes. The manifest is checked completely before anything is
 evaluated; a bad row is an error naming its line, and nothing is written.
 Numbers from different --backend values are not comparable. See docs/evaluation.md.
 """
@@ -61,6 +64,12 @@ def register(subparsers) -> None:
         "--sheet-rows", type=int, default=50, help="images shown on the contact sheet (default 50)"
     )
     parser.add_argument("--home", default=None, help="identity bank location (default: $UNIPORTRAIT_HOME)")
+    parser.add_argument(
+        "--shard",
+        metavar="I/N",
+        default=None,
+        help="with --generate: generate only part I of N of the grid (jobs I, I+N, ...), do not evaluate",
+    )
     add_model_args(parser)
     parser.set_defaults(func=run)
 
@@ -86,6 +95,34 @@ def _backend(args: argparse.Namespace):
     return get_backend(args.backend, thresholds=thresholds, **kwargs)
 
 
+def _shard(args: argparse.Namespace):
+    """``(i, n)`` from --shard or from the launcher (accelerate launch/torchrun), and the
+    accelerate state when launched; ``(None, None)`` for one plain process."""
+    import os
+
+    from uniportrait.errors import UniPortraitError
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if args.shard is not None:
+            raise UniPortraitError("--shard and a multi-process launch both split the grid: use one")
+        import torch
+
+        try:
+            from accelerate import PartialState
+        except ImportError:
+            raise UniPortraitError(
+                "a multi-process launch splits the grid with accelerate: pip install 'uniportrait[train]'"
+            ) from None
+
+        state = PartialState(cpu=not torch.cuda.is_available())
+        return (state.process_index, state.num_processes), state
+    if args.shard is None:
+        return None, None
+    from uniportrait.training.shards import parse_shard
+
+    return parse_shard(args.shard), None
+
+
 def run(args: argparse.Namespace) -> int:
     from uniportrait.bank import IdentityBank
     from uniportrait.cli._common import check_output_folder
@@ -102,6 +139,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.sheet_rows < 0:
         raise UniPortraitError("--sheet-rows must be 0 or more")
+    if args.shard is not None and not args.generate:
+        raise UniPortraitError("--shard splits a --generate grid; it does nothing with --manifest")
     bank = IdentityBank(args.home)
     quiet = bool(getattr(args, "quiet", False))
     # 1. Check the inputs completely before anything is loaded or written.
@@ -109,6 +148,7 @@ def run(args: argparse.Namespace) -> int:
     rows = read_manifest(args.manifest, bank) if args.manifest else None
     backend = _backend(args)
     clip, clip_status = load_clip_scorer(args.clip)
+    shard, state = _shard(args)
     out = check_output_folder(args.out)
 
     # 2. With --generate: the grid of images and its manifest.
@@ -116,9 +156,23 @@ def run(args: argparse.Namespace) -> int:
     if spec is not None:
         from uniportrait.cli._common import load_pipeline_from_args
 
+        if state is not None and args.device is None:
+            args.device = str(state.device)
         pipe = load_pipeline_from_args(args)
         default_size = 256 if args.preset == "tiny" else 512
-        rows = run_grid(pipe, spec, out, bank, default_size=default_size, progress=not quiet)
+        model = {k: getattr(args, k, None) for k in ("preset", "adapter", "dtype", "seed_model")}
+        if shard is not None:
+            mine = run_grid(
+                pipe, spec, out, bank, default_size=default_size, progress=not quiet, shard=shard, model=model
+            )
+            if state is None:
+                print(f"part {shard[0]}/{shard[1]}: {len(mine)} image(s) in {out / 'images'}")
+                print("evaluate when every part is done: the same command without --shard")
+                return 0
+            state.wait_for_everyone()
+            if not state.is_main_process:
+                return 0
+        rows = run_grid(pipe, spec, out, bank, default_size=default_size, progress=not quiet, model=model)
         context = {
             "benchmark": spec.name,
             "spec": str(args.generate),

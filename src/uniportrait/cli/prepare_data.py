@@ -13,11 +13,14 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser(
         "prepare-data",
         help="turn a folder of captioned photos into a training dataset",
-        description="Detect and align every face of the images below SRC and write a dataset folder "
-        "(index.jsonl + images/ + faces/). Captions: SRC/metadata.jsonl|csv or <image>.txt sidecars. "
-        "Re-running resumes. See docs/training.md.",
+        description="Detect and align every face of the images of SRC and write a dataset folder "
+        "(index.jsonl + images/ + faces/). SRC: a folder of images (captions from SRC/metadata.jsonl|csv "
+        "or <image>.txt sidecars), a manifest .jsonl/.csv, or WebDataset .tar shards (a file or a folder "
+        "of them, as img2dataset writes them). Re-running resumes. With --shard I/N, N workers or nodes "
+        "each prepare one disjoint part; `uniportrait data merge DATA` joins them. "
+        "See docs/training.md and docs/scale.md.",
     )
-    parser.add_argument("src", metavar="SRC", help="folder of images")
+    parser.add_argument("src", metavar="SRC", help="folder of images, manifest file, or .tar shard(s)")
     parser.add_argument("--out", required=True, metavar="DATA", help="dataset folder to write (or resume)")
     parser.add_argument(
         "--workers", type=int, default=min(4, os.cpu_count() or 1), help="worker processes (default: up to 4)"
@@ -56,15 +59,23 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--retry-skipped", action="store_true", help="process again the images skipped before"
     )
+    parser.add_argument(
+        "--shard",
+        metavar="I/N",
+        default=None,
+        help="prepare only part I of N disjoint parts of SRC, into DATA/parts/ (merge with `uniportrait data merge`)",
+    )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from uniportrait.errors import UniPortraitError
     from uniportrait.training.prepare import PrepareOptions, prepare_dataset
+    from uniportrait.training.shards import parse_shard
 
     if args.workers < 1:
         raise UniPortraitError("--workers must be at least 1")
+    shard = parse_shard(args.shard) if args.shard is not None else None
     options = PrepareOptions(
         analyzer=args.analyzer,
         max_side=args.max_side,
@@ -81,9 +92,17 @@ def run(args: argparse.Namespace) -> int:
         manifest=args.manifest,
         retry_skipped=args.retry_skipped,
         progress=not args.quiet,
+        shard=shard,
     )
-    if summary.total == 0:
-        raise UniPortraitError(f"no images found below {args.src}")
+    if summary.total == 0 and shard is None:
+        raise UniPortraitError(f"no images found in {args.src}")
     print(summary.format())
-    print(f"dataset: {args.out}")
+    if shard is None:
+        print(f"dataset: {args.out}")
+    else:
+        from uniportrait.training.shards import part_folder
+
+        print(
+            f"part {shard[0]}/{shard[1]}: {part_folder(args.out, *shard)} (then: uniportrait data merge {args.out})"
+        )
     return 0

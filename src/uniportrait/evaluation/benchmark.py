@@ -221,6 +221,37 @@ def _groups(value: Any, names: list[str], identities: dict, fail) -> list[tuple[
     return groups
 
 
+def job_image(out: str | os.PathLike, job: GridJob, index: int) -> Path:
+    """Where the image of job ``index`` of a grid goes."""
+    return Path(out).resolve() / "images" / f"{job.section}-{index:05d}.png"
+
+
+def _record(job: GridJob, settings: dict[str, Any], size: tuple[int, int], model: dict | None) -> dict:
+    """What a grid image is: stored in the PNG, compared before an existing image is reused."""
+    return {
+        "section": job.section,
+        "identities": list(job.identities),
+        "prompt": job.prompt,
+        "seed": job.seed,
+        "settings": settings,
+        "size": list(size),
+        "model": model or {},
+    }
+
+
+def _made_as(path: Path, record: dict) -> bool:
+    """Whether ``path`` is a complete PNG made for exactly ``record``."""
+    from PIL import Image
+
+    if not path.is_file():
+        return False
+    try:
+        with Image.open(path) as image:
+            return json.loads(image.text.get("uniportrait", "null")) == record
+    except (OSError, ValueError, SyntaxError):
+        return False
+
+
 def run_grid(
     pipe,
     spec: BenchmarkSpec,
@@ -228,12 +259,19 @@ def run_grid(
     bank=None,
     default_size: int = 512,
     progress: bool = True,
+    shard: tuple[int, int] = (0, 1),
+    model: dict[str, Any] | None = None,
 ) -> list[ManifestRow]:
-    """Generate every job of ``spec`` into ``out/images`` and write ``out/manifest.jsonl``.
+    """Generate the jobs of ``spec`` into ``out/images`` and write ``out/manifest.jsonl``.
 
-    ``default_size`` is the image side when the spec's settings give none.
+    ``default_size`` is the image side when the spec's settings give none. ``shard=(i, n)``:
+    generate only jobs ``i, i + n, i + 2n, ...`` (one process of ``n``) and write no manifest.
+    An image already in ``out/images`` that was made for the same job, settings and ``model``
+    (a description of the weights, stored in the PNG) is kept, so an interrupted grid resumes
+    and a grid generated in parts is evaluated by running the whole command once more.
 
-    Returns the manifest rows (ready for :func:`~uniportrait.evaluation.evaluate.evaluate_rows`).
+    Returns the manifest rows of the generated jobs (ready for
+    :func:`~uniportrait.evaluation.evaluate.evaluate_rows`).
     """
     import torch
 
@@ -243,20 +281,36 @@ def run_grid(
     from uniportrait.faces.image_io import save_png_atomic
     from uniportrait.photos import identity_from_photos
 
+    index, count = shard
     out = Path(out).resolve()
     bank = bank or IdentityBank()
-    analyzer = get_face_analyzer("dlib")
-    encoded = {}
-    for name, ident in spec.identities.items():  # each identity is encoded once
-        encoded[name] = (
-            bank.get(ident.name)
-            if ident.name
-            else identity_from_photos(pipe, ident.photos, analyzer, name=name)
-        )
     settings = dict(spec.settings)
-    width, height = settings["width"] or default_size, settings["height"] or default_size
-    rows = []
-    for k, job in enumerate(tqdm(spec.jobs, desc="generating", disable=not progress)):
+    size = (int(settings["width"] or default_size), int(settings["height"] or default_size))
+    mine = [(k, job) for k, job in enumerate(spec.jobs) if k % count == index]
+    todo = [
+        (k, job)
+        for k, job in mine
+        if not _made_as(job_image(out, job, k), _record(job, settings, size, model))
+    ]
+    logger.info(
+        "grid part %d/%d: %d of %d job(s), %d already generated",
+        index,
+        count,
+        len(mine),
+        len(spec.jobs),
+        len(mine) - len(todo),
+    )
+    encoded = {}
+    if todo:
+        analyzer = get_face_analyzer("dlib")
+        for name in sorted({n for _, job in todo for n in job.identities}):  # each identity encoded once
+            ident = spec.identities[name]
+            encoded[name] = (
+                bank.get(ident.name)
+                if ident.name
+                else identity_from_photos(pipe, ident.photos, analyzer, name=name)
+            )
+    for k, job in tqdm(todo, desc="generating", disable=not progress):
         result = pipe(
             job.prompt,
             identities=[encoded[n] for n in job.identities],
@@ -265,30 +319,24 @@ def run_grid(
             face_structure_scale=settings["structure_scale"],
             num_inference_steps=int(settings["steps"]),
             guidance_scale=float(settings["guidance_scale"]),
-            width=int(width),
-            height=int(height),
+            width=size[0],
+            height=size[1],
             generator=torch.Generator().manual_seed(job.seed),
         )
-        record = {
-            "section": job.section,
-            "identities": list(job.identities),
-            "prompt": job.prompt,
-            "seed": job.seed,
-        }
-        path = save_png_atomic(
-            result.images[0],
-            out / "images" / f"{job.section}-{k:05d}.png",
-            {"uniportrait": json.dumps(record)},
-        )
-        rows.append(
-            ManifestRow(
-                line=k + 1,
-                image=path,
-                prompt=job.prompt,
-                identities=tuple(spec.identities[n] for n in job.identities),
-                extra={"section": job.section, "seed": job.seed},
-                source="manifest.jsonl",
-            )
-        )
-    write_manifest(rows, out / "manifest.jsonl")
+        record = _record(job, settings, size, model)
+        save_png_atomic(result.images[0], job_image(out, job, k), {"uniportrait": json.dumps(record)})
+    rows = [_row(spec, job, k, job_image(out, job, k)) for k, job in mine]
+    if count == 1:
+        write_manifest(rows, out / "manifest.jsonl")
     return rows
+
+
+def _row(spec: BenchmarkSpec, job: GridJob, k: int, path: Path) -> ManifestRow:
+    return ManifestRow(
+        line=k + 1,
+        image=path,
+        prompt=job.prompt,
+        identities=tuple(spec.identities[n] for n in job.identities),
+        extra={"section": job.section, "seed": job.seed},
+        source="manifest.jsonl",
+    )

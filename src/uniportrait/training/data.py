@@ -13,6 +13,8 @@ batches of all counts are shuffled together.
 
 from __future__ import annotations
 
+import io
+import json
 import logging
 from collections import defaultdict
 from collections.abc import Iterator
@@ -103,17 +105,7 @@ class PortraitDataset(torch.utils.data.Dataset):
         index, seed = item if isinstance(item, tuple) else (item, 0)
         row = self.rows[index]
         rng = np.random.default_rng(seed)
-        image = Image.open(self.root / row["image"]).convert("RGB")
         faces = self.faces(row)
-        r = self.resolution
-        scale = r / min(image.width, image.height)
-        size = (max(r, round(image.width * scale)), max(r, round(image.height * scale)))
-        left, top = (size[0] - r) // 2, (size[1] - r) // 2
-        image = image.resize(size, Image.Resampling.BICUBIC).crop((left, top, left + r, top + r))
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
-        masks = torch.from_numpy(faces["masks"]).float()[:, None]  # (N, 1, H, W)
-        masks = torch.nn.functional.interpolate(masks, size=(size[1], size[0]), mode="nearest")
-        masks = masks[:, 0, top : top + r, left : left + r] > 0.5  # (N, R, R)
         crops = torch.from_numpy(faces["crops"])  # (N, 224, 224, 3)
         id_crops = crops.clone()
         labels = row.get("identities") or [None] * len(crops)
@@ -126,16 +118,51 @@ class PortraitDataset(torch.utils.data.Dataset):
                 id_crops[f_index] = torch.from_numpy(
                     self.faces(self._all_rows[other_row])["crops"][other_face]
                 )
-        return {
-            "pixels": pixels,
-            "masks": masks,
-            "crops": crops,
-            "id_crops": id_crops,
-            "caption": row["caption"] or "",
-            "original_size": (row["height"], row["width"]),
-            "crop_top_left": (round(top / scale), round(left / scale)),
-            "row": index,
-        }
+        image = Image.open(self.root / row["image"]).convert("RGB")
+        return make_item(image, faces["masks"], crops, id_crops, row, self.resolution, index)
+
+    def schedule(self, batch_size: int, seed: int, rank: int = 0, world: int = 1, overfit: bool = False):
+        """The :class:`BatchSchedule` of this dataset for one process."""
+        return BatchSchedule(self.num_faces(), batch_size, seed, rank, world, overfit)
+
+    def validation_samples(self, count: int) -> list[tuple[str, list[np.ndarray]]]:
+        """(caption, [aligned crop (224, 224, 3) uint8 per face]) of the first ``count`` rows."""
+        return [
+            (row.get("caption") or "", list(self.faces(row)["crops"])) for row in self.rows[: max(count, 0)]
+        ]
+
+
+def make_item(
+    image: Image.Image,
+    masks: np.ndarray,
+    crops: torch.Tensor,
+    id_crops: torch.Tensor,
+    row: dict[str, Any],
+    resolution: int,
+    index: int,
+) -> dict[str, Any]:
+    """A training item (see :class:`PortraitDataset`) from a stored image, its face masks
+    (N, H, W) bool and crops (N, 224, 224, 3) uint8: resize the shorter side to ``resolution``
+    and centre-crop, masks alike."""
+    r = resolution
+    scale = r / min(image.width, image.height)
+    size = (max(r, round(image.width * scale)), max(r, round(image.height * scale)))
+    left, top = (size[0] - r) // 2, (size[1] - r) // 2
+    image = image.resize(size, Image.Resampling.BICUBIC).crop((left, top, left + r, top + r))
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+    mask = torch.from_numpy(masks).float()[:, None]  # (N, 1, H, W)
+    mask = torch.nn.functional.interpolate(mask, size=(size[1], size[0]), mode="nearest")
+    mask = mask[:, 0, top : top + r, left : left + r] > 0.5  # (N, R, R)
+    return {
+        "pixels": pixels,
+        "masks": mask,
+        "crops": crops,
+        "id_crops": id_crops,
+        "caption": row["caption"] or "",
+        "original_size": (row["height"], row["width"]),
+        "crop_top_left": (round(top / scale), round(left / scale)),
+        "row": index,
+    }
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -257,13 +284,226 @@ def make_loader(
 
 
 class DataPosition:
-    """How many micro-batches this run has consumed; saved with the training state."""
+    """How many micro-batches each process of this run has consumed; saved with the training state.
 
-    def __init__(self) -> None:
+    A checkpoint written by ``N`` processes resumes on ``M``: the ``N × micro_batches`` batches
+    consumed so far are the start of the global stream, so each of the ``M`` processes goes on
+    from ``ceil(N × micro_batches / M)`` (with the folder format's :class:`BatchSchedule` that
+    continues the same stream, skipping fewer than ``M`` batches when ``M`` does not divide it).
+    """
+
+    def __init__(self, world: int = 1) -> None:
         self.micro_batches = 0
+        self.world = world
 
     def state_dict(self) -> dict[str, int]:
-        return {"micro_batches": self.micro_batches}
+        return {"micro_batches": self.micro_batches, "world": self.world}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        self.micro_batches = int(state["micro_batches"])
+        saved_world = int(state.get("world", self.world))
+        consumed = int(state["micro_batches"]) * saved_world  # batches of the global stream
+        self.micro_batches = -(-consumed // self.world)
+        if saved_world != self.world:
+            logger.warning(
+                "resuming a %d-process checkpoint on %d processes: the global batch changes by %d/%d "
+                "(keep batch_size × gradient_accumulation_steps × processes to keep the recipe); "
+                "the data stream goes on at batch %d of %d consumed",
+                saved_world,
+                self.world,
+                self.world,
+                saved_world,
+                self.micro_batches * self.world,
+                consumed,
+            )
+
+
+# -- WebDataset shards --------------------------------------------------------------------------
+
+
+class ShardedPortraitDataset(torch.utils.data.Dataset):
+    """The samples of a WebDataset shard folder (``uniportrait data pack``), read shard by shard.
+
+    Items are addressed by ``(record, seed)``, where a record (from :class:`ShardSchedule`)
+    names a sample's shard and the offsets of its members: the schedule reads the tar headers
+    and the small ``.json`` members in order, and the DataLoader workers read and decode the
+    image and faces of the samples they are given. Items are the same dicts as
+    :class:`PortraitDataset`'s (``row`` is -1). The ID augmentation picks among the
+    ``.alt.npz`` crops that ``pack`` stored with the sample.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        resolution: int,
+        min_faces: int = 1,
+        max_faces: int = 1,
+        id_augment: float = 0.0,
+    ) -> None:
+        from uniportrait.training.shards import read_webdataset_info
+
+        self.root = Path(root)
+        self.info = read_webdataset_info(self.root)
+        self.face_range = (min_faces, max_faces)
+        self.shards = [
+            s for s in self.info["shards"] if any(min_faces <= int(n) <= max_faces for n in s["faces"])
+        ]
+        self.count = sum(
+            c for s in self.shards for n, c in s["faces"].items() if min_faces <= int(n) <= max_faces
+        )
+        if not self.count:
+            raise DatasetError(
+                f"{self.root} has no sample with {min_faces}–{max_faces} faces ({self.info['images']} in total)"
+            )
+        self.resolution = int(resolution)
+        self.id_augment = float(id_augment)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def records(self, shard: str) -> list[dict[str, Any]]:
+        """The samples of one shard with this dataset's face counts, in file order."""
+        from uniportrait.training.shards import image_member, read_member, tar_members
+
+        path = self.root / shard
+        out = []
+        with path.open("rb") as f:
+            for key, members in tar_members(path).items():
+                if not {"json", "npz"} <= set(members) or image_member(members) is None:
+                    raise DatasetError(f"{path}: sample {key} lacks a .json, .npz or image member")
+                meta = json.loads(read_member(f, members["json"]))
+                lo, hi = self.face_range
+                if lo <= meta["num_faces"] <= hi:
+                    out.append({"shard": str(path), "meta": meta, "members": members})
+        return out
+
+    def _read(self, record: dict[str, Any]) -> tuple[Image.Image, dict[str, np.ndarray], dict | None]:
+        from uniportrait.training.shards import image_member, read_member
+
+        members = record["members"]
+        with open(record["shard"], "rb") as f:
+            image = Image.open(io.BytesIO(read_member(f, members[image_member(members)]))).convert("RGB")
+            with np.load(io.BytesIO(read_member(f, members["npz"]))) as npz:
+                faces = {name: npz[name] for name in npz.files}
+            alt = None
+            if "alt.npz" in members:
+                with np.load(io.BytesIO(read_member(f, members["alt.npz"]))) as npz:
+                    alt = {name: npz[name] for name in npz.files}
+        return image, faces, alt
+
+    def __getitem__(self, item: tuple[dict[str, Any], int]) -> dict[str, Any]:
+        record, seed = item
+        rng = np.random.default_rng(seed)
+        image, faces, alt = self._read(record)
+        crops = torch.from_numpy(faces["crops"])  # (N, 224, 224, 3)
+        id_crops = crops.clone()
+        labels = record["meta"].get("identities") or [None] * len(crops)
+        for f_index, label in enumerate(labels):
+            if label is None or rng.random() >= self.id_augment or alt is None:
+                continue
+            choices = np.flatnonzero(alt["face"] == f_index)
+            if len(choices):
+                id_crops[f_index] = torch.from_numpy(alt["crops"][choices[int(rng.integers(len(choices)))]])
+        return make_item(image, faces["masks"], crops, id_crops, record["meta"], self.resolution, -1)
+
+    def schedule(self, batch_size: int, seed: int, rank: int = 0, world: int = 1, overfit: bool = False):
+        return ShardSchedule(self, batch_size, seed, rank, world, overfit)
+
+    def validation_samples(self, count: int) -> list[tuple[str, list[np.ndarray]]]:
+        out: list[tuple[str, list[np.ndarray]]] = []
+        for shard in self.shards:
+            for record in self.records(shard["file"]):
+                if len(out) >= count:
+                    return out
+                _, faces, _ = self._read(record)
+                out.append((record["meta"].get("caption") or "", list(faces["crops"])))
+        return out
+
+
+class ShardSchedule:
+    """The deterministic, endless stream of micro-batches of one process over tar shards.
+
+    Epoch ``e``: the shards are shuffled with ``(seed, e)``, cut to a multiple of ``world``, and
+    process ``rank`` takes every ``world``-th one; it reads them in that order, shuffles each
+    shard's samples with ``(seed, e, rank, shard)``, and fills one bucket per face count,
+    yielding a micro-batch whenever a bucket is full (partial buckets are dropped at the end
+    of the epoch). The ``k``-th micro-batch depends only on ``(seed, k, rank, world)`` and the
+    shards, so resuming replays the headers up to ``k`` without decoding any image.
+    """
+
+    def __init__(
+        self,
+        dataset: ShardedPortraitDataset,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world: int = 1,
+        overfit: bool = False,
+    ) -> None:
+        if len(dataset.shards) < world:
+            raise DatasetError(
+                f"{dataset.root}: {len(dataset.shards)} shard(s) with these face counts for {world} "
+                "processes; every process reads its own shards: pack with a smaller --samples-per-shard"
+            )
+        self.dataset, self.batch_size, self.seed = dataset, batch_size, seed
+        self.rank, self.world, self.overfit = rank, world, overfit
+        self._epoch_starts: list[int] = [0]
+
+    def _shards(self, epoch: int) -> list[str]:
+        rng = np.random.default_rng(_mix(self.seed, epoch, 0x5EED))
+        order = rng.permutation(len(self.dataset.shards))
+        usable = len(order) - len(order) % self.world
+        return [self.dataset.shards[i]["file"] for i in order[:usable]][self.rank :: self.world]
+
+    def _epoch(self, epoch: int) -> Iterator[list[dict[str, Any]]]:
+        buckets: dict[int, list[dict[str, Any]]] = defaultdict(list)
+        for s_index, shard in enumerate(self._shards(epoch)):
+            records = self.dataset.records(shard)
+            rng = np.random.default_rng(_mix(self.seed, epoch, self.rank, s_index))
+            for i in rng.permutation(len(records)):
+                record = records[int(i)]
+                bucket = buckets[record["meta"]["num_faces"]]
+                bucket.append(record)
+                if len(bucket) == self.batch_size:
+                    yield list(bucket)
+                    bucket.clear()
+
+    def stream(self, start: int = 0) -> Iterator[list[tuple[dict[str, Any], int]]]:
+        """Micro-batches ``start, start + 1, ...`` (endless)."""
+        k, epoch = 0, 0
+        while True:
+            produced = 0
+            for records in self._epoch(epoch):
+                if self.overfit:
+                    batch = [(r, _mix(self.seed, 0, 0, self.rank, i)) for i, r in enumerate(records)]
+                    while True:
+                        if k >= start:
+                            yield batch
+                        k += 1
+                if k >= start:
+                    yield [(r, _mix(self.seed, epoch, k, self.rank, i)) for i, r in enumerate(records)]
+                k += 1
+                produced += 1
+            if not produced:
+                raise DatasetError(
+                    f"process {self.rank} got no whole batch of {self.batch_size} from its shards in "
+                    f"epoch {epoch}: use a smaller batch or fewer processes"
+                )
+            epoch += 1
+            if len(self._epoch_starts) == epoch:
+                self._epoch_starts.append(k)
+
+    def epoch_of(self, k: int) -> int:
+        """The epoch of micro-batch ``k`` (as far as the stream has been read)."""
+        import bisect
+
+        return bisect.bisect_right(self._epoch_starts, k) - 1
+
+
+def open_portrait_dataset(
+    root: str | Path, resolution: int, min_faces: int, max_faces: int, id_augment: float = 0.0
+) -> PortraitDataset | ShardedPortraitDataset:
+    """A dataset folder (``prepare-data``) or a WebDataset shard folder (``data pack``)."""
+    from uniportrait.training.shards import is_webdataset
+
+    cls = ShardedPortraitDataset if is_webdataset(root) else PortraitDataset
+    return cls(root, resolution, min_faces, max_faces, id_augment=id_augment)

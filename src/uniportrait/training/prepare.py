@@ -115,6 +115,7 @@ class SourceItem:
     caption: str | None = None
     identity: str | None = None  # label of the largest face
     identities: list[str] | None = None  # labels left to right
+    member: tuple[int, int] | None = None  # (offset, size) of the image inside the tar file ``path``
 
 
 @dataclass
@@ -201,8 +202,23 @@ def read_manifest(path: Path) -> dict[str, dict[str, Any]]:
 def scan_source(
     src: str | Path, manifest: str | Path | None = None, identity_from_folder: bool = False
 ) -> list[SourceItem]:
-    """Every image below ``src`` (sorted), with captions and labels attached."""
+    """Every image of ``src`` (sorted), with captions and labels attached.
+
+    ``src`` is a folder of images, a manifest file (``.jsonl``/``.csv``: its ``file`` column
+    is relative to the manifest's folder), or WebDataset tar shards (a ``.tar`` file, or a folder
+    whose top level holds ``.tar`` files, as ``img2dataset`` writes them).
+    """
+    from uniportrait.training.shards import is_tar_source, scan_tar_source
+
     src = Path(src)
+    if src.is_file() and src.suffix.lower() in (".jsonl", ".csv"):
+        if manifest is not None:
+            raise DatasetError("SRC is already a manifest: do not also pass --manifest")
+        return _scan_manifest(src, identity_from_folder)
+    if is_tar_source(src):
+        if manifest is not None or identity_from_folder:
+            raise DatasetError("tar shard sources carry their own captions/labels (no --manifest / folders)")
+        return scan_tar_source(src)
     if not src.is_dir():
         raise DatasetError(f"source folder {src} not found")
     manifest_path = (
@@ -221,6 +237,25 @@ def scan_source(
         if identity is None and identity_from_folder and "/" in rel:
             identity = rel.split("/", 1)[0]
         items.append(SourceItem(rel, str(path), sample_key(rel), caption, identity, info.get("identities")))
+    return items
+
+
+def _scan_manifest(path: Path, identity_from_folder: bool) -> list[SourceItem]:
+    """The images a manifest file lists (relative to its folder), sorted."""
+    meta = read_manifest(path)
+    base = path.parent
+    items = []
+    for rel in sorted(meta):
+        file = base / rel
+        if not file.is_file():
+            raise DatasetError(f"{path}: image {rel} not found (paths are relative to {base})")
+        info = meta[rel]
+        caption, identity = info["caption"], info["identity"]
+        if caption is None and file.with_suffix(".txt").is_file():
+            caption = file.with_suffix(".txt").read_text(errors="replace").strip()
+        if identity is None and identity_from_folder and "/" in rel:
+            identity = rel.split("/", 1)[0]
+        items.append(SourceItem(rel, str(file), sample_key(rel), caption, identity, info["identities"]))
     return items
 
 
@@ -304,7 +339,7 @@ def process_image(item: SourceItem, out: str, options: PrepareOptions) -> dict[s
         return {"skip": {"source": item.source, "key": item.key, "reason": reason, "detail": detail}}
 
     try:
-        image = load_image(item.path)
+        image = load_image(item.path if item.member is None else _read_member(item.path, *item.member))
     except InvalidImageError as exc:
         return skip(UNREADABLE, str(exc))
     try:
@@ -358,6 +393,12 @@ def process_image(item: SourceItem, out: str, options: PrepareOptions) -> dict[s
     return {"row": row, "no_caption": item.caption is None, "label_mismatch": mismatch}
 
 
+def _read_member(path: str, offset: int, size: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(size)
+
+
 def _labels(item: SourceItem, faces: list) -> tuple[list[str | None], bool]:
     """Per-face labels (faces largest first); True if the given labels did not fit."""
     labels: list[str | None] = [None] * len(faces)
@@ -402,11 +443,13 @@ def prepare_dataset(
     manifest: str | Path | None = None,
     retry_skipped: bool = False,
     progress: bool = True,
+    shard: tuple[int, int] | None = None,
 ) -> PrepareSummary:
     """Build (or resume building) a dataset from the images in ``src``; see the module docstring.
 
     Args:
-        src: the folder of source images.
+        src: the source: a folder of images, a manifest file, or WebDataset tar shards
+            (:func:`scan_source`).
         out: the dataset folder (created if needed).
         workers: worker processes (1: in this process).
         options: processing settings; a resumed dataset keeps the settings it was made with
@@ -414,22 +457,33 @@ def prepare_dataset(
         manifest: a JSONL/CSV manifest (default: ``src/metadata.jsonl`` or ``.csv`` if present).
         retry_skipped: process again the images that an earlier run skipped.
         progress: show a tqdm progress bar.
+        shard: ``(i, n)``: process only part ``i`` of ``n`` disjoint parts of the source (split
+            by a hash of each image's key, so every worker/node computes the same split), into
+            ``out/parts/<i>-of-<n>/``; ``uniportrait data merge out`` joins the parts.
     """
     from tqdm.auto import tqdm
 
+    from uniportrait.training.shards import in_shard, part_folder
+
     options = options or PrepareOptions()
-    out = Path(out)
-    for sub in (IMAGE_DIR, FACES_DIR):
-        (out / sub).mkdir(parents=True, exist_ok=True)
+    out = Path(out) if shard is None else part_folder(out, *shard)
     info_path = out / INFO_FILE
     if info_path.is_file():
         old = read_dataset_info(out) if (out / INDEX_FILE).is_file() else json.loads(info_path.read_text())
+        if old.get("merged"):
+            raise DatasetError(
+                f"{out} was merged from parts: add images with --shard I/N (then merge again) or use a new folder"
+            )
         if old.get("options") and old["options"] != asdict(options):
             logger.warning(
                 "%s was started with other options %s; now %s", out, old["options"], asdict(options)
             )
 
     items = scan_source(src, manifest, options.identity_from_folder)
+    for sub in (IMAGE_DIR, FACES_DIR):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    if shard is not None:
+        items = [item for item in items if in_shard(item.key, *shard)]
     rows = read_jsonl(out / INDEX_FILE)
     skipped = read_jsonl(out / SKIPPED_FILE)
     done = {r["key"] for r in rows}
@@ -439,7 +493,7 @@ def prepare_dataset(
     # Rewrite both files: drops a truncated last line and, with retry_skipped, the old skips.
     _write_jsonl(out / INDEX_FILE, rows)
     _write_jsonl(out / SKIPPED_FILE, skipped)
-    _write_info(out, options, src, len(rows), len(skipped))
+    _write_info(out, options, src, len(rows), len(skipped), shard)
 
     todo = [item for item in items if item.key not in done]
     summary = PrepareSummary(total=len(items), already_done=len(items) - len(todo))
@@ -467,7 +521,8 @@ def prepare_dataset(
                 summary.skip_examples.setdefault(record["reason"], f"{record['source']}: {record['detail']}")
             bar.update()
     summary.rows = len(rows) + summary.written
-    _write_info(out, options, src, summary.rows, len(skipped) + sum(summary.skipped.values()))
+    n_skipped = len(skipped) + sum(summary.skipped.values())
+    _write_info(out, options, src, summary.rows, n_skipped, shard, complete=True)
     return summary
 
 
@@ -475,7 +530,15 @@ def _write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
     _atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
 
 
-def _write_info(out: Path, options: PrepareOptions, src: str | Path, rows: int, skipped: int) -> None:
+def _write_info(
+    out: Path,
+    options: PrepareOptions,
+    src: str | Path,
+    rows: int,
+    skipped: int,
+    shard: tuple[int, int] | None = None,
+    complete: bool = False,
+) -> None:
     info = {
         "format": DATASET_FORMAT,
         "version": DATASET_VERSION,
@@ -483,5 +546,8 @@ def _write_info(out: Path, options: PrepareOptions, src: str | Path, rows: int, 
         "options": asdict(options),
         "images": rows,
         "skipped": skipped,
+        "complete": complete,  # the last run went through every image
     }
+    if shard is not None:
+        info["shard"] = list(shard)
     _atomic_write(out / INFO_FILE, (json.dumps(info, indent=2) + "\n").encode())

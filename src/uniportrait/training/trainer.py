@@ -18,7 +18,8 @@ Layout of ``output_dir``::
     published/                           the final adapter in the published .bin layout (optional)
 
 Exact resume: the data order, the noise, the condition dropouts and the routing noise of every
-micro-batch are functions of ``(seed, step, micro-batch, process)`` and of the data position,
+micro-batch are functions of the seed and of the micro-batch's index in the global stream
+(``micro-batches consumed by each process × processes + rank``), and of the data position,
 and the optimizer and LR schedule are restored from the checkpoint, so a resumed run follows
 the same trajectory as an uninterrupted one.
 """
@@ -43,13 +44,7 @@ from torch import nn
 from uniportrait.errors import UniPortraitError
 from uniportrait.training.components import TextConditioner, load_components, set_trainable
 from uniportrait.training.config import ConfigError, TrainConfig
-from uniportrait.training.data import (
-    BatchSchedule,
-    DataPosition,
-    PortraitDataset,
-    make_loader,
-    step_seed,
-)
+from uniportrait.training.data import DataPosition, make_loader, open_portrait_dataset, step_seed
 from uniportrait.training.model import TrainingModel
 
 logger = logging.getLogger(__name__)
@@ -122,6 +117,33 @@ def find_checkpoint(output_dir: str | Path, which: str = "latest") -> Path | Non
     return max(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]), default=None)
 
 
+def _single_process_launch_warning() -> str | None:
+    """Why this single process is probably not what ``accelerate launch`` was asked for, or None.
+
+    accelerate's simple launcher (no ``--multi_gpu``/``--use_fsdp``/``--use_deepspeed``, e.g.
+    ``accelerate launch --num_processes 2`` on a machine without GPUs) starts one process; it
+    sets ``MASTER_ADDR`` only when more than one process or machine was asked for, and unlike
+    the multi-process launchers it sets no ``WORLD_SIZE``.
+    """
+    import os
+
+    env = os.environ
+    if "ACCELERATE_USE_CPU" in env and "MASTER_ADDR" in env and "WORLD_SIZE" not in env:
+        return (
+            "accelerate launch started ONE process although more processes or machines were asked for: "
+            "accelerate starts several processes only with --multi_gpu (also on CPUs, over gloo), "
+            "--use_fsdp or --use_deepspeed (or a config file from configs/accelerate/). "
+            "This run trains in 1 process; see docs/scale.md"
+        )
+    return None
+
+
+def _env_flag(name: str) -> bool:
+    import os
+
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
+
+
 def _distributed_without_gpu() -> bool:
     """Started by a multi-process launcher (torchrun, ``accelerate launch --multi_gpu``) on a
     machine without CUDA: accelerate then needs ``cpu=True`` to set up gloo."""
@@ -183,6 +205,8 @@ class Trainer:
             **kwargs,
         )
         self.device = self.accelerator.device
+        if self.accelerator.num_processes == 1 and (warning := _single_process_launch_warning()):
+            logger.warning(warning)
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(
             self.accelerator.mixed_precision, torch.float32
         )
@@ -196,9 +220,9 @@ class Trainer:
         from diffusers import DDPMScheduler
 
         from uniportrait.identity import unconditional_features
-        from uniportrait.training.prepare import read_dataset_info
+        from uniportrait.training.shards import check_training_data
 
-        read_dataset_info(cfg.data.path)  # fail before loading any network
+        check_training_data(cfg.data.path)  # fail before loading any network
         c = self.components = load_components(cfg)
         self.trained = set_trainable(c.adapter, cfg.stage)
         for module in c.frozen_modules():
@@ -221,27 +245,42 @@ class Trainer:
         self.uncond_intrinsic, self.uncond_structure = (t.to(self.device) for t in uncond)
 
         lo, hi = cfg.face_range
-        self.dataset = PortraitDataset(
+        self.dataset = open_portrait_dataset(
             cfg.data.path,
             cfg.data.resolution,
             lo,
             hi,
             id_augment=cfg.data.id_augment if cfg.stage == 1 else 0.0,
         )
-        self.schedule = BatchSchedule(
-            self.dataset.num_faces(),
+        self.schedule = self.dataset.schedule(
             cfg.train.batch_size,
             cfg.train.seed,
             rank=acc.process_index,
             world=acc.num_processes,
             overfit=cfg.train.overfit_batch,
         )
-        self.position = DataPosition()
+        self.position = DataPosition(acc.num_processes)
 
         model = TrainingModel(
             c.unet, c.adapter, cfg.stage, cfg.train.gumbel_tau, cfg.train.routing_loss_weight
         )
         optimizer = self._optimizer()
+        engine = str(acc.distributed_type).rsplit(".", 1)[-1]
+        if engine in ("FSDP", "DEEPSPEED"):
+            logger.warning("%s has not been tested with this trainer (docs/scale.md); DDP has", engine)
+        elif _env_flag("ACCELERATE_USE_FSDP") or _env_flag("ACCELERATE_USE_DEEPSPEED"):
+            logger.warning(
+                "FSDP/DeepSpeed was asked for, but accelerate enables them only on GPUs: these %d %s "
+                "process(es) train with %s",
+                acc.num_processes,
+                self.device.type,
+                "DDP over gloo" if engine == "MULTI_CPU" else engine,
+            )
+        if getattr(acc.state, "deepspeed_plugin", None) is not None:
+            # We do not prepare a DataLoader, from which accelerate would read the batch size.
+            acc.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = (
+                cfg.train.batch_size
+            )
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.lr_scheduler = self._lr_scheduler(self.optimizer)
         self.ema = EMA(self.trained, cfg.train.ema_decay) if cfg.train.ema_decay else None
@@ -508,9 +547,12 @@ class Trainer:
         started, started_step = time.perf_counter(), self.global_step
         self.model.train()
         while self.global_step < stop_at:
-            for micro in range(t.gradient_accumulation_steps):
+            for _ in range(t.gradient_accumulation_steps):
                 batch = next(batches)
-                seed = step_seed(t.seed, self.global_step, micro, acc.process_index)
+                # The batch's index in the global stream: the same data and randomness for
+                # N processes × A accumulation steps as for one process × N·A steps.
+                global_batch = self.position.micro_batches * acc.num_processes + acc.process_index
+                seed = step_seed(t.seed, global_batch)
                 inputs = self.prepare_inputs(batch, 0 if t.overfit_batch else seed)
                 with acc.accumulate(self.model):
                     out = self.model(**inputs)
@@ -588,14 +630,8 @@ class Trainer:
         """(prompt, [aligned face crop (224, 224, 3) uint8 per identity]) for the first rows."""
         v = self.cfg.validation
         out = []
-        for index in range(min(v.num_samples, len(self.dataset))):
-            row = self.dataset.rows[index]
-            crops = list(self.dataset.faces(row)["crops"])
-            prompt = (
-                v.prompts[index % len(v.prompts)]
-                if v.prompts
-                else (row.get("caption") or "a photo of a person")
-            )
+        for index, (caption, crops) in enumerate(self.dataset.validation_samples(v.num_samples)):
+            prompt = v.prompts[index % len(v.prompts)] if v.prompts else (caption or "a photo of a person")
             out.append((prompt, crops))
         return out
 
