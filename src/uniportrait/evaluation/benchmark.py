@@ -245,7 +245,7 @@ def run_grid(
 
     out = Path(out).resolve()
     bank = bank or IdentityBank()
-    analyzer = get_face_analyzer("dlib")
+    analyzer = get_face_analyzer()
     encoded = {}
     for name, ident in spec.identities.items():  # each identity is encoded once
         encoded[name] = (

@@ -54,6 +54,7 @@ __all__ = [
     "FaceEmbedder",
     "ImageWriteError",
     "align_face",
+    "aligner_id",
     "alignment_matrix",
     "arcface_template",
     "detect_faces",
@@ -71,6 +72,7 @@ logger = logging.getLogger(__name__)
 
 ANALYZER_NAMES: tuple[str, ...] = ("mtcnn", "dlib", "dlib-cnn", "insightface")
 DEFAULT_ANALYZER = "mtcnn"
+ALIGNMENT = "norm_crop"  # align_face: insightface's norm_crop
 PAD_FRACTION = 0.25
 PAD_GREY = (128, 128, 128)
 SAMPLE_PHOTOS: tuple[str, ...] = (
@@ -105,6 +107,12 @@ def get_face_analyzer(name: str = DEFAULT_ANALYZER, **kwargs: Any) -> FaceAnalyz
 
         return InsightFaceAnalyzer(**kwargs)
     raise UniPortraitError(f"unknown face analyzer {name!r}; choose one of {', '.join(ANALYZER_NAMES)}")
+
+
+def aligner_id(analyzer: FaceAnalyzer) -> str:
+    """What made a crop: the detector's name and the warp, e.g. ``"mtcnn+norm_crop"`` (stored
+    with identities, so crops from another detector or warp are recognised)."""
+    return f"{analyzer.name}+{ALIGNMENT}"
 
 
 def detect_faces(image: Image.Image, analyzer: FaceAnalyzer, pad_retry: bool = True) -> list[Face]:
