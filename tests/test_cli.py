@@ -105,6 +105,33 @@ def test_identity_from_another_encoder_is_refused(capsys):
     assert "another face encoder" in capsys.readouterr().err
 
 
+def test_identity_from_the_old_alignment_is_recognised_and_refused(tmp_path, capsys):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    assert main(["id", "add", "ann", str(sample_photo("ffhq-0100")), "--preset", "tiny"]) == 0
+    capsys.readouterr()
+    path = tmp_path / "home" / "identities" / "ann.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    assert meta["aligner"] == "mtcnn+norm_crop" and meta["version"] == "2"
+    assert main(["id", "list", "--json"]) == 0
+    [info] = json.loads(capsys.readouterr().out)
+    assert info["aligner"] == "mtcnn+norm_crop" and info["current"] is True
+
+    # A file written by the previous default (dlib 5-point + PIL bicubic): version 1, no aligner.
+    old = {k: v for k, v in meta.items() if k != "aligner"} | {"version": "1"}
+    save_file(tensors, str(path), metadata=old)
+    assert main(["id", "list"]) == 0
+    assert "dlib-5pt+pil-bicubic (old: add again)" in capsys.readouterr().out
+    code = main(["generate", "--prompt", "p", "--id-name", "ann", "--out", str(tmp_path / "o")] + FAST)
+    err = capsys.readouterr().err
+    assert code == 2 and not list((tmp_path / "o").glob("*"))
+    assert "'ann'" in err and "old face alignment (dlib-5pt+pil-bicubic)" in err and "id add ann" in err
+    assert main(["id", "add", "ann", str(sample_photo("ffhq-0100")), "--preset", "tiny", "--overwrite"]) == 0
+    assert main(["generate", "--prompt", "p", "--id-name", "ann", "--out", str(tmp_path / "o")] + FAST) == 0
+
+
 def _bad_generate(tmp_path, capsys, extra: list[str]) -> str:
     out = tmp_path / "bad_out"
     code = main(["generate", "--prompt", "p", "--out", str(out)] + FAST + extra)

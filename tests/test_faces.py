@@ -164,7 +164,7 @@ def test_align_face_maps_pixels_like_the_matrix():
     ys, xs = np.mgrid[:224, :224]
     assert (crop * xs).sum() / crop.sum() == pytest.approx(60, abs=0.05)
     assert (crop * ys).sum() / crop.sum() == pytest.approx(80, abs=0.05)
-    assert np.asarray(align_face(image, template + 150))[-1, -1].tolist() == [128, 128, 128]  # outside: grey
+    assert np.asarray(align_face(image, template + 150))[-1, -1].tolist() == [0, 0, 0]  # outside: black
 
 
 def test_face_masks_are_clipped_rectangles():

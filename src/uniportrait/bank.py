@@ -17,7 +17,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from uniportrait.errors import IdentityError
-from uniportrait.identity import Identity
+from uniportrait.identity import IDENTITY_VERSION, LEGACY_ALIGNER, Identity
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 SUFFIX = ".safetensors"
@@ -47,6 +47,8 @@ class IdentityInfo:
     encoder: str
     created: str
     path: Path
+    aligner: str = ""
+    current: bool = True  # False: made by the old face alignment, refused when loaded
 
     def to_dict(self) -> dict:
         return {
@@ -54,6 +56,8 @@ class IdentityInfo:
             "references": self.references,
             "mixes": self.mixes,
             "encoder": self.encoder,
+            "aligner": self.aligner,
+            "current": self.current,
             "created": self.created,
             "path": str(self.path),
         }
@@ -141,4 +145,6 @@ class IdentityBank:
             encoder=meta.get("encoder", "?"),
             created=meta.get("created", ""),
             path=path,
+            aligner=meta.get("aligner", LEGACY_ALIGNER if meta.get("version") == "1" else ""),
+            current=meta.get("version") == str(IDENTITY_VERSION),
         )

@@ -30,7 +30,11 @@ from torch import nn
 from uniportrait.errors import IdentityError
 
 IDENTITY_FORMAT = "uniportrait-identity"
-IDENTITY_VERSION = 1
+# Version 2: crops from MTCNN landmarks + insightface's norm_crop, and the "aligner" field. Version 1
+# files were made by the earlier default (dlib 5-point landmarks with derived mouth corners, PIL
+# bicubic warp with grey fill): their features come from other crops, so they are refused.
+IDENTITY_VERSION = 2
+LEGACY_ALIGNER = "dlib-5pt+pil-bicubic"
 FACE_CROP_SIZE = 224
 STRUCTURE_GRID = 16
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -51,6 +55,8 @@ class Identity:
         mix: identities blended in, with their scales: F = (1 − Σ s)·F_self + Σ s·F_mix.
         name: optional label.
         crops: optional (R, 224, 224, 3) uint8 aligned reference crops, kept for display.
+        aligner: which detector and warp made the crops (``uniportrait.faces.aligner_id``, e.g.
+            ``"mtcnn+norm_crop"``); empty when the crops were given ready-made.
     """
 
     intrinsic: torch.Tensor
@@ -59,6 +65,7 @@ class Identity:
     mix: list[tuple[Identity, float]] = field(default_factory=list)
     name: str | None = None
     crops: torch.Tensor | None = field(default=None, repr=False)
+    aligner: str = ""
 
     def __post_init__(self) -> None:
         if self.intrinsic.ndim != 3 or self.structure.ndim != 3:
@@ -91,6 +98,7 @@ class Identity:
             "encoder": self.encoder,
             "name": self.name or "",
             "mix_scales": json.dumps([s for _, s in self.mix]),
+            "aligner": self.aligner,
         }
         return tensors, meta
 
@@ -120,6 +128,12 @@ class Identity:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open API
         except Exception as exc:  # safetensors raises several types for bad files
             raise IdentityError(f"{path} is not a readable identity file: {exc}") from exc
+        if meta.get("format") == IDENTITY_FORMAT and meta.get("version") == "1":
+            raise IdentityError(
+                f"identity {path.stem!r} ({path}) was made with the old face alignment ({LEGACY_ALIGNER}), "
+                "not the crops the published weights expect; make it again from its photos "
+                f"(`uniportrait id add {path.stem} PHOTO... --overwrite`)"
+            )
         if meta.get("format") != IDENTITY_FORMAT or meta.get("version") != str(IDENTITY_VERSION):
             raise IdentityError(f"{path} is not a {IDENTITY_FORMAT} v{IDENTITY_VERSION} file")
         try:
@@ -130,7 +144,8 @@ class Identity:
             ]
             name = meta.get("name") or None
             crops = tensors.get("crops")
-            return cls(tensors["intrinsic"], tensors["structure"], meta["encoder"], mix, name, crops)
+            aligner = meta.get("aligner", "")
+            return cls(tensors["intrinsic"], tensors["structure"], meta["encoder"], mix, name, crops, aligner)
         except (KeyError, ValueError) as exc:
             raise IdentityError(f"{path} is a malformed identity file: {exc}") from exc
 

@@ -47,15 +47,15 @@ def identity_from_photos(
     Args:
         pipe: a :class:`~uniportrait.pipeline.UniPortraitPipeline` (its encoders are used).
         photos: paths, bytes or PIL images of the same person.
-        analyzer: a face analyzer (default: the offline dlib one).
+        analyzer: a face analyzer (default: :func:`~uniportrait.faces.get_face_analyzer`'s, MTCNN).
         mix: identities to blend in, ``[(photos_or_identity, scale), ...]``.
     """
-    from uniportrait.faces import get_face_analyzer
+    from uniportrait.faces import aligner_id, get_face_analyzer
 
     if not photos:
         raise NoFaceError("no photos given for the identity")
     check_mix_scales([s for _, s in mix or []])
-    analyzer = analyzer or get_face_analyzer("dlib")
+    analyzer = analyzer or get_face_analyzer()
     crops = [aligned_face(p, analyzer) for p in photos]
     mixed = []
     for item, scale in mix or []:
@@ -63,4 +63,5 @@ def identity_from_photos(
         mixed.append((other, float(scale)))
     identity = pipe.encode_identity(crops, mix=mixed, name=name)
     identity.crops = torch.from_numpy(np.stack([np.asarray(c.convert("RGB")) for c in crops]))
+    identity.aligner = aligner_id(analyzer)
     return identity

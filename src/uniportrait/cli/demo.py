@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     steps = args.steps or (10 if tiny else 25)
     size = 256 if tiny else 512
     pipe = load_pipeline_from_args(args)
-    analyzer = get_face_analyzer("dlib")
+    analyzer = get_face_analyzer()
     people = {name: identity_from_photos(pipe, [sample_photo(name)], analyzer, name=name) for name in PAIR}
 
     jobs = [

@@ -8,6 +8,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from uniportrait.faces import ANALYZER_NAMES, DEFAULT_ANALYZER
+
 logger = logging.getLogger(__name__)
 
 DESCRIPTION = """\
@@ -32,16 +34,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--crops", metavar="DIR", type=Path, help="write aligned 224x224 face crops here")
     parser.add_argument(
-        "--detector", choices=("hog", "cnn"), default="hog", help="dlib detector (default: hog)"
+        "--analyzer",
+        choices=ANALYZER_NAMES,
+        default=DEFAULT_ANALYZER,
+        help=f"face detector (default: {DEFAULT_ANALYZER}; dlib and dlib-cnn derive the mouth corners)",
     )
     parser.add_argument(
         "--landmarks",
         choices=("5", "68"),
         default="5",
-        help="dlib landmark model (default: 5; the 68-point model is for non-commercial use only)",
+        help="dlib only: landmark model (default: 5; the 68-point model is for non-commercial use only)",
     )
     parser.add_argument(
-        "--upsample", type=int, default=1, help="upsample the photo N times to find small faces"
+        "--upsample", type=int, default=1, help="dlib only: upsample the photo N times to find small faces"
     )
     parser.set_defaults(func=run)
 
@@ -50,9 +55,10 @@ def run(args: argparse.Namespace) -> int:
     from uniportrait.errors import NoFaceError, UniPortraitError
     from uniportrait.faces import align_face, detect_faces, face_problem, get_face_analyzer, load_image
 
-    analyzer = get_face_analyzer(
-        "dlib", detector=args.detector, landmarks=args.landmarks, upsample=args.upsample
+    options = (
+        {"landmarks": args.landmarks, "upsample": args.upsample} if args.analyzer.startswith("dlib") else {}
     )
+    analyzer = get_face_analyzer(args.analyzer, **options)
     stems = [Path(photo).stem for photo in args.photos]
     if args.crops is not None and len(set(stems)) < len(stems):
         raise UniPortraitError("two photos share a file name; their crops would overwrite each other")

@@ -77,9 +77,10 @@ def run_list(args: argparse.Namespace) -> int:
     elif not infos:
         print("no stored identities")
     else:
-        print(f"{'NAME':24} {'PHOTOS':>6} {'MIXES':>5}  {'ENCODER':16}  CREATED")
+        print(f"{'NAME':24} {'PHOTOS':>6} {'MIXES':>5}  {'ENCODER':16}  {'ALIGNER':20}  CREATED")
         for i in infos:
-            print(f"{i.name:24} {i.references:>6} {i.mixes:>5}  {i.encoder:16}  {i.created}")
+            aligner = i.aligner if i.current else f"{i.aligner} (old: add again)"
+            print(f"{i.name:24} {i.references:>6} {i.mixes:>5}  {i.encoder:16}  {aligner:20}  {i.created}")
     return 0
 
 

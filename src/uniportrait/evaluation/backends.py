@@ -3,7 +3,8 @@
 Three backends, one interface (:class:`FaceSimilarityBackend`):
 
 ``dlib`` (offline default)
-    dlib's HOG detector and its 128-D face-recognition ResNet (``face_recognition_models``).
+    Faces found by the default detector (MTCNN), embedded by dlib's 128-D face-recognition
+    ResNet (``face_recognition_models``; dlib places its own 5 points inside each box).
     dlib compares descriptors by Euclidean distance ``d``; ``d < 0.6`` means "same person" by
     dlib's convention. We report a similarity linear in the distance::
 
@@ -14,7 +15,7 @@ Three backends, one interface (:class:`FaceSimilarityBackend`):
     0.8 and the scale says little.
 ``curricular``
     The CurricularFace IR-101 backbone of the published UniPortrait files
-    (``glint360k_curricular_face_r101_backbone.bin``): faces found by dlib, aligned to the 112×112
+    (``glint360k_curricular_face_r101_backbone.bin``): faces found by MTCNN, aligned to the 112×112
     ArcFace template, embedded (512-D), compared by cosine similarity, like the paper's Face Sim
     (a cosine of face-recognition embeddings).
 ``insightface``
@@ -141,18 +142,21 @@ def _template_face(size: int) -> Face:
 
 
 class DlibBackend(FaceSimilarityBackend):
-    """dlib HOG detection + 128-D descriptors; ``sim = 1 - d / 1.2`` (see the module docstring).
+    """Faces found by the default detector (MTCNN), 128-D dlib descriptors (dlib places its own
+    5 points inside each box); ``sim = 1 - d / 1.2`` (see the module docstring).
 
     Args:
-        analyzer: a :class:`~uniportrait.faces.dlib_backend.DlibFaceAnalyzer` (default: HOG,
-            one upsampling, 5-point landmarks).
+        analyzer: the face detector (default: :func:`~uniportrait.faces.get_face_analyzer`'s).
         thresholds: default :data:`DEFAULT_THRESHOLDS` ``["dlib"]``.
+        embedder: the :class:`~uniportrait.faces.dlib_backend.DlibFaceAnalyzer` whose ``embed``
+            computes the descriptors (default: a new one).
     """
 
-    def __init__(self, analyzer=None, thresholds: Thresholds | None = None) -> None:
+    def __init__(self, analyzer=None, thresholds: Thresholds | None = None, embedder=None) -> None:
         from uniportrait.faces import get_face_analyzer
 
-        self.analyzer = analyzer or get_face_analyzer("dlib")
+        self.analyzer = analyzer or get_face_analyzer()
+        self.embedder = embedder or (analyzer if hasattr(analyzer, "embed") else get_face_analyzer("dlib"))
         scale = 2 * DLIB_SAME_PERSON_DISTANCE
         self.info = BackendInfo(
             name="dlib",
@@ -166,14 +170,14 @@ class DlibBackend(FaceSimilarityBackend):
         image = image.convert("RGB")
         if not faces:
             return np.zeros((0, 128), dtype=np.float32)
-        return np.stack([self.analyzer.embed(image, face) for face in faces]).astype(np.float32)
+        return np.stack([self.embedder.embed(image, face) for face in faces]).astype(np.float32)
 
     def embed_aligned(self, crop: Image.Image) -> np.ndarray:
-        # dlib re-aligns from a box; detect it on the crop, or use the whole crop when HOG misses.
+        # dlib re-aligns from a box; detect it on the crop, or use the whole crop when none is found.
         crop = crop.convert("RGB")
         faces = self.analyzer.detect(crop)
         face = faces[0] if faces else _template_face(crop.width)
-        return self.analyzer.embed(crop, face).astype(np.float32)
+        return self.embedder.embed(crop, face).astype(np.float32)
 
     def similarity(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         a = np.asarray(a, dtype=np.float64).reshape(-1, 128)
@@ -183,13 +187,13 @@ class DlibBackend(FaceSimilarityBackend):
 
 
 class CurricularBackend(FaceSimilarityBackend):
-    """CurricularFace IR-101 embeddings (cosine) on dlib-detected faces aligned to 112×112.
+    """CurricularFace IR-101 embeddings (cosine) on faces aligned to 112×112 (``norm_crop``).
 
     Args:
         backbone: an :class:`~uniportrait.models.face_backbone.IRBackbone`, a path (the
             published ``.bin``, a folder holding it, or a folder written by
             ``IRBackbone.save_pretrained``), or a Hub id. Default: the published UniPortrait repo.
-        analyzer: the face detector (default: dlib HOG).
+        analyzer: the face detector (default: :func:`~uniportrait.faces.get_face_analyzer`'s).
         device: torch device for the backbone (default: CPU).
     """
 
@@ -200,7 +204,7 @@ class CurricularBackend(FaceSimilarityBackend):
 
         from uniportrait.faces import get_face_analyzer
 
-        self.analyzer = analyzer or get_face_analyzer("dlib")
+        self.analyzer = analyzer or get_face_analyzer()
         self.backbone, source = _load_backbone(backbone)
         self.backbone = self.backbone.to(device or torch.device("cpu")).eval()
         self.input_size = int(self.backbone.config.input_size)

@@ -302,7 +302,7 @@ def run_grid(
     )
     encoded = {}
     if todo:
-        analyzer = get_face_analyzer("dlib")
+        analyzer = get_face_analyzer()
         for name in sorted({n for _, job in todo for n in job.identities}):  # each identity encoded once
             ident = spec.identities[name]
             encoded[name] = (

@@ -4,7 +4,7 @@ Typical use::
 
     from uniportrait.faces import extract_faces, get_face_analyzer
 
-    analyzer = get_face_analyzer("dlib")  # offline default; "dlib-cnn", "insightface"
+    analyzer = get_face_analyzer()  # MTCNN (offline default); "dlib", "dlib-cnn", "insightface"
     (face, crop), *others = extract_faces("me.jpg", analyzer)  # largest face first
 
 The detector runs on the photo as given; if it finds nothing, it runs again on a copy padded by
@@ -44,6 +44,7 @@ from uniportrait.faces.types import LANDMARK_NAMES, Face, FaceAnalyzer, FaceEmbe
 __all__ = [
     "ALIGNED_SIZE",
     "ANALYZER_NAMES",
+    "DEFAULT_ANALYZER",
     "LANDMARK_NAMES",
     "MIN_FACE_SIZE",
     "PAD_FRACTION",
@@ -53,6 +54,7 @@ __all__ = [
     "FaceEmbedder",
     "ImageWriteError",
     "align_face",
+    "aligner_id",
     "alignment_matrix",
     "arcface_template",
     "detect_faces",
@@ -68,7 +70,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-ANALYZER_NAMES: tuple[str, ...] = ("dlib", "dlib-cnn", "insightface")
+ANALYZER_NAMES: tuple[str, ...] = ("mtcnn", "dlib", "dlib-cnn", "insightface")
+DEFAULT_ANALYZER = "mtcnn"
+ALIGNMENT = "norm_crop"  # align_face: insightface's norm_crop
 PAD_FRACTION = 0.25
 PAD_GREY = (128, 128, 128)
 SAMPLE_PHOTOS: tuple[str, ...] = (
@@ -80,13 +84,19 @@ SAMPLE_PHOTOS: tuple[str, ...] = (
 )
 
 
-def get_face_analyzer(name: str = "dlib", **kwargs: Any) -> FaceAnalyzer:
-    """A face analyzer by name: ``"dlib"`` (HOG detector, offline default), ``"dlib-cnn"``
-    (dlib's CNN detector), or ``"insightface"`` (optional extra; models never downloaded).
+def get_face_analyzer(name: str = DEFAULT_ANALYZER, **kwargs: Any) -> FaceAnalyzer:
+    """A face analyzer by name: ``"mtcnn"`` (the default: MTCNN with its real five points, weights
+    shipped), ``"dlib"`` (HOG detector, derived mouth corners), ``"dlib-cnn"`` (dlib's CNN detector),
+    or ``"insightface"`` (optional extra; models never downloaded).
 
-    Keyword arguments go to :class:`~uniportrait.faces.dlib_backend.DlibFaceAnalyzer` or
+    Keyword arguments go to :class:`~uniportrait.faces.mtcnn.MTCNNFaceAnalyzer`,
+    :class:`~uniportrait.faces.dlib_backend.DlibFaceAnalyzer` or
     :class:`~uniportrait.faces.insightface_backend.InsightFaceAnalyzer`.
     """
+    if name == "mtcnn":
+        from uniportrait.faces.mtcnn import MTCNNFaceAnalyzer
+
+        return MTCNNFaceAnalyzer(**kwargs)
     if name in ("dlib", "dlib-hog", "dlib-cnn"):
         from uniportrait.faces.dlib_backend import DlibFaceAnalyzer
 
@@ -97,6 +107,12 @@ def get_face_analyzer(name: str = "dlib", **kwargs: Any) -> FaceAnalyzer:
 
         return InsightFaceAnalyzer(**kwargs)
     raise UniPortraitError(f"unknown face analyzer {name!r}; choose one of {', '.join(ANALYZER_NAMES)}")
+
+
+def aligner_id(analyzer: FaceAnalyzer) -> str:
+    """What made a crop: the detector's name and the warp, e.g. ``"mtcnn+norm_crop"`` (stored
+    with identities, so crops from another detector or warp are recognised)."""
+    return f"{analyzer.name}+{ALIGNMENT}"
 
 
 def detect_faces(image: Image.Image, analyzer: FaceAnalyzer, pad_retry: bool = True) -> list[Face]:

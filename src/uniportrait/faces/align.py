@@ -1,8 +1,11 @@
 """Aligning faces to the ArcFace 5-point template, and face-box masks.
 
-Coordinates follow the "pixel centre at integer" convention (pixel ``(0, 0)`` covers
-``[-0.5, 0.5)``), like the landmark detectors and the ArcFace template. PIL's ``transform``
-works in continuous coordinates (pixel centre at ``+0.5``); :func:`align_face` converts.
+:func:`align_face` is insightface's ``norm_crop`` (what the published UniPortrait demo uses): a
+least-squares similarity transform (Umeyama) from the five landmarks to the ArcFace template
+scaled by ``size / 112``, applied with OpenCV's ``warpAffine`` (bilinear, black outside the
+photo). Coordinates follow OpenCV's "pixel centre at integer" convention (pixel ``(0, 0)`` covers
+``[-0.5, 0.5)``), which is also the landmark detectors' and the template's, so no half-pixel
+correction is needed anywhere.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ ARCFACE_TEMPLATE_112 = np.array(
     dtype=np.float32,
 )
 ALIGNED_SIZE = 224
-FILL_GREY = (128, 128, 128)
 
 # Faces smaller than this are not worth aligning: the 224 crop would be a >4× upscale (>2× at the
 # 112 px the recognition backbone sees) and carry little identity. A box side of 48 px puts the
@@ -67,20 +69,18 @@ def alignment_matrix(landmarks: np.ndarray, size: int = ALIGNED_SIZE) -> np.ndar
 
 
 def align_face(image: Image.Image, landmarks: np.ndarray, size: int = ALIGNED_SIZE) -> Image.Image:
-    """Warp the face with these ``(5, 2)`` landmarks onto the ArcFace template.
+    """Warp the face with these ``(5, 2)`` landmarks onto the ArcFace template (``norm_crop``).
 
-    Returns a ``size``×``size`` RGB crop (bicubic); area outside the photo is grey 128.
+    Returns a ``size``×``size`` RGB crop: bilinear, area outside the photo black.
     """
-    matrix = alignment_matrix(landmarks, size)
-    linear, shift = matrix[:, :2], matrix[:, 2]
-    # Continuous coordinates: x_c = x + 0.5 on both sides.
-    shift = shift + 0.5 - linear @ np.array([0.5, 0.5])
-    inverse = np.linalg.inv(linear)
-    inverse_shift = -inverse @ shift
-    data = (*inverse[0], inverse_shift[0], *inverse[1], inverse_shift[1])
-    return image.convert("RGB").transform(
-        (size, size), Image.Transform.AFFINE, data, resample=Image.Resampling.BICUBIC, fillcolor=FILL_GREY
+    import cv2
+
+    matrix = alignment_matrix(landmarks, size)  # (2, 3) float64, image → crop
+    pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)
+    warped = cv2.warpAffine(
+        pixels, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0
     )
+    return Image.fromarray(warped, "RGB")
 
 
 def face_problem(face: Face, min_size: int = MIN_FACE_SIZE) -> str | None:

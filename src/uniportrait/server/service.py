@@ -123,7 +123,7 @@ class PortraitService:
             if self._analyzer is None:
                 from uniportrait.faces import get_face_analyzer
 
-                self._analyzer = get_face_analyzer("dlib")
+                self._analyzer = get_face_analyzer()
             return self._analyzer
 
     # -- checks (cheap: run before a request is queued) ----------------------------------------
@@ -226,6 +226,8 @@ class PortraitService:
 
     def build_identity(self, ident: IdentityRequest, label: str, deadline: Deadline) -> Identity:
         """Photos are detected, aligned and encoded; a stored name is read from the bank."""
+        from uniportrait.faces import aligner_id
+
         mixed = []
         if ident.mix:
             mix_crops = self.aligned_faces(ident.mix, f"{label} (mix)", deadline)
@@ -244,6 +246,7 @@ class PortraitService:
         with torch.inference_mode():
             identity = self.pipe.encode_identity(crops, mix=mixed)
         identity.crops = torch.from_numpy(np.stack([np.asarray(c) for c in crops]))
+        identity.aligner = aligner_id(self.analyzer)
         return identity
 
     # -- generation (worker threads) -----------------------------------------------------------
@@ -330,7 +333,8 @@ class PortraitService:
             "mixes": info.mixes,
             "created": info.created,
             "encoder": info.encoder,
-            "usable": info.encoder == self.pipe.encoder_id,
+            "aligner": info.aligner,
+            "usable": info.encoder == self.pipe.encoder_id and info.current,
         }
 
     def check_new_identity(self, name: str, ident: IdentityRequest, overwrite: bool) -> None:

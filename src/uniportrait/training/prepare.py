@@ -55,6 +55,7 @@ import numpy as np
 from PIL import Image
 
 from uniportrait.errors import UniPortraitError
+from uniportrait.faces import DEFAULT_ANALYZER
 
 logger = logging.getLogger(__name__)
 
@@ -85,18 +86,18 @@ class PrepareOptions:
     """How images are processed.
 
     Attributes:
-        analyzer: face analyzer name (``uniportrait.faces.get_face_analyzer``).
+        analyzer: face analyzer name (``uniportrait.faces.get_face_analyzer``; default MTCNN).
         max_side: stored images are downscaled so that their long side is at most this.
         min_face_size: faces whose box side is smaller are ignored (an image left without a
             usable face is skipped as "face too small").
         max_faces: images with more usable faces are skipped ("too many faces").
         mask_scale: face masks are the detector boxes scaled by this about their centre
-            (detector boxes are tight around eyes, nose and mouth; the mask should cover the face).
+            (detector boxes are tight around the face; the mask should cover it with some margin).
         jpeg_quality: quality of the stored JPEGs.
         identity_from_folder: label single faces by their first-level sub-folder.
     """
 
-    analyzer: str = "dlib"
+    analyzer: str = DEFAULT_ANALYZER
     max_side: int = 1024
     min_face_size: int = 48
     max_faces: int = 4
@@ -314,20 +315,24 @@ def _scaled_boxes(boxes: np.ndarray, scale: float) -> np.ndarray:
 
 # -- one image (runs in a worker) -------------------------------------------------------------------
 
-_ANALYZER: Any = None
+_ANALYZER: tuple[str, Any] | None = None  # (name, analyzer) of this process
 
 
-def _init_worker(analyzer_name: str) -> None:
-    global _ANALYZER  # one analyzer per worker process (dlib models are not shared)
+def _init_worker(analyzer_name: str, worker: bool = True) -> None:
+    global _ANALYZER  # one analyzer per worker process (models are not shared)
     from uniportrait.faces import get_face_analyzer
 
-    _ANALYZER = get_face_analyzer(analyzer_name)
+    if worker and analyzer_name == "mtcnn":
+        import torch
+
+        torch.set_num_threads(1)  # parallelism comes from the worker processes
+    _ANALYZER = (analyzer_name, get_face_analyzer(analyzer_name))
 
 
 def _analyzer(name: str) -> Any:
-    if _ANALYZER is None:
-        _init_worker(name)
-    return _ANALYZER
+    if _ANALYZER is None or _ANALYZER[0] != name:
+        _init_worker(name, worker=False)
+    return _ANALYZER[1]
 
 
 def process_image(item: SourceItem, out: str, options: PrepareOptions) -> dict[str, Any]:
