@@ -237,7 +237,7 @@ def test_failure_while_writing_leaves_no_partial_files(tmp_path, monkeypatch, ca
 
 def test_bad_numbers(tmp_path, capsys):
     assert "--steps" in _bad_generate(tmp_path, capsys, ["--steps", "0"])
-    assert "multiples of 8" in _bad_generate(tmp_path, capsys, ["--width", "100"])
+    assert "multiple of 8" in _bad_generate(tmp_path, capsys, ["--width", "100"])
 
 
 def test_demo_writes_real_files(tmp_path, capsys):

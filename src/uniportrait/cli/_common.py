@@ -15,15 +15,51 @@ logger = logging.getLogger(__name__)
 DEFAULT_PRESET_ENV = "UNIPORTRAIT_PRESET"
 
 
+def add_preset_arg(parser, default: str | None = None) -> None:
+    """``--preset``: the names and summaries come from :mod:`uniportrait.presets.registry`."""
+    from uniportrait.presets.registry import PRESETS
+
+    summaries = "; ".join(f"{p.name}: {p.summary}" for p in PRESETS.values())
+    parser.add_argument(
+        "--preset",
+        choices=tuple(PRESETS),
+        default=default or os.environ.get(DEFAULT_PRESET_ENV, "sd15"),
+        help=f"{summaries} (default: {default or f'${DEFAULT_PRESET_ENV} or sd15'})",
+    )
+
+
+def add_limit_args(parser: argparse.ArgumentParser, identities: bool = True) -> None:
+    """``--max-steps`` etc.: raise the limits of :class:`uniportrait.settings.GenerationLimits`."""
+    from dataclasses import fields
+
+    from uniportrait.settings import LIMIT_FLAGS, GenerationLimits
+
+    group = parser.add_argument_group("limits (raise them explicitly to ask for more)")
+    for f in fields(GenerationLimits):
+        if f.name == "max_identities" and not identities:
+            continue
+        group.add_argument(
+            LIMIT_FLAGS[f.name],
+            type=int,
+            default=f.default,
+            metavar="N",
+            help=f"{f.name.removeprefix('max_').replace('_', ' ')} at most (default {f.default})",
+        )
+
+
+def limits_from_args(args: argparse.Namespace):
+    """The :class:`~uniportrait.settings.GenerationLimits` named on the command line."""
+    from dataclasses import fields
+
+    from uniportrait.settings import GenerationLimits
+
+    given = {f.name: getattr(args, f.name) for f in fields(GenerationLimits) if hasattr(args, f.name)}
+    return GenerationLimits(**given)
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument(
-        "--preset",
-        choices=("tiny", "sd15"),
-        default=os.environ.get(DEFAULT_PRESET_ENV, "sd15"),
-        help="tiny: offline random weights (tests/demo); sd15: the published weights "
-        f"(default: ${DEFAULT_PRESET_ENV} or sd15)",
-    )
+    add_preset_arg(group)
     group.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: cpu)")
     group.add_argument(
         "--dtype",
@@ -60,6 +96,8 @@ def load_pipeline_from_args(args: argparse.Namespace):
     if args.preset == "tiny":
         kwargs["seed"] = args.seed_model
         kwargs["adapter"] = adapter
+        kwargs["device"] = args.device
+        kwargs["torch_dtype"] = getattr(torch, args.dtype) if args.dtype else None
     else:
         if getattr(args, "safety_checker", False):
             from uniportrait.presets.pipelines import SAFETY_CHECKER
@@ -70,9 +108,8 @@ def load_pipeline_from_args(args: argparse.Namespace):
         kwargs["device"] = args.device
         kwargs["torch_dtype"] = getattr(torch, args.dtype) if args.dtype else None
     pipe = load_preset(args.preset, **kwargs)
-    if args.preset == "tiny" and (args.device or args.dtype):
-        pipe.to(device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None)
     pipe.set_progress_bar_config(disable=bool(getattr(args, "quiet", False)), leave=False)
+    pipe.generation_limits = limits_from_args(args)
     return pipe
 
 

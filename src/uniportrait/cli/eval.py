@@ -115,7 +115,9 @@ def run(args: argparse.Namespace) -> int:
         from uniportrait.cli._common import load_pipeline_from_args
 
         pipe = load_pipeline_from_args(args)
-        default_size = 256 if args.preset == "tiny" else 512
+        from uniportrait.presets.registry import preset_defaults
+
+        default_size = preset_defaults(args.preset).side
         rows = run_grid(pipe, spec, out, bank, default_size=default_size, progress=not quiet)
         context = {
             "benchmark": spec.name,

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from uniportrait.cli._common import (
+    add_limit_args,
     add_model_args,
     check_output_folder,
     check_photos_exist,
@@ -16,6 +17,15 @@ from uniportrait.cli._common import (
     parse_mix,
 )
 from uniportrait.errors import UniPortraitError
+from uniportrait.settings import (
+    FACEID_SCALE,
+    GUIDANCE_SCALE,
+    NUM_IMAGES,
+    STEPS,
+    GenerationLimits,
+    check_prompt,
+    check_settings,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -48,15 +58,7 @@ def register(subparsers) -> None:
     parser.add_argument("--mix", action="append", default=[], metavar="[K=]PHOTO:SCALE",
                         help="blend another face into identity K (default 1) with SCALE in [0, 1]")  # fmt: skip
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--guidance-scale", type=float, default=7.5)
-    parser.add_argument("--faceid-scale", type=float, default=0.7)
-    parser.add_argument("--structure-scale", type=float, default=None,
-                        help="face-structure scale (default 0.1 for one person, 0.3 for several)")  # fmt: skip
-    parser.add_argument("--width", type=int, default=None, help="default: 512 (sd15), 256 (tiny)")
-    parser.add_argument("--height", type=int, default=None, help="default: 512 (sd15), 256 (tiny)")
-    parser.add_argument("--num-images", type=int, default=1)
+    add_setting_args(parser)
     parser.add_argument("--save-routing", action="store_true", help="also write routing-map overlays")
     parser.add_argument("--check-faces", action="store_true",
                         help="check each result with the dlib face matcher; re-sample with the next seed "
@@ -65,7 +67,36 @@ def register(subparsers) -> None:
                         help="with --check-faces: re-sample at most K times (default 2)")  # fmt: skip
     parser.add_argument("--home", default=None, help="identity bank location (default: $UNIPORTRAIT_HOME)")
     add_model_args(parser)
+    add_limit_args(parser)
     parser.set_defaults(func=run, identities=None)
+
+
+def add_setting_args(parser: argparse.ArgumentParser) -> None:
+    """--steps, --seed, --guidance-scale, ...: defaults and help from :mod:`uniportrait.settings`."""
+    from uniportrait.settings import (
+        FACEID_SCALE,
+        GUIDANCE_SCALE,
+        HEIGHT,
+        NUM_IMAGES,
+        SEED,
+        STEPS,
+        STRUCTURE_SCALE,
+        WIDTH,
+    )
+
+    def add(setting, default, help_default: str | None = None):
+        kind = int if setting.integer else float
+        shown = help_default or f"default {default}"
+        parser.add_argument(setting.option, type=kind, default=default, help=f"{setting.help} ({shown})")
+
+    add(STEPS, None, "default: the preset's, 10 for tiny, 25 for sd15")
+    add(SEED, 0)
+    add(GUIDANCE_SCALE, GUIDANCE_SCALE.default)
+    add(FACEID_SCALE, FACEID_SCALE.default)
+    add(STRUCTURE_SCALE, None, "default: by the number of people")
+    add(WIDTH, None, "default: the preset's, 256 for tiny, 512 for sd15")
+    add(HEIGHT, None, "default: the preset's")
+    add(NUM_IMAGES, NUM_IMAGES.default)
 
 
 @dataclass
@@ -76,26 +107,22 @@ class GenerationRequest:
     identity_specs: list[tuple[str, object]]
     mixes: list[tuple[int, list[str], float]] = field(default_factory=list)
     negative_prompt: str | None = None
-    steps: int = 25
+    steps: int = STEPS.default
     seed: int = 0
-    guidance_scale: float = 7.5
-    faceid_scale: float = 0.7
+    guidance_scale: float = GUIDANCE_SCALE.default
+    faceid_scale: float = FACEID_SCALE.default
     structure_scale: float | None = None
     width: int = 512
     height: int = 512
-    num_images: int = 1
+    num_images: int = NUM_IMAGES.default
 
-    def validate(self) -> None:
-        if not self.prompt.strip():
-            raise UniPortraitError("--prompt must not be empty")
-        if self.steps < 1:
-            raise UniPortraitError("--steps must be at least 1")
-        if self.num_images < 1:
-            raise UniPortraitError("--num-images must be at least 1")
-        if self.width % 8 or self.height % 8 or self.width < 64 or self.height < 64:
-            raise UniPortraitError("--width and --height must be multiples of 8, at least 64")
-        if self.structure_scale is not None and not 0.0 <= self.structure_scale <= 1.0:
-            raise UniPortraitError("--structure-scale must be in [0, 1]")
+    def validate(self, limits: GenerationLimits | None = None) -> None:
+        """The ranges and limits of :mod:`uniportrait.settings`, named as command-line options."""
+        limits = limits or GenerationLimits()
+        check_prompt(self.prompt, "--prompt", limits, style="cli")
+        if self.negative_prompt is not None:
+            check_prompt(self.negative_prompt, "--negative-prompt", limits, required=False, style="cli")
+        check_settings(self.pipeline_settings(), limits, "cli", num_identities=len(self.identity_specs))
         n_ids = len(self.identity_specs)
         for target, _, _ in self.mixes:
             if target > n_ids:
@@ -110,6 +137,19 @@ class GenerationRequest:
         check_photos_exist(photos + [p for _, ps, _ in self.mixes for p in ps])
         if any(kind == "photos" and not v for kind, v in self.identity_specs):
             raise UniPortraitError("--id needs at least one photo")
+
+    def pipeline_settings(self) -> dict:
+        """The settings by the pipeline's argument names."""
+        return {
+            "num_inference_steps": self.steps,
+            "seed": self.seed,
+            "guidance_scale": self.guidance_scale,
+            "faceid_scale": self.faceid_scale,
+            "face_structure_scale": self.structure_scale,
+            "width": self.width,
+            "height": self.height,
+            "num_images_per_prompt": self.num_images,
+        }
 
     def settings(self) -> dict:
         return {
@@ -208,28 +248,31 @@ def generate_and_write(
 
 
 def request_from_args(args: argparse.Namespace) -> GenerationRequest:
-    default_size = 256 if args.preset == "tiny" else 512
+    from uniportrait.presets.registry import preset_defaults
+
+    defaults = preset_defaults(args.preset)
     return GenerationRequest(
         prompt=args.prompt,
         identity_specs=list(args.identities or []),
         mixes=[parse_mix(m) for m in args.mix],
         negative_prompt=args.negative_prompt,
-        steps=args.steps,
+        steps=defaults.steps if args.steps is None else args.steps,
         seed=args.seed,
         guidance_scale=args.guidance_scale,
         faceid_scale=args.faceid_scale,
         structure_scale=args.structure_scale,
-        width=args.width or default_size,
-        height=args.height or default_size,
+        width=defaults.side if args.width is None else args.width,
+        height=defaults.side if args.height is None else args.height,
         num_images=args.num_images,
     )
 
 
 def run(args: argparse.Namespace) -> int:
     from uniportrait.bank import IdentityBank
+    from uniportrait.cli._common import limits_from_args
 
     request = request_from_args(args)
-    request.validate()
+    request.validate(limits_from_args(args))
     if args.check_faces and args.retries < 0:
         raise UniPortraitError("--retries must be 0 or more")
     bank = IdentityBank(args.home)

@@ -6,7 +6,7 @@ import argparse
 import ipaddress
 import logging
 
-from uniportrait.cli._common import add_model_args, load_pipeline_from_args
+from uniportrait.cli._common import add_limit_args, add_model_args, limits_from_args, load_pipeline_from_args
 from uniportrait.errors import UniPortraitError
 
 logger = logging.getLogger(__name__)
@@ -27,12 +27,11 @@ def register(subparsers) -> None:
     parser.add_argument("--workers", type=int, default=1, help="generation threads (default 1)")
     parser.add_argument("--queue-size", type=int, default=8, help="requests that may wait; more get HTTP 429")
     parser.add_argument("--timeout", type=float, default=600.0, help="per-request time limit in seconds")
-    parser.add_argument("--max-steps", type=int, default=50)
-    parser.add_argument("--max-images", type=int, default=4, help="images per request")
-    parser.add_argument("--max-identities", type=int, default=4, help="people per request")
-    parser.add_argument("--max-side", type=int, default=1024, help="largest width / height")
-    parser.add_argument("--max-upload-mb", type=float, default=10.0, help="per uploaded photo")
-    parser.add_argument("--max-pixels", type=int, default=16_000_000, help="per uploaded photo")
+    add_limit_args(parser)
+    parser.add_argument("--max-upload-mb", type=float, default=10.0, help="per uploaded photo (default 10)")
+    parser.add_argument(
+        "--max-pixels", type=int, default=16_000_000, help="per uploaded photo (default 16000000)"
+    )
     parser.add_argument("--no-ui", action="store_true", help="serve only the REST API (no gradio needed)")
     parser.add_argument("--home", default=None, help="identity bank location (default: $UNIPORTRAIT_HOME)")
     add_model_args(parser)
@@ -44,11 +43,8 @@ def config_from_args(args: argparse.Namespace):
 
     try:
         limits = Limits(
+            **vars(limits_from_args(args)),
             max_upload_bytes=int(args.max_upload_mb * MB),
-            max_steps=args.max_steps,
-            max_images=args.max_images,
-            max_identities=args.max_identities,
-            max_side=args.max_side,
             max_pixels=args.max_pixels,
         )
         return ServerConfig(
@@ -58,10 +54,7 @@ def config_from_args(args: argparse.Namespace):
             timeout_s=args.timeout,
             api_key=ServerConfig.api_key_from_env(),
             home=args.home,
-            preset=args.preset,
-            # The tiny preset's random weights make noise: keep its defaults quick.
-            default_side=128 if args.preset == "tiny" else 512,
-            default_steps=8 if args.preset == "tiny" else 25,
+            preset=args.preset,  # its default side and steps
             ui=not args.no_ui,
         )
     except ValueError as err:

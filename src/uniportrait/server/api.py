@@ -51,10 +51,15 @@ from uniportrait.server.transport import (
     png_bytes,
     result_json,
 )
+from uniportrait.settings import FACEID_SCALE, GUIDANCE_SCALE, NUM_IMAGES, STRUCTURE_SCALE, widest_limits
 
 logger = logging.getLogger(__name__)
 
 IDENTITY_FIELD = re.compile(r"^(id|mix)([1-9][0-9]?)(_scale)?$")
+
+
+def _range(setting) -> str:
+    return f"{setting.help}; {setting.low:g}–{setting.high:g}"
 
 
 class GenerateForm(BaseModel):
@@ -64,14 +69,12 @@ class GenerateForm(BaseModel):
     negative_prompt: str | None = None
     seed: int | None = Field(None, description="random when left out; the seed used is returned")
     steps: int | None = Field(None, description="denoising steps (default: the server's)")
-    guidance_scale: float = 7.5
-    faceid_scale: float = Field(0.7, description="weight of the identities, 0–2")
-    structure_scale: float | None = Field(
-        None, description="0–1; default 0.1 for one person, 0.3 for several"
-    )
+    guidance_scale: float = Field(GUIDANCE_SCALE.default, description=_range(GUIDANCE_SCALE))
+    faceid_scale: float = Field(FACEID_SCALE.default, description=_range(FACEID_SCALE))
+    structure_scale: float | None = Field(None, description=_range(STRUCTURE_SCALE))
     width: int | None = Field(None, description="multiple of 8 (default: the server's)")
     height: int | None = Field(None, description="multiple of 8 (default: the server's)")
-    num_images: int = 1
+    num_images: int = NUM_IMAGES.default
     routing: bool = Field(False, description="also return routing-map overlays (two or more people)")
     format: Literal["json", "png", "multipart"] = Field(
         "json", description="json: base64 PNGs; png: the image itself; multipart: multipart/mixed PNG parts"
@@ -133,6 +136,8 @@ def create_app(pipe, config: ServerConfig | None = None, service: PortraitServic
         lifespan=lifespan,
     )
     app.state.service, app.state.queue, app.state.config = service, queue, config
+    if hasattr(pipe, "generation_limits"):  # the pipeline must accept what the server accepts
+        pipe.generation_limits = widest_limits(pipe.generation_limits, config.limits)
     app.add_middleware(BodyLimit, limit=config.limits.max_request_bytes)
 
     @app.exception_handler(ServiceError)
@@ -175,12 +180,12 @@ def create_app(pipe, config: ServerConfig | None = None, service: PortraitServic
             identities=await identities_from_form(request, service),
             negative_prompt=form.negative_prompt,
             seed=form.seed,
-            steps=form.steps or config.default_steps,
+            steps=config.default_steps if form.steps is None else form.steps,
             guidance_scale=form.guidance_scale,
             faceid_scale=form.faceid_scale,
             structure_scale=form.structure_scale,
-            width=form.width or config.default_side,
-            height=form.height or config.default_side,
+            width=config.default_side if form.width is None else form.width,
+            height=config.default_side if form.height is None else form.height,
             num_images=form.num_images,
             routing=form.routing,
         )

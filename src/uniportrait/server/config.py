@@ -5,28 +5,22 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from uniportrait.settings import GenerationLimits
+
 API_KEY_ENV = "UNIPORTRAIT_API_KEY"
 MB = 1024 * 1024
 
 
 @dataclass(frozen=True)
-class Limits:
-    """What one request may ask for. Anything beyond is refused with a message naming the limit."""
+class Limits(GenerationLimits):
+    """What one request may ask for: the generation limits (steps, images, people, image side,
+    prompt length; see :mod:`uniportrait.settings`) and the upload limits. Anything beyond is
+    refused with a message naming the limit."""
 
     max_upload_bytes: int = 10 * MB  # one uploaded photo
     max_request_bytes: int = 64 * MB  # a whole request body
     max_pixels: int = 16_000_000  # one uploaded photo, width × height (read from the header)
-    max_steps: int = 50
-    max_images: int = 4  # images per request
-    max_identities: int = 4  # people per request
     max_photos: int = 8  # photos per identity (mix photos included)
-    max_side: int = 1024  # width and height of generated images
-    max_prompt_chars: int = 1000
-
-    def __post_init__(self) -> None:
-        for name, value in self.__dict__.items():
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"limit {name} must be a positive integer, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -41,7 +35,8 @@ class ServerConfig:
         api_key: when set, every ``/v1`` call needs ``Authorization: Bearer <key>`` (or
             ``X-API-Key``) and the web UI asks for it as its password.
         home: identity bank location (default ``$UNIPORTRAIT_HOME``).
-        default_side: the UI's initial image size (256 for tiny, 512 for sd15).
+        default_side, default_steps: what a request that does not say gets (None: the
+            preset's, see :mod:`uniportrait.presets.registry`).
         ui: mount the Gradio web UI at ``/ui``.
     """
 
@@ -52,11 +47,18 @@ class ServerConfig:
     api_key: str | None = None
     home: str | None = None
     preset: str = "tiny"
-    default_side: int = 256
-    default_steps: int = 25
+    default_side: int | None = None
+    default_steps: int | None = None
     ui: bool = True
 
     def __post_init__(self) -> None:
+        from uniportrait.presets.registry import preset_defaults
+
+        defaults = preset_defaults(self.preset)
+        if self.default_side is None:
+            object.__setattr__(self, "default_side", min(defaults.side, self.limits.max_side))
+        if self.default_steps is None:
+            object.__setattr__(self, "default_steps", min(defaults.steps, self.limits.max_steps))
         if self.workers < 1:
             raise ValueError("workers must be at least 1")
         if self.queue_size < 0:

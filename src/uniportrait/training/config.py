@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from uniportrait.errors import UniPortraitError
+from uniportrait.settings import GUIDANCE_SCALE, STEPS
 
 
 class ConfigError(UniPortraitError):
@@ -182,8 +183,8 @@ class ValidationConfig:
     every: int | None = 5000
     prompts: list[str] = field(default_factory=list)
     num_samples: int = 2
-    num_inference_steps: int = 25
-    guidance_scale: float = 7.5
+    num_inference_steps: int = STEPS.default
+    guidance_scale: float = GUIDANCE_SCALE.default
     seed: int = 0
 
 
