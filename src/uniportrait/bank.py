@@ -30,7 +30,7 @@ def default_home() -> Path:
 
 def check_name(name: str) -> str:
     """Identity names: 1–64 characters of letters, digits, ``_ . -``, not starting with a dot or dash."""
-    if not isinstance(name, str) or not NAME_PATTERN.match(name) or name.endswith(SUFFIX) or ".." in name:
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or name.endswith(SUFFIX) or ".." in name:
         raise IdentityError(
             f"invalid identity name {name!r}: use 1-64 letters, digits, '_', '.', '-' (starting with a letter or digit)"
         )
@@ -117,7 +117,7 @@ class IdentityBank:
             return []
         out = []
         for path in sorted(self.folder.glob(f"*{SUFFIX}")):
-            if NAME_PATTERN.match(path.stem):
+            if NAME_PATTERN.fullmatch(path.stem):
                 try:
                     out.append(self._info(path))
                 except IdentityError:

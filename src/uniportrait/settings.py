@@ -72,7 +72,9 @@ class GenerationLimits:
 
 def widest_limits(a: GenerationLimits, b: GenerationLimits) -> GenerationLimits:
     """Each limit the larger of ``a``'s and ``b``'s (the pipeline under a server with raised limits)."""
-    return GenerationLimits(**{f.name: max(getattr(a, f.name), getattr(b, f.name)) for f in fields(GenerationLimits)})
+    return GenerationLimits(
+        **{f.name: max(getattr(a, f.name), getattr(b, f.name)) for f in fields(GenerationLimits)}
+    )
 
 
 #: Limit name → the command-line option that raises it.

@@ -24,6 +24,13 @@ def register(subparsers) -> None:
         "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)"
     )
     parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument(
+        "--allowed-hosts",
+        default="",
+        metavar="NAME[,NAME...]",
+        help="Host names to answer besides localhost, IP addresses and --host (e.g. the name a proxy "
+        "forwards); '*' answers any. Protects against DNS rebinding (see docs/security.md)",
+    )
     parser.add_argument("--workers", type=int, default=1, help="generation threads (default 1)")
     parser.add_argument("--queue-size", type=int, default=8, help="requests that may wait; more get HTTP 429")
     parser.add_argument("--timeout", type=float, default=600.0, help="per-request time limit in seconds")
@@ -56,6 +63,8 @@ def config_from_args(args: argparse.Namespace):
             home=args.home,
             preset=args.preset,  # its default side and steps
             ui=not args.no_ui,
+            host=args.host,
+            allowed_hosts=tuple(h for h in args.allowed_hosts.split(",") if h.strip()),
         )
     except ValueError as err:
         raise UniPortraitError(str(err)) from None

@@ -11,6 +11,7 @@ Errors are JSON ``{"detail": "<one-line message>", "code": "<stable code>"}``:
 413    ``upload_too_large`` (one photo, or the whole body), ``too_many_pixels``
 422    ``invalid_request`` (settings, limits on steps / images / identities / size), ``no_face``
 429    ``queue_full``, with a ``Retry-After`` header (seconds)
+500    ``internal_error`` (a bug; the server logs the traceback)
 504    ``timeout`` (the per-request time limit)
 =====  ==========================================================================================
 """
@@ -36,6 +37,7 @@ from uniportrait.bank import IdentityBank
 from uniportrait.errors import UniPortraitError
 from uniportrait.server.config import ServerConfig
 from uniportrait.server.jobs import JobTimeout, QueueFull, WorkQueue
+from uniportrait.server.security import BrowserGuard, HostPolicy
 from uniportrait.server.service import (
     GenerateRequest,
     IdentityRequest,
@@ -139,6 +141,7 @@ def create_app(pipe, config: ServerConfig | None = None, service: PortraitServic
     if hasattr(pipe, "generation_limits"):  # the pipeline must accept what the server accepts
         pipe.generation_limits = widest_limits(pipe.generation_limits, config.limits)
     app.add_middleware(BodyLimit, limit=config.limits.max_request_bytes)
+    app.add_middleware(BrowserGuard, policy=HostPolicy(config.host, config.allowed_hosts))  # runs first
 
     @app.exception_handler(ServiceError)
     async def _service_error(_req, err: ServiceError):
@@ -156,6 +159,11 @@ def create_app(pipe, config: ServerConfig | None = None, service: PortraitServic
     @app.exception_handler(UniPortraitError)
     async def _library_error(_req, err: UniPortraitError):
         return error_response(422, "invalid_request", str(err))
+
+    @app.exception_handler(Exception)
+    async def _internal(_req, err: Exception):  # a bug: logged with its traceback, answered as JSON
+        logger.error("internal error: %s", err, exc_info=err)
+        return error_response(500, "internal_error", "internal server error (see the server's log)")
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_req, err: RequestValidationError):

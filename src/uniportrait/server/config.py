@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from uniportrait.errors import ConfigError
 from uniportrait.settings import GenerationLimits
 
 API_KEY_ENV = "UNIPORTRAIT_API_KEY"
@@ -38,6 +39,9 @@ class ServerConfig:
         default_side, default_steps: what a request that does not say gets (None: the
             preset's, see :mod:`uniportrait.presets.registry`).
         ui: mount the Gradio web UI at ``/ui``.
+        host: the address the server binds (a name here is also a ``Host`` it answers).
+        allowed_hosts: more ``Host`` names to answer (``"*"``: any); localhost and IP
+            addresses are always answered (see :mod:`uniportrait.server.security`).
     """
 
     limits: Limits = field(default_factory=Limits)
@@ -50,6 +54,8 @@ class ServerConfig:
     default_side: int | None = None
     default_steps: int | None = None
     ui: bool = True
+    host: str = "127.0.0.1"
+    allowed_hosts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         from uniportrait.presets.registry import preset_defaults
@@ -60,11 +66,11 @@ class ServerConfig:
         if self.default_steps is None:
             object.__setattr__(self, "default_steps", min(defaults.steps, self.limits.max_steps))
         if self.workers < 1:
-            raise ValueError("workers must be at least 1")
+            raise ConfigError("workers must be at least 1")
         if self.queue_size < 0:
-            raise ValueError("queue_size must be 0 or more")
+            raise ConfigError("queue_size must be 0 or more")
         if not self.timeout_s > 0:
-            raise ValueError("timeout_s must be positive")
+            raise ConfigError("timeout_s must be positive")
 
     @staticmethod
     def api_key_from_env() -> str | None:

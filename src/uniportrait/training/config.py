@@ -18,12 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from uniportrait.errors import UniPortraitError
+from uniportrait.errors import ConfigError
 from uniportrait.settings import GUIDANCE_SCALE, STEPS
 
-
-class ConfigError(UniPortraitError):
-    """A training configuration is malformed (unknown key, wrong type, out-of-range value)."""
+__all__ = ["ConfigError"]  # re-exported: training configs raise the library's ConfigError
 
 
 @dataclass

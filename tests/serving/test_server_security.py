@@ -1,0 +1,89 @@
+"""What a hostile web page can make a browser send to a server on 127.0.0.1 (cross-site forms,
+DNS rebinding), and the smaller gaps of the REST API, against a live server."""
+
+from __future__ import annotations
+
+import pytest
+
+PROMPT = "a photo of a person"
+FAST = {"prompt": PROMPT, "steps": "2", "width": "64", "height": "64", "seed": "1"}
+
+
+def photo(photos):
+    return [("photos", ("a.jpg", photos["ffhq-0100"], "image/jpeg"))]
+
+
+def refused(response, status, code):
+    assert response.status_code == status, response.text
+    assert response.json()["code"] == code, response.text
+
+
+@pytest.mark.parametrize("origin", ["http://evil.example", "null", "http://127.0.0.1:1"])
+def test_cross_origin_writes_are_refused(serve, photos, origin):
+    client = serve()
+    r = client.post("/v1/identities", data={"name": "alice"}, files=photo(photos), headers={"Origin": origin})
+    refused(r, 403, "cross_origin")
+    r = client.post("/v1/generate", data=FAST, headers={"Origin": origin})
+    refused(r, 403, "cross_origin")
+    r = client.delete("/v1/identities/alice", headers={"Referer": f"{origin}/page.html"})
+    refused(r, 403, "cross_origin")
+    assert client.get("/v1/identities").json()["identities"] == []  # nothing was created
+
+
+def test_same_origin_and_non_browser_writes_work(serve, photos):
+    client = serve()
+    own = str(client.base_url).rstrip("/")
+    r = client.post("/v1/identities", data={"name": "alice"}, files=photo(photos), headers={"Origin": own})
+    assert r.status_code == 201, r.text
+    r = client.post("/v1/identities", data={"name": "bob"}, files=photo(photos))  # curl: no Origin
+    assert r.status_code == 201, r.text
+    local = own.replace("127.0.0.1", "localhost")
+    host = local.removeprefix("http://")
+    r = client.delete("/v1/identities/bob", headers={"Origin": local, "Host": host})
+    assert r.status_code == 200, r.text
+
+
+def test_only_served_host_names_are_answered(serve):
+    client = serve()
+    port = client.base_url.port
+    refused(client.get("/v1/identities", headers={"Host": f"evil.example:{port}"}), 403, "host_not_allowed")
+    refused(client.get("/healthz", headers={"Host": "rebind.attacker.test"}), 403, "host_not_allowed")
+    for ok in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}", "192.168.1.20"):
+        assert client.get("/v1/identities", headers={"Host": ok}).status_code == 200, ok
+    named = serve(allowed_hosts=("portrait.lan",))
+    assert named.get("/healthz", headers={"Host": "portrait.lan"}).status_code == 200
+    refused(named.get("/healthz", headers={"Host": "other.lan"}), 403, "host_not_allowed")
+    assert serve(allowed_hosts=("*",)).get("/healthz", headers={"Host": "any.name"}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "fields, words",
+    [
+        ({"steps": "0"}, "steps must be between 1"),
+        ({"width": "0"}, "width must be between 64"),
+        ({"height": "0"}, "height must be between 64"),
+        ({"negative_prompt": "x" * 1001}, "negative_prompt is 1001 characters"),
+        ({"guidance_scale": "nan"}, "guidance_scale"),
+    ],
+)
+def test_zero_and_oversized_settings_are_422(client, fields, words):
+    r = client.post("/v1/generate", data={**FAST, **fields})
+    refused(r, 422, "invalid_request")
+    assert words in r.json()["detail"]
+
+
+def test_internal_errors_are_json(serve, monkeypatch):
+    from uniportrait.server.service import PortraitService
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(PortraitService, "generate", broken)
+    r = serve().post("/v1/generate", data=FAST)
+    refused(r, 500, "internal_error")
+    assert "a bug" not in r.text  # no internals in the answer
+
+
+def test_identity_names_with_a_newline_are_refused(client, photos):
+    r = client.post("/v1/identities", data={"name": "carol\n"}, files=photo(photos))
+    refused(r, 400, "invalid_name")
