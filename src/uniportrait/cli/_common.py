@@ -153,5 +153,30 @@ def check_output_folder(folder: str | os.PathLike) -> Path:
 
 def check_photos_exist(paths: list[str]) -> None:
     for p in paths:
+        if Path(p).is_dir():
+            raise UniPortraitError(f"photo {p} is a folder; give the photo files (a,b,c) instead")
         if not Path(p).is_file():
             raise UniPortraitError(f"photo {p} not found")
+
+
+def new_run_folder(out: Path) -> Path:
+    """A new ``run-NNN`` folder in ``out``: one run never writes into another's, even when two
+    runs share ``--out`` at the same time (``mkdir`` either creates the folder or fails)."""
+    import re
+
+    taken = [int(m.group(1)) for p in out.glob("run-*") if (m := re.fullmatch(r"run-(\d+)", p.name))]
+    number = max(taken, default=0) + 1
+    while True:
+        folder = out / f"run-{number:03d}"
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            number += 1
+
+
+def remove_empty_folders(*folders: Path | None) -> None:
+    """Remove each folder that exists and is empty (what a failed run created)."""
+    for folder in folders:
+        if folder is not None and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()

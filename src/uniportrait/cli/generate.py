@@ -14,7 +14,9 @@ from uniportrait.cli._common import (
     check_output_folder,
     check_photos_exist,
     load_pipeline_from_args,
+    new_run_folder,
     parse_mix,
+    remove_empty_folders,
 )
 from uniportrait.errors import UniPortraitError
 from uniportrait.settings import (
@@ -57,7 +59,8 @@ def register(subparsers) -> None:
                         help="a stored identity (see `uniportrait id`)")  # fmt: skip
     parser.add_argument("--mix", action="append", default=[], metavar="[K=]PHOTO:SCALE",
                         help="blend another face into identity K (default 1) with SCALE in [0, 1]")  # fmt: skip
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--out", required=True,
+                        help="output folder; each run writes into a new run-NNN folder inside it")  # fmt: skip
     add_setting_args(parser)
     parser.add_argument("--save-routing", action="store_true", help="also write routing-map overlays")
     parser.add_argument("--check-faces", action="store_true",
@@ -165,22 +168,52 @@ class GenerationRequest:
         }
 
 
-def build_identities(pipe, request: GenerationRequest, bank, analyzer=None) -> list:
-    """Photos are detected/aligned/encoded; stored names are read from the bank (no encoding)."""
-    from uniportrait.photos import identity_from_photos
+def read_faces(request: GenerationRequest, analyzer=None) -> dict[str, object]:
+    """Every photo of the request read, checked and its face aligned: ``{path: 224×224 crop}``.
 
+    Runs before the model loads, so a bad photo (empty, corrupt, too small, no face) costs
+    nothing. A photo with several faces, or one photo given for two people, gets a warning.
+    """
+    from uniportrait.faces import get_face_analyzer
+    from uniportrait.photos import aligned_face
+
+    owners: dict[Path, set[int]] = {}
+    for k, (kind, value) in enumerate(request.identity_specs, start=1):
+        if kind == "photos":
+            for p in value:  # type: ignore[union-attr]
+                owners.setdefault(Path(p).resolve(), set()).add(k)
+    for path, people in owners.items():
+        if len(people) > 1:
+            logger.warning("%s is given for people %s: they will look alike", path, sorted(people))
+    paths = [p for kind, v in request.identity_specs if kind == "photos" for p in v]  # type: ignore[union-attr]
+    paths += [p for _, ps, _ in request.mixes for p in ps]
+    if not paths:
+        return {}
+    analyzer = analyzer or get_face_analyzer("dlib")
+    return {p: aligned_face(p, analyzer) for p in dict.fromkeys(paths)}
+
+
+def build_identities(pipe, request: GenerationRequest, bank, faces: dict | None = None) -> list:
+    """Photos are encoded from their aligned faces (:func:`read_faces`, read now if not given);
+    stored names are read from the bank (no encoding)."""
+    from uniportrait.identity import check_mix_scales
+    from uniportrait.photos import identity_from_crops
+
+    faces = read_faces(request) if faces is None else faces
     identities = []
     for k, (kind, value) in enumerate(request.identity_specs, start=1):
-        mixes = [(photos, s) for t, photos, s in request.mixes if t == k]
+        mixes = [
+            (identity_from_crops(pipe, [faces[p] for p in photos]), s)
+            for t, photos, s in request.mixes
+            if t == k
+        ]
         if kind == "name":
             identity = bank.get(value)
             if mixes:
-                identity.mix = identity.mix + [(identity_from_photos(pipe, p, analyzer), s) for p, s in mixes]
-                from uniportrait.identity import check_mix_scales
-
+                identity.mix = identity.mix + mixes
                 check_mix_scales([s for _, s in identity.mix])
         else:
-            identity = identity_from_photos(pipe, value, analyzer, mix=mixes)
+            identity = identity_from_crops(pipe, [faces[p] for p in value], mixes)  # type: ignore[union-attr]
         identities.append(identity)
     return identities
 
@@ -275,13 +308,39 @@ def run(args: argparse.Namespace) -> int:
     request.validate(limits_from_args(args))
     if args.check_faces and args.retries < 0:
         raise UniPortraitError("--retries must be 0 or more")
+    if args.save_routing and len(request.identity_specs) < 2:
+        raise UniPortraitError(
+            "--save-routing needs two or more people (routing splits the image between them)"
+        )
     bank = IdentityBank(args.home)
     for kind, value in request.identity_specs:
         if kind == "name":
             bank.info(value)  # unknown names fail before any model is loaded
+    out_existed = Path(args.out).is_dir()
     out = check_output_folder(args.out)
-    pipe = load_pipeline_from_args(args)
-    identities = build_identities(pipe, request, bank)
+    run_folder = None
+    try:
+        faces = read_faces(request)  # bad photos fail before the model loads
+        pipe = load_pipeline_from_args(args)
+        identities = build_identities(pipe, request, bank, faces)
+        run_folder = new_run_folder(out)
+        check = _generate(args, pipe, request, identities, bank, run_folder)
+    except BaseException:
+        remove_empty_folders(run_folder, None if out_existed else out)
+        raise
+    if check is not None and not check.passed:
+        raise FaceCheckFailed(f"face check failed in every attempt; the best images are in {run_folder}")
+    return 0
+
+
+class FaceCheckFailed(UniPortraitError):
+    """``--check-faces``: no attempt had every identity once (the images are still written)."""
+
+    exit_code = 3
+
+
+def _generate(args, pipe, request, identities, bank, run_folder: Path):
+    """Generate (with the face check when asked), write into ``run_folder``, print the paths."""
     result, extra, check = None, None, None
     if args.check_faces:
         from dataclasses import replace
@@ -297,9 +356,9 @@ def run(args: argparse.Namespace) -> int:
         )
         request = replace(request, seed=check.seed)
         extra = {"face_check": json.dumps(check.to_dict())}
-    written = generate_and_write(pipe, request, identities, out, args.save_routing, result, extra)
+    written = generate_and_write(pipe, request, identities, run_folder, args.save_routing, result, extra)
     for path in written:
         print(path)
     if check is not None:
         print(check.summary())
-    return 0
+    return check
