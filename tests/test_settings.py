@@ -20,7 +20,7 @@ BAD = [
     ("width", 100_000, "max_side"),
     ("num_images_per_prompt", 1000, "max_images"),
     ("num_inference_steps", 100_000, "max_steps"),
-    ("faceid_scale", -5.0, "between 0 and 2"),
+    ("faceid_scale", -5.0, "between 0.0 and 2.0"),
     ("guidance_scale", float("nan"), "finite"),
     ("width", 0, "between 64"),
     ("num_inference_steps", 0, "between 1"),
@@ -47,7 +47,7 @@ def test_limits_are_raised_explicitly():
     [
         ("--width", "100000", "--width must be between 64 and 1024, got 100000 (limit max_side; raise it with --max-side)"),
         ("--num-images", "1000", "--num-images must be between 1 and 4"),
-        ("--faceid-scale", "-5", "--faceid-scale must be between 0 and 2"),
+        ("--faceid-scale", "-5", "--faceid-scale must be between 0.0 and 2.0"),
         ("--guidance-scale", "nan", "--guidance-scale must be a finite number"),
         ("--steps", "100000", "--steps must be between 1 and 50"),
         ("--negative-prompt", "x" * 1001, "--negative-prompt is 1001 characters"),

@@ -158,7 +158,7 @@ def _raise_hint(limit: str, style: Style) -> str:
 
 
 def _num(x: float) -> str:
-    return f"{x:g}" if isinstance(x, float) else str(x)
+    return str(x)
 
 
 SINGLE_ID_STRUCTURE_SCALE = 0.1

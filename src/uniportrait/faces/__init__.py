@@ -71,6 +71,10 @@ logger = logging.getLogger(__name__)
 ANALYZER_NAMES: tuple[str, ...] = ("dlib", "dlib-cnn", "insightface")
 PAD_FRACTION = 0.25
 PAD_GREY = (128, 128, 128)
+#: Detection runs on a copy of the photo at most this many pixels on its longest side (faces are
+#: found at this size; time and memory of detection grow with the pixels); alignment uses the
+#: full-resolution photo.
+DETECT_MAX_SIDE = 1024
 SAMPLE_PHOTOS: tuple[str, ...] = (
     "ffhq-0100.jpg",
     "ffhq-0293.jpg",
@@ -99,18 +103,43 @@ def get_face_analyzer(name: str = "dlib", **kwargs: Any) -> FaceAnalyzer:
     raise UniPortraitError(f"unknown face analyzer {name!r}; choose one of {', '.join(ANALYZER_NAMES)}")
 
 
-def detect_faces(image: Image.Image, analyzer: FaceAnalyzer, pad_retry: bool = True) -> list[Face]:
-    """All faces in an RGB image, largest first, with the padded retry when none is found."""
-    faces = analyzer.detect(image)
-    if faces or not pad_retry:
-        return faces
-    pad_x, pad_y = round(PAD_FRACTION * image.width), round(PAD_FRACTION * image.height)
-    padded = Image.new("RGB", (image.width + 2 * pad_x, image.height + 2 * pad_y), PAD_GREY)
-    padded.paste(image.convert("RGB"), (pad_x, pad_y))
-    faces = [face.translated(-pad_x, -pad_y) for face in analyzer.detect(padded)]
-    if faces:
-        logger.debug("found %d face(s) only after padding the image", len(faces))
-    return sort_faces(faces)
+def detect_faces(
+    image: Image.Image, analyzer: FaceAnalyzer, pad_retry: bool = True, max_side: int | None = DETECT_MAX_SIDE
+) -> list[Face]:
+    """All faces in an RGB image, largest first, with the padded retry when none is found.
+
+    The detector sees at most ``max_side`` pixels on the longest side (the padded retry too), so
+    a large photo costs no more time or memory than one of that size; the faces are in the
+    photo's own pixel coordinates either way.
+    """
+    work, scale = _fit(image, max_side)
+    faces = analyzer.detect(work)
+    if not faces and pad_retry:
+        pad_x, pad_y = round(PAD_FRACTION * work.width), round(PAD_FRACTION * work.height)
+        padded = Image.new("RGB", (work.width + 2 * pad_x, work.height + 2 * pad_y), PAD_GREY)
+        padded.paste(work.convert("RGB"), (pad_x, pad_y))
+        padded, shrink = _fit(padded, max_side)
+        faces = [_scaled(f, shrink).translated(-pad_x, -pad_y) for f in analyzer.detect(padded)]
+        if faces:
+            logger.debug("found %d face(s) only after padding the image", len(faces))
+    return sort_faces([_scaled(f, scale) for f in faces])
+
+
+def _fit(image: Image.Image, max_side: int | None) -> tuple[Image.Image, float]:
+    """``image`` shrunk to at most ``max_side`` on its longest side, and the factor used."""
+    scale = 1.0 if max_side is None else min(1.0, max_side / max(image.size))
+    if scale == 1.0:
+        return image, 1.0
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.BILINEAR), scale
+
+
+def _scaled(face: Face, scale: float) -> Face:
+    """A face found on an image shrunk by ``scale``, in the original image's coordinates."""
+    if scale == 1.0:
+        return face
+    box = tuple(v / scale for v in face.box)
+    return Face(box, face.score, face.landmarks / scale)  # type: ignore[arg-type]
 
 
 def extract_faces(

@@ -36,7 +36,7 @@ from uniportrait import __version__
 from uniportrait.bank import IdentityBank
 from uniportrait.errors import UniPortraitError
 from uniportrait.server.config import ServerConfig
-from uniportrait.server.jobs import JobTimeout, QueueFull, WorkQueue
+from uniportrait.server.jobs import ClientGone, JobTimeout, QueueFull, WorkQueue
 from uniportrait.server.security import BrowserGuard, HostPolicy
 from uniportrait.server.service import (
     GenerateRequest,
@@ -152,6 +152,10 @@ def create_app(pipe, config: ServerConfig | None = None, service: PortraitServic
     async def _queue_full(_req, err: QueueFull):
         return error_response(429, "queue_full", str(err), {"Retry-After": str(err.retry_after)})
 
+    @app.exception_handler(ClientGone)
+    async def _client_gone(_req, err: ClientGone):  # nobody reads it; the job was stopped
+        return error_response(499, "client_gone", "the client disconnected; the job was stopped")
+
     @app.exception_handler(JobTimeout)
     async def _timeout(_req, err: JobTimeout):
         return error_response(504, "timeout", str(err))
@@ -212,7 +216,7 @@ def create_app(pipe, config: ServerConfig | None = None, service: PortraitServic
                 return multipart_response(result, job)
             return JSONResponse(result_json(result, job))
 
-        return await queue.run(work, config.timeout_s)
+        return await queue.run(work, config.timeout_s, request.is_disconnected)
 
     @app.get("/v1/identities", tags=["identities"], dependencies=auth)
     async def list_identities() -> dict:
@@ -221,6 +225,7 @@ def create_app(pipe, config: ServerConfig | None = None, service: PortraitServic
 
     @app.post("/v1/identities", tags=["identities"], dependencies=auth, status_code=201)
     async def add_identity(
+        request: Request,
         name: Annotated[str, Form(description="1–64 letters, digits, '_', '.', '-'")],
         photos: Annotated[list[UploadFile], File(description="one or more photos of the person")],
         mix: Annotated[list[UploadFile] | None, File(description="faces to blend in")] = None,
@@ -234,7 +239,11 @@ def create_app(pipe, config: ServerConfig | None = None, service: PortraitServic
             mix_scale=mix_scale,
         )
         service.check_new_identity(name, ident, overwrite)
-        return await queue.run(lambda d: service.add_identity(name, ident, overwrite, d), config.timeout_s)
+        return await queue.run(
+            lambda d: service.add_identity(name, ident, overwrite, d),
+            config.timeout_s,
+            request.is_disconnected,
+        )
 
     @app.get("/v1/identities/{name:path}", tags=["identities"], dependencies=auth)
     async def show_identity(name: str) -> dict:
