@@ -64,7 +64,7 @@ def test_identity_names_with_a_trailing_newline_are_refused(name, tmp_path, caps
     with pytest.raises(IdentityError, match="invalid identity name"):
         check_name(name)
     code = main(
-        ["id", "add", name, str(sample_photo("ffhq-0100")), "--home", str(tmp_path), "--preset", "tiny"]
+        ["id", "--home", str(tmp_path), "add", name, str(sample_photo("ffhq-0100")), "--preset", "tiny"]
     )
     assert code == 2 and "invalid identity name" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
