@@ -143,7 +143,8 @@ class Setting:
                 if high is not None
                 else f"at least {_num(self.low)}"
             )
-            raise SettingError(f"{label} must be {bound}, got {_num(value)}{limit_note}")
+            note = limit_note if value > self.low else ""  # the limit only matters above
+            raise SettingError(f"{label} must be {bound}, got {_num(value)}{note}")
         if self.multiple_of and value % self.multiple_of:
             raise SettingError(f"{label} must be a multiple of {self.multiple_of}, got {value}")
         return value
