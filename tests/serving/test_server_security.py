@@ -3,6 +3,8 @@ DNS rebinding), and the smaller gaps of the REST API, against a live server."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 PROMPT = "a photo of a person"
@@ -87,3 +89,58 @@ def test_internal_errors_are_json(serve, monkeypatch):
 def test_identity_names_with_a_newline_are_refused(client, photos):
     r = client.post("/v1/identities", data={"name": "carol\n"}, files=photo(photos))
     refused(r, 400, "invalid_name")
+
+
+def test_key_guessing_is_slowed_down(serve):
+    client = serve(api_key="right-key")
+    for _ in range(10):
+        refused(client.get("/v1/identities", headers={"X-API-Key": "guess"}), 401, "wrong_api_key")
+    r = client.get("/v1/identities", headers={"X-API-Key": "right-key"})  # even the right one, for now
+    refused(r, 429, "too_many_attempts")
+    assert int(r.headers["retry-after"]) >= 1
+
+
+def test_the_ui_temp_folder_is_swept_and_removed(tmp_path):
+    import os
+    import time
+
+    from uniportrait.server.tempfiles import TempFolder
+
+    temp = TempFolder(ttl_s=60)
+    old, new = temp.path / "abc" / "old.png", temp.path / "new.png"
+    old.parent.mkdir()
+    old.write_bytes(b"x")
+    new.write_bytes(b"y")
+    os.utime(old, (time.time() - 120, time.time() - 120))
+    assert temp.sweep() == 1
+    assert not old.parent.exists() and new.exists()
+    temp.close()
+    assert not temp.path.exists()
+    given = TempFolder(str(tmp_path / "mine"), ttl_s=60)
+    (given.path / "f").write_bytes(b"z")
+    given.close()
+    assert given.path.is_dir() and not any(given.path.iterdir())  # a folder we were given stays
+
+
+def test_the_ui_keeps_its_files_in_the_server_temp_folder_and_removes_them_at_exit(tiny_pipe, tmp_path):
+    import httpx
+
+    from uniportrait.server import create_app
+    from uniportrait.server.config import ServerConfig
+
+    from .support import TEST_LIMITS, live_server
+
+    pytest.importorskip("gradio")
+    config = ServerConfig(
+        limits=TEST_LIMITS, home=str(tmp_path / "home"), ui=True, default_side=64, default_steps=2
+    )
+    app = create_app(tiny_pipe, config)
+    folder = app.state.temp.path
+    with live_server(app) as url:
+        upload = httpx.post(
+            f"{url}/ui/gradio_api/upload", files={"files": ("x.txt", b"not an image")}, timeout=30
+        )
+        assert upload.status_code == 200, upload.text
+        (stored,) = upload.json()
+        assert os.path.realpath(stored).startswith(os.path.realpath(folder))  # not the shared /tmp/gradio
+    assert not folder.exists()  # removed when the server stopped

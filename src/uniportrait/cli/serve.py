@@ -40,6 +40,10 @@ def register(subparsers) -> None:
         "--max-pixels", type=int, default=16_000_000, help="per uploaded photo (default 16000000)"
     )
     parser.add_argument("--no-ui", action="store_true", help="serve only the REST API (no gradio needed)")
+    parser.add_argument("--temp-dir", default=None,
+                        help="the web UI's uploads and results (default: a new folder, removed at exit)")  # fmt: skip
+    parser.add_argument("--temp-ttl", type=float, default=3600.0,
+                        help="delete the UI's temporary files older than this many seconds (default 3600)")  # fmt: skip
     parser.add_argument("--home", default=None, help="identity bank location (default: $UNIPORTRAIT_HOME)")
     add_model_args(parser)
     parser.set_defaults(func=run)
@@ -64,6 +68,8 @@ def config_from_args(args: argparse.Namespace):
             preset=args.preset,  # its default side and steps
             ui=not args.no_ui,
             host=args.host,
+            temp_dir=args.temp_dir,
+            temp_ttl_s=args.temp_ttl,
             allowed_hosts=tuple(h for h in args.allowed_hosts.split(",") if h.strip()),
         )
     except ValueError as err:

@@ -10,7 +10,7 @@ Errors are JSON ``{"detail": "<one-line message>", "code": "<stable code>"}``:
 409    ``identity_exists``, ``encoder_mismatch``
 413    ``upload_too_large`` (one photo, or the whole body), ``too_many_pixels``
 422    ``invalid_request`` (settings, limits on steps / images / identities / size), ``no_face``
-429    ``queue_full``, with a ``Retry-After`` header (seconds)
+429    ``queue_full``, ``too_many_attempts`` (wrong API keys), with a ``Retry-After`` header (seconds)
 500    ``internal_error`` (a bug; the server logs the traceback)
 504    ``timeout`` (the per-request time limit)
 =====  ==========================================================================================
@@ -18,6 +18,7 @@ Errors are JSON ``{"detail": "<one-line message>", "code": "<stable code>"}``:
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import re
@@ -37,7 +38,7 @@ from uniportrait.bank import IdentityBank
 from uniportrait.errors import UniPortraitError
 from uniportrait.server.config import ServerConfig
 from uniportrait.server.jobs import ClientGone, JobTimeout, QueueFull, WorkQueue
-from uniportrait.server.security import BrowserGuard, HostPolicy
+from uniportrait.server.security import BrowserGuard, HostPolicy, KeyGuard
 from uniportrait.server.service import (
     GenerateRequest,
     IdentityRequest,
@@ -45,6 +46,7 @@ from uniportrait.server.service import (
     ServiceError,
     Upload,
 )
+from uniportrait.server.tempfiles import TempFolder
 from uniportrait.server.transport import (
     BodyLimit,
     b64png,
@@ -108,6 +110,16 @@ def require_key(
     expected = request.app.state.config.api_key
     if expected is None:
         return
+    guard: KeyGuard = request.app.state.key_guard
+    client = request.client.host if request.client else "unknown"
+    wait = guard.retry_after(client)
+    if wait:
+        raise ServiceError(
+            429,
+            "too_many_attempts",
+            f"too many wrong API keys; retry in {wait} s",
+            {"Retry-After": str(wait)},
+        )
     given = key or (token.credentials if token else None)
     if not given:
         raise ServiceError(
@@ -116,6 +128,7 @@ def require_key(
             "this server needs an API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
         )
     if not hmac.compare_digest(given.encode(), expected.encode()):
+        guard.failed(client)
         raise ServiceError(401, "wrong_api_key", "the API key is wrong")
 
 
@@ -125,11 +138,19 @@ def create_app(pipe, config: ServerConfig | None = None, service: PortraitServic
     config = config or ServerConfig()
     service = service or PortraitService(pipe, config.limits, IdentityBank(config.home))
     queue = WorkQueue(config.workers, config.queue_size)
+    temp = TempFolder(config.temp_dir, config.temp_ttl_s) if config.ui else None  # the UI's files
 
     @asynccontextmanager
     async def lifespan(_app):
-        yield
-        queue.shutdown()
+        sweeper = asyncio.create_task(_sweep_forever(temp)) if temp is not None else None
+        try:
+            yield
+        finally:
+            queue.shutdown()
+            if sweeper is not None:
+                sweeper.cancel()
+            if temp is not None:
+                temp.close()
 
     app = FastAPI(
         title="UniPortrait",
@@ -138,6 +159,7 @@ def create_app(pipe, config: ServerConfig | None = None, service: PortraitServic
         lifespan=lifespan,
     )
     app.state.service, app.state.queue, app.state.config = service, queue, config
+    app.state.key_guard = KeyGuard()
     if hasattr(pipe, "generation_limits"):  # the pipeline must accept what the server accepts
         pipe.generation_limits = widest_limits(pipe.generation_limits, config.limits)
     app.add_middleware(BodyLimit, limit=config.limits.max_request_bytes)
@@ -145,7 +167,7 @@ def create_app(pipe, config: ServerConfig | None = None, service: PortraitServic
 
     @app.exception_handler(ServiceError)
     async def _service_error(_req, err: ServiceError):
-        headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+        headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else err.headers
         return error_response(err.status, err.code, err.message, headers)
 
     @app.exception_handler(QueueFull)
@@ -259,8 +281,15 @@ def create_app(pipe, config: ServerConfig | None = None, service: PortraitServic
         return {"deleted": name}
 
     if config.ui:
-        mount_ui(app, service, queue, config)
+        mount_ui(app, service, queue, config, temp)
+    app.state.temp = temp
     return app
+
+
+async def _sweep_forever(temp: TempFolder) -> None:
+    while True:
+        await asyncio.sleep(temp.period_s)
+        await asyncio.to_thread(temp.sweep)
 
 
 async def read_upload(upload: StarletteUpload, service: PortraitService, label: str) -> Upload:
@@ -314,8 +343,14 @@ async def identities_from_form(request: Request, service: PortraitService) -> li
     return [people[k] for k in order]
 
 
-def mount_ui(app: FastAPI, service: PortraitService, queue: WorkQueue, config: ServerConfig) -> None:
-    """Mount the Gradio UI at ``/ui`` (password: the API key, when one is set)."""
+def mount_ui(
+    app: FastAPI, service: PortraitService, queue: WorkQueue, config: ServerConfig, temp: TempFolder
+) -> None:
+    """Mount the Gradio UI at ``/ui`` (password: the API key, when one is set); its uploads and
+    results go to ``temp`` (Gradio reads its folder from ``GRADIO_TEMP_DIR`` when the UI is built)."""
+    import os
+
+    os.environ["GRADIO_TEMP_DIR"] = str(temp.path)
     try:
         import gradio as gr
     except ImportError as err:  # pragma: no cover - depends on the environment

@@ -42,6 +42,8 @@ class ServerConfig:
         host: the address the server binds (a name here is also a ``Host`` it answers).
         allowed_hosts: more ``Host`` names to answer (``"*"``: any); localhost and IP
             addresses are always answered (see :mod:`uniportrait.server.security`).
+        temp_dir: where the web UI keeps uploads and results (None: a new folder in the system's
+            temp folder, removed at exit); files older than ``temp_ttl_s`` are deleted.
     """
 
     limits: Limits = field(default_factory=Limits)
@@ -56,6 +58,8 @@ class ServerConfig:
     ui: bool = True
     host: str = "127.0.0.1"
     allowed_hosts: tuple[str, ...] = ()
+    temp_dir: str | None = None
+    temp_ttl_s: float = 3600.0
 
     def __post_init__(self) -> None:
         from uniportrait.presets.registry import preset_defaults
@@ -71,6 +75,8 @@ class ServerConfig:
             raise ConfigError("queue_size must be 0 or more")
         if not self.timeout_s > 0:
             raise ConfigError("timeout_s must be positive")
+        if not self.temp_ttl_s > 0:
+            raise ConfigError("temp_ttl_s must be positive")
 
     @staticmethod
     def api_key_from_env() -> str | None:

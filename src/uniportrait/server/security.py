@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import threading
+import time
+from collections import deque
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
@@ -120,3 +123,36 @@ async def _refuse(scope, send, code: str, message: str) -> None:
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+class KeyGuard:
+    """Slows down API-key guessing: after ``max_failures`` wrong keys from one client address
+    within ``window_s``, that address is refused (HTTP 429) until the window has passed."""
+
+    def __init__(self, max_failures: int = 10, window_s: float = 60.0) -> None:
+        self.max_failures = max_failures
+        self.window_s = window_s
+        self._failures: dict[str, deque[float]] = {}
+        self._lock = threading.Lock()
+
+    def _recent(self, client: str, now: float) -> deque[float]:
+        times = self._failures.setdefault(client, deque())
+        while times and times[0] <= now - self.window_s:
+            times.popleft()
+        return times
+
+    def retry_after(self, client: str) -> int:
+        """Seconds until ``client`` may try again (0: now)."""
+        now = time.monotonic()
+        with self._lock:
+            times = self._recent(client, now)
+            if len(times) < self.max_failures:
+                if not times:
+                    self._failures.pop(client, None)
+                return 0
+            return max(1, int(times[0] + self.window_s - now) + 1)
+
+    def failed(self, client: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._recent(client, now).append(now)

@@ -45,11 +45,12 @@ MAX_SEED = SEED.high
 class ServiceError(Exception):
     """A request the server refuses: ``status`` (HTTP), ``code`` (stable, for programs), message."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.headers = headers
 
 
 @dataclass(frozen=True)
