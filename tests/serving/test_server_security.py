@@ -144,3 +144,18 @@ def test_the_ui_keeps_its_files_in_the_server_temp_folder_and_removes_them_at_ex
         (stored,) = upload.json()
         assert os.path.realpath(stored).startswith(os.path.realpath(folder))  # not the shared /tmp/gradio
     assert not folder.exists()  # removed when the server stopped
+
+
+def test_a_damaged_identity_does_not_break_the_api(serve, photos, tmp_path):
+    client = serve()
+    assert client.post("/v1/identities", data={"name": "alice"}, files=photo(photos)).status_code == 201
+    assert client.post("/v1/identities", data={"name": "bob"}, files=photo(photos)).status_code == 201
+    bob = tmp_path / "home" / "identities" / "bob.safetensors"
+    bob.write_bytes(bob.read_bytes()[:100])
+    listing = client.get("/v1/identities")
+    assert listing.status_code == 200, listing.text
+    entries = {e["name"]: e for e in listing.json()["identities"]}
+    assert entries["bob"]["damaged"] and not entries["bob"]["usable"] and entries["alice"]["usable"]
+    assert client.get("/v1/identities/bob").status_code == 200
+    refused(client.post("/v1/generate", data={**FAST, "id1": "bob"}), 409, "damaged_identity")
+    assert client.delete("/v1/identities/bob").status_code == 200

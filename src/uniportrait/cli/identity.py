@@ -79,6 +79,9 @@ def run_list(args: argparse.Namespace) -> int:
     else:
         print(f"{'NAME':24} {'PHOTOS':>6} {'MIXES':>5}  {'ENCODER':16}  CREATED")
         for i in infos:
+            if i.problem is not None:
+                print(f"{i.name:24} DAMAGED: {i.problem} (remove it: uniportrait id rm {i.name})")
+                continue
             print(f"{i.name:24} {i.references:>6} {i.mixes:>5}  {i.encoder:16}  {i.created}")
     return 0
 

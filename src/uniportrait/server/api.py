@@ -7,7 +7,7 @@ Errors are JSON ``{"detail": "<one-line message>", "code": "<stable code>"}``:
 400    ``invalid_image`` (not an image, corrupt), ``invalid_name`` (identity name)
 401    ``missing_api_key``, ``wrong_api_key`` (only when ``UNIPORTRAIT_API_KEY`` is set)
 404    ``unknown_identity``
-409    ``identity_exists``, ``encoder_mismatch``
+409    ``identity_exists``, ``encoder_mismatch``, ``damaged_identity``
 413    ``upload_too_large`` (one photo, or the whole body), ``too_many_pixels``
 422    ``invalid_request`` (settings, limits on steps / images / identities / size), ``no_face``
 429    ``queue_full``, ``too_many_attempts`` (wrong API keys), with a ``Retry-After`` header (seconds)
@@ -270,7 +270,10 @@ def create_app(pipe, config: ServerConfig | None = None, service: PortraitServic
     @app.get("/v1/identities/{name:path}", tags=["identities"], dependencies=auth)
     async def show_identity(name: str) -> dict:
         """One stored identity, with its aligned reference faces as base64 PNGs."""
-        info = service.describe(service.stored_info(name))
+        stored = service.stored_info(name)
+        info = service.describe(stored)
+        if stored.problem is not None:
+            return {**info, "faces": []}
         identity = service.bank.get(name)
         crops = [] if identity.crops is None else [PIL.Image.fromarray(c.numpy()) for c in identity.crops]
         return {**info, "faces": [b64png(c) for c in crops]}

@@ -315,7 +315,13 @@ class PortraitService:
             ) from None
 
     def stored_identity(self, name: str) -> Identity:
-        self.stored_info(name)
+        info = self.stored_info(name)
+        if info.problem is not None:
+            raise ServiceError(
+                409,
+                "damaged_identity",
+                f"identity {name!r} is damaged ({info.problem}); delete it and add it again",
+            )
         try:
             identity = self.bank.get(name)
         except (IdentityError, OSError):  # deleted meanwhile, or unreadable
@@ -337,7 +343,8 @@ class PortraitService:
             "mixes": info.mixes,
             "created": info.created,
             "encoder": info.encoder,
-            "usable": info.encoder == self.pipe.encoder_id,
+            "usable": info.problem is None and info.encoder == self.pipe.encoder_id,
+            "damaged": info.problem,
         }
 
     def check_new_identity(self, name: str, ident: IdentityRequest, overwrite: bool) -> None:
