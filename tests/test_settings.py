@@ -147,3 +147,22 @@ def test_no_second_definition_of_a_default():
         if pattern.search(line)
     ]
     assert not offenders, offenders
+
+
+def test_every_option_has_help_text():
+    import argparse
+
+    from uniportrait.cli import build_parser
+
+    missing = []
+
+    def walk(parser, prefix):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    walk(sub, f"{prefix} {name}")
+            elif action.option_strings and not action.help:
+                missing.append(f"{prefix} {action.option_strings[0]}")
+
+    walk(build_parser(), "uniportrait")
+    assert not missing, missing

@@ -22,9 +22,10 @@ def register(subparsers) -> None:
     parser.add_argument("--out", default="outputs/demo", help="output folder (default outputs/demo)")
     add_preset_arg(parser, default="tiny")
     parser.add_argument("--steps", type=int, default=None, help="default: the preset's (10 tiny, 25 sd15)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"))
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: cpu)")
+    parser.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
+                        help="weights dtype (default float32)")  # fmt: skip
     parser.set_defaults(func=run, seed_model=0)
 
 

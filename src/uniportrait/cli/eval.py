@@ -42,7 +42,8 @@ def register(subparsers) -> None:
     parser.add_argument("--backbone", metavar="PATH|HUB_ID", default=None,
                         help="curricular backend: the CurricularFace IR-101 file or its folder / Hub repo "
                         "(default: the published UniPortrait repo)")  # fmt: skip
-    parser.add_argument("--insightface-model", default="antelopev2", choices=("antelopev2", "buffalo_l"))
+    parser.add_argument("--insightface-model", default="antelopev2", choices=("antelopev2", "buffalo_l"),
+                        help="insightface model pack for --backend insightface (default antelopev2)")  # fmt: skip
     parser.add_argument("--clip", metavar="MODEL", default=None,
                         help="CLIP model for CLIP-T: a local folder or Hub id (the paper: openai/clip-vit-large-patch14)")  # fmt: skip
     parser.add_argument("--assignment", choices=("hungarian", "greedy"), default="hungarian",

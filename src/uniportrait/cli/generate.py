@@ -52,7 +52,9 @@ def register(subparsers) -> None:
         "from the identity bank (--id-name), in the order given.",
     )
     parser.add_argument("--prompt", required=True, help="free-form text prompt")
-    parser.add_argument("--negative-prompt", default=None)
+    parser.add_argument(
+        "--negative-prompt", default=None, help="what the images should not show (default: none)"
+    )
     parser.add_argument("--id", dest="identities", action=_IdentityArg, metavar="PHOTO[,PHOTO...]",
                         help="photos of one person (repeat for several people)")  # fmt: skip
     parser.add_argument("--id-name", dest="identities", action=_IdentityArg, metavar="NAME",

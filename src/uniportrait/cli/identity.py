@@ -26,12 +26,12 @@ def register(subparsers) -> None:
     add.set_defaults(func=run_add)
 
     lst = sub.add_parser("list", help="list stored identities")
-    lst.add_argument("--json", action="store_true")
+    lst.add_argument("--json", action="store_true", help="print JSON instead of a table")
     lst.set_defaults(func=run_list)
 
     show = sub.add_parser("show", help="show one identity")
     show.add_argument("name")
-    show.add_argument("--json", action="store_true")
+    show.add_argument("--json", action="store_true", help="print JSON instead of text")
     show.add_argument("--crops", default=None, metavar="DIR", help="write its aligned reference crops here")
     show.set_defaults(func=run_show)
 
