@@ -209,21 +209,60 @@ def preflight_sd15(
         wanted.append((safety_checker, "config.json"))
     if ip_adapter:
         wanted.append((ip_adapter, None))
-    missing = []
+    missing: list[tuple[str, str | None]] = []
     for spec, filename in wanted:
         try:
-            resolve_file(spec, filename, "sd15")
+            resolve_file(spec, filename, "sd15", download=False)  # disk and cache only: instant
         except WeightsNotFoundError:
-            missing.append(f"{spec}{'/' + filename if filename else ''}")
-    if missing:
-        from uniportrait.loading import _cache_dir
+            missing.append((spec, filename))
+    if not missing:
+        return
+    from uniportrait.loading import _cache_dir, hub_offline, hub_reachable
 
-        raise WeightsNotFoundError(
-            "the sd15 preset needs the published weights; missing: "
-            + ", ".join(missing)
-            + f". Download them (e.g. `huggingface-cli download {SD15_UNIPORTRAIT}`) into the cache "
-            f"{_cache_dir()} or pass local paths; set HF_HUB_OFFLINE=1 to never contact the Hub."
-        )
+    if not hub_offline() and hub_reachable():
+        return  # the loaders download what is missing (with progress bars)
+    names = ", ".join(f"{spec}{'/' + f if f else ''}" for spec, f in missing)
+    why = "HF_HUB_OFFLINE is set" if hub_offline() else "the Hub cannot be reached"
+    raise WeightsNotFoundError(
+        f"the sd15 preset needs the published weights; missing: {names}. {why}, so nothing was "
+        f"downloaded. Fetch them into the cache {_cache_dir()} on a connected machine with: "
+        + "; ".join(download_commands(missing))
+        + " — or pass local paths (Python: build_sd15_pipeline(base_model=..., vae=..., ...))."
+    )
+
+
+def download_commands(missing: list[tuple[str, str | None]]) -> list[str]:
+    """``hf download`` commands (huggingface_hub's CLI) that fetch exactly what is missing."""
+    from pathlib import Path
+
+    from uniportrait.loading import split_hub_spec
+
+    by_repo: dict[str, list[str]] = {}
+    for spec, filename in missing:
+        if Path(spec).exists() or spec.startswith(("/", ".")):
+            continue  # a local path: nothing to download
+        repo, sub = split_hub_spec(spec)
+        files = by_repo.setdefault(repo, [])
+        if filename is None:
+            files.append(sub or "")
+        elif filename.endswith(("config.json", "vocab.json")):  # a diffusers/transformers folder
+            folder = "/".join(p for p in (sub, filename.rpartition("/")[0]) if p)
+            files.append(f'--include "{folder}/*"' if folder else "")
+        else:
+            files.append("/".join(p for p in (sub, filename) if p))
+    commands = []
+    for repo, files in by_repo.items():
+        wanted = sorted(set(files))
+        if "" in wanted:  # the whole repository's top level
+            commands.append(f"hf download {repo}")
+            continue
+        plain = [f for f in wanted if not f.startswith("--include")]
+        includes = [f.split('"')[1] for f in wanted if f.startswith("--include")]
+        if plain:
+            commands.append(f"hf download {repo} {' '.join(plain)}")
+        if includes:
+            commands.append(f"hf download {repo} --include {' '.join(repr(i) for i in includes)}")
+    return commands
 
 
 def load_preset(name: str = "tiny", **kwargs):
