@@ -11,7 +11,7 @@ from uniportrait.errors import WeightsNotFoundError
 
 @pytest.fixture
 def empty_cache(tmp_path, monkeypatch):
-    import huggingface_hub
+    import huggingface_hub.constants
 
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
@@ -49,3 +49,27 @@ def test_missing_weights_fail_fast_with_exact_commands(empty_cache, monkeypatch,
         assert attempts == []  # offline: not even one attempt
     else:
         assert "cannot be reached" in message and len(attempts) == 1  # one bounded attempt
+
+
+def test_cli_takes_local_paths_for_every_sd15_part(tmp_path, capsys, empty_cache, monkeypatch):
+    from uniportrait.cli import main
+    from uniportrait.faces import sample_photo
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    parts = {
+        f: tmp_path / "local" / f for f in ("base-model", "vae", "image-encoder", "uniportrait", "ip-adapter")
+    }
+    args = ["generate", "--prompt", "p", "--id", str(sample_photo("ffhq-0100")), "--out", str(tmp_path / "o"),
+            "--preset", "sd15"]  # fmt: skip
+    for flag, path in parts.items():
+        args += [f"--{flag}", str(path)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    for path in parts.values():
+        assert str(path) in err  # each local path was used (and reported missing), not the Hub id
+    assert "SG161222" not in err and "Junjie96" not in err
+    assert (
+        main(["generate", "--prompt", "p", "--out", str(tmp_path / "o"), "--preset", "tiny", "--vae", "x"])
+        == 2
+    )
+    assert "use them with --preset sd15" in capsys.readouterr().err

@@ -79,7 +79,24 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         help="run diffusers' NSFW safety checker (CompVis/stable-diffusion-safety-checker) on the images; "
         "flagged images come back black (sd15 preset)",
     )
+    for flag, what in SD15_PARTS.items():
+        group.add_argument(
+            f"--{flag}",
+            default=None,
+            metavar="PATH_OR_ID",
+            help=f"sd15: {what} (a local folder/file or a Hub id; default: the published one)",
+        )
     group.add_argument("--seed-model", type=int, default=0, help=argparse.SUPPRESS)  # tiny preset weights
+
+
+#: --option → what it replaces in the sd15 preset (the argument of build_sd15_pipeline: dashes → _).
+SD15_PARTS = {
+    "base-model": "the base model (a diffusers folder with unet/, text_encoder/, tokenizer/)",
+    "vae": "the VAE folder",
+    "image-encoder": "the CLIP image encoder folder",
+    "uniportrait": "the UniPortrait files (a folder with the published .bin files, or our adapter folder)",
+    "ip-adapter": "the IP-Adapter file (ip-adapter_sd15.bin)",
+}
 
 
 def load_pipeline_from_args(args: argparse.Namespace):
@@ -91,6 +108,13 @@ def load_pipeline_from_args(args: argparse.Namespace):
     adapter = getattr(args, "adapter", None)
     if adapter is not None and not Path(adapter).is_dir():
         raise UniPortraitError(f"--adapter {adapter}: not a folder")
+    given = [f"--{f}" for f in SD15_PARTS if getattr(args, f.replace("-", "_"), None) is not None]
+    if given and args.preset != "sd15":
+        raise UniPortraitError(
+            f"{', '.join(given)} replace parts of the sd15 preset: use them with --preset sd15"
+        )
+    if given and adapter is not None and "--uniportrait" in given:
+        raise UniPortraitError("give the UniPortrait weights once: --adapter or --uniportrait")
     if getattr(args, "safety_checker", False) and args.preset == "tiny":
         raise UniPortraitError("--safety-checker needs real weights: use it with --preset sd15")
     if args.preset == "tiny":
@@ -105,6 +129,10 @@ def load_pipeline_from_args(args: argparse.Namespace):
             kwargs["safety_checker"] = SAFETY_CHECKER
         if adapter is not None:
             kwargs["uniportrait"] = adapter
+        for flag in SD15_PARTS:
+            value = getattr(args, flag.replace("-", "_"), None)
+            if value is not None:
+                kwargs[flag.replace("-", "_")] = value
         kwargs["device"] = args.device
         kwargs["torch_dtype"] = getattr(torch, args.dtype) if args.dtype else None
     pipe = load_preset(args.preset, **kwargs)
