@@ -80,3 +80,35 @@ def test_temp_files_of_killed_adds_are_cleaned(tmp_path):
 def test_printing_an_identity_shows_no_tensors():
     text = repr(_identity())
     assert "tensor(" not in text and "references=1" in text and len(text) < 200
+
+
+def test_an_old_alignment_file_is_listed_as_old_not_damaged(tmp_path, capsys):
+    from safetensors import safe_open
+
+    bank = IdentityBank(tmp_path)
+    ident = _identity()
+    ident.aligner = "mtcnn+norm_crop"
+    for name in ("new", "old", "bad"):
+        bank.add(name, ident)
+    path = bank.path("old")  # as the previous default wrote it: version 1, no aligner
+    with safe_open(str(path), framework="pt") as f:
+        meta = {k: v for k, v in f.metadata().items() if k != "aligner"} | {"version": "1"}
+    save_file(load_file(str(path)), str(path), metadata=meta)
+    _damage(bank.path("bad"), "nan")
+
+    rows = {i.name: i.to_dict() for i in bank.list()}
+    assert (
+        rows["new"]["current"]
+        and rows["new"]["damaged"] is None
+        and rows["new"]["aligner"] == "mtcnn+norm_crop"
+    )
+    assert not rows["old"]["current"] and rows["old"]["damaged"] is None
+    assert rows["old"]["aligner"] == "dlib-5pt+pil-bicubic"
+    assert not rows["bad"]["current"] and "finite" in rows["bad"]["damaged"]
+    with pytest.raises(IdentityError, match="old face alignment"):
+        bank.get("old")
+    with pytest.raises(IdentityError, match="damaged"):
+        bank.get("bad")
+    loaded = bank.get("new")
+    assert loaded.aligner == "mtcnn+norm_crop" and "aligner='mtcnn+norm_crop'" in repr(loaded)
+    assert "tensor" not in repr(loaded)
