@@ -40,11 +40,33 @@ from uniportrait.identity import (
 )
 from uniportrait.models.attention import AttentionCall, RoutingRecorder, UniPortraitAttnProcessor
 from uniportrait.models.fusion import FusedLoRA, LoRAFusion, WeightsSignature
+from uniportrait.presets.registry import PresetDefaults
+from uniportrait.settings import (
+    CONTROLNET_SCALE,
+    ETA,
+    FACEID_SCALE,
+    GUIDANCE_SCALE,
+    IP_SCALE,
+    LORA_SCALE,
+    MULTI_ID_STRUCTURE_SCALE,
+    NUM_IMAGES,
+    SINGLE_ID_STRUCTURE_SCALE,
+    STEPS,
+    GenerationLimits,
+    SettingError,
+    check_prompt,
+    check_settings,
+    default_structure_scale,
+)
 
 logger = logging.getLogger(__name__)
 
-SINGLE_ID_STRUCTURE_SCALE = 0.1
-MULTI_ID_STRUCTURE_SCALE = 0.3
+__all__ = [
+    "MULTI_ID_STRUCTURE_SCALE",
+    "SINGLE_ID_STRUCTURE_SCALE",
+    "UniPortraitPipeline",
+    "UniPortraitPipelineOutput",
+]
 
 
 @dataclass
@@ -116,6 +138,12 @@ class UniPortraitPipeline(DiffusionPipeline):
         )
         # Identities remember which encoder made them; computed while weights are float32.
         self.encoder_id = encoder_id or encoder_fingerprint(face_backbone, image_encoder)
+        # Call defaults: the UNet's native size (as diffusers does); a preset sets its own.
+        self.generation_defaults = PresetDefaults(
+            side=int(unet.config.sample_size) * self.vae_scale_factor, steps=STEPS.default
+        )
+        # What one call may cost (see uniportrait.settings); raise explicitly when you mean to.
+        self.generation_limits = GenerationLimits()
         # Per-instance caches, safe to share between concurrent calls (see models/fusion.py).
         self._lora_fusion = LoRAFusion()
         self._fuse_lora = True
@@ -329,29 +357,44 @@ class UniPortraitPipeline(DiffusionPipeline):
         num_images_per_prompt,
         latents,
         output_type,
+        **settings: Any,
     ) -> None:
-        if isinstance(prompt, str):
-            prompt = [prompt]
-        if not isinstance(prompt, list) or not prompt or not all(isinstance(p, str) for p in prompt):
-            raise UniPortraitError("prompt must be a non-empty string or list of strings")
+        """Refuse anything outside the ranges of :mod:`uniportrait.settings`; ``settings``: the
+        other scales by their argument names (``guidance_scale``, ``lora_scale``, ...)."""
+        # The ranges of uniportrait.settings (the CLI and the server use the same ones).
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(prompts, list) or not prompts:
+            raise SettingError("prompt must be a non-empty string or list of strings")
+        limits = self.generation_limits
+        for p in prompts:
+            check_prompt(p, "prompt", limits, required=False)
         if negative_prompt is not None:
             negs = [negative_prompt] if isinstance(negative_prompt, str) else negative_prompt
-            if not isinstance(negs, list) or len(negs) != len(prompt):
-                raise UniPortraitError("negative_prompt must be a string or a list as long as prompt")
-        if height % self.vae_scale_factor or width % self.vae_scale_factor or height <= 0 or width <= 0:
-            raise UniPortraitError(f"height and width must be positive multiples of {self.vae_scale_factor}")
-        if int(num_inference_steps) < 1:
-            raise UniPortraitError("num_inference_steps must be at least 1")
-        if int(num_images_per_prompt) < 1:
-            raise UniPortraitError("num_images_per_prompt must be at least 1")
-        for label, value in (("faceid_scale", faceid_scale), ("ip_scale", ip_scale)):
-            if not isinstance(value, (int, float)) or not np.isfinite(value):
-                raise UniPortraitError(f"{label} must be a finite number")
-        if face_structure_scale is not None and (
-            not isinstance(face_structure_scale, (int, float)) or not 0.0 <= face_structure_scale <= 1.0
-        ):
-            raise UniPortraitError(
-                "face_structure_scale must be in [0, 1] (typical: 0.1 single-ID, 0.3 multi-ID)"
+            if not isinstance(negs, list) or len(negs) != len(prompts):
+                raise SettingError("negative_prompt must be a string or a list as long as prompt")
+            for p in negs:
+                check_prompt(p, "negative_prompt", limits, required=False)
+        check_settings(
+            {
+                "num_inference_steps": num_inference_steps,
+                "height": height,
+                "width": width,
+                "num_images_per_prompt": num_images_per_prompt,
+                "faceid_scale": faceid_scale,
+                "face_structure_scale": face_structure_scale,
+                "ip_scale": ip_scale,
+                **settings,
+            },
+            limits,
+            num_identities=len(identities),
+        )
+        if height % self.vae_scale_factor or width % self.vae_scale_factor:
+            raise SettingError(f"height and width must be multiples of {self.vae_scale_factor}")
+        train_steps = getattr(self.scheduler.config, "num_train_timesteps", None)
+        if train_steps is not None and num_inference_steps > train_steps:
+            raise SettingError(
+                f"num_inference_steps must be at most {train_steps} (the scheduler's training steps), "
+                f"got {num_inference_steps}"
             )
         for ident in identities:
             self.check_identity(ident)
@@ -383,24 +426,24 @@ class UniPortraitPipeline(DiffusionPipeline):
         prompt: str | list[str],
         identities: Sequence[Identity] | None = None,
         negative_prompt: str | list[str] | None = None,
-        faceid_scale: float = 0.7,
+        faceid_scale: float = FACEID_SCALE.default,
         face_structure_scale: float | None = None,
         ip_image: PIL.Image.Image | None = None,
-        ip_scale: float = 0.0,
+        ip_scale: float = IP_SCALE.default,
         faceid_masks: Any = None,
         control_image: Any = None,
-        controlnet_conditioning_scale: float = 1.0,
-        num_inference_steps: int = 25,
-        guidance_scale: float = 7.5,
-        height: int = 512,
-        width: int = 512,
-        num_images_per_prompt: int = 1,
+        controlnet_conditioning_scale: float = CONTROLNET_SCALE.default,
+        num_inference_steps: int | None = None,
+        guidance_scale: float = GUIDANCE_SCALE.default,
+        height: int | None = None,
+        width: int | None = None,
+        num_images_per_prompt: int = NUM_IMAGES.default,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
-        eta: float = 0.0,
+        eta: float = ETA.default,
         output_type: str = "pil",
         return_routing_maps: bool = False,
-        lora_scale: float = 1.0,
+        lora_scale: float = LORA_SCALE.default,
         callback_on_step_end: Callable[[UniPortraitPipeline, int, torch.Tensor, dict], dict] | None = None,
         return_dict: bool = True,
     ) -> UniPortraitPipelineOutput | tuple:
@@ -413,6 +456,8 @@ class UniPortraitPipeline(DiffusionPipeline):
             faceid_scale: weight of identity attention (0 ignores the identities' tokens).
             face_structure_scale: structure-branch scale in the Q-Former; None → 0.1 for one
                 identity, 0.3 for several.
+            num_inference_steps, height, width: None → the preset's defaults
+                (``pipe.generation_defaults``; the UNet's native size for other pipelines).
             ip_image, ip_scale: optional IP-Adapter image prompt (style/scene).
             faceid_masks: (N, H, W) masks that replace the router (soft, normalised per pixel).
             control_image, controlnet_conditioning_scale: optional ControlNet input; the
@@ -425,16 +470,22 @@ class UniPortraitPipeline(DiffusionPipeline):
             Others: as in diffusers' StableDiffusionPipeline.
         """
         identities = list(identities or [])
+        # 0. Default size and steps (the preset's)
+        defaults = self.generation_defaults
+        height = defaults.side if height is None else height
+        width = defaults.side if width is None else width
+        num_inference_steps = defaults.steps if num_inference_steps is None else num_inference_steps
         # 1. Check inputs
         self.check_inputs(
             prompt, identities, negative_prompt, faceid_scale, face_structure_scale, ip_image, ip_scale,
             faceid_masks, control_image, num_inference_steps, height, width, num_images_per_prompt,
-            latents, output_type,
+            latents, output_type, guidance_scale=guidance_scale, lora_scale=lora_scale, eta=eta,
+            controlnet_conditioning_scale=controlnet_conditioning_scale,
         )  # fmt: skip
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         n_ids = len(identities)
         if face_structure_scale is None:
-            face_structure_scale = SINGLE_ID_STRUCTURE_SCALE if n_ids <= 1 else MULTI_ID_STRUCTURE_SCALE
+            face_structure_scale = default_structure_scale(n_ids)
 
         # 2. Define call parameters
         device = self._execution_device

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from uniportrait.errors import ConfigError
 from uniportrait.models._loading import (
     ConfigWeightsMixin,
     config_from_dict,
@@ -39,7 +40,7 @@ class ImageProjectionConfig:
     def __post_init__(self) -> None:
         bad = [k for k, v in self.to_dict().items() if not isinstance(v, int) or v < 1]
         if bad:
-            raise ValueError(f"ImageProjectionConfig: {', '.join(bad)} must be positive integers")
+            raise ConfigError(f"ImageProjectionConfig: {', '.join(bad)} must be positive integers")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -65,7 +66,7 @@ class ImageProjection(ConfigWeightsMixin, nn.Module):
         """(B, clip_embed_dim) CLIP image embeddings → (B, num_tokens, cross_attention_dim) tokens."""
         cfg = self.config
         if image_embeds.ndim != 2 or image_embeds.shape[-1] != cfg.clip_embed_dim:
-            raise ValueError(
+            raise ConfigError(
                 f"image_embeds must be (B, {cfg.clip_embed_dim}), got {tuple(image_embeds.shape)}"
             )
         tokens = self.proj(image_embeds.to(self.proj.weight.dtype))  # (B, N*D)
