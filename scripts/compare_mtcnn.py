@@ -83,7 +83,8 @@ def _install_stand_in(folder: Path) -> None:
     (package / "ops" / "boxes.py").write_text(textwrap.dedent(NMS_STAND_IN))
     (package / "transforms" / "__init__.py").write_text("")
     (package / "transforms" / "functional.py").write_text(
-        "def to_tensor(pic):\n    raise NotImplementedError\n"
+        # imported by facenet_pytorch at import time, never called by MTCNN.detect
+        'def to_tensor(pic):\n    raise RuntimeError("torchvision stand-in: to_tensor is not available")\n'
     )
     for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
         del sys.modules[name]

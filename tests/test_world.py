@@ -225,3 +225,15 @@ def test_world_backend_matches_people_in_a_group_picture():
     # the face matched to each reference is the one drawn at that person's place
     for ref_index, face_index in enumerate(match.face_of_reference):
         assert abs(faces[face_index].box[0] - group.boxes[ref_index][0]) < 4
+
+
+def test_world_commands_refuse_bad_input_before_writing(tmp_path):
+    from uniportrait.cli import main
+
+    out = tmp_path / "report"
+    assert main(["-q", "world", "report", "--work", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+    assert not out.exists()
+    (tmp_path / "file.txt").write_text("x")
+    assert main(["-q", "world", "render", "--out", str(tmp_path / "file.txt" / "data"), "--count", "1"]) == 2
+    assert main(["-q", "world", "build", "--work", str(tmp_path / "w"), "--stages", "nope"]) == 2
+    assert not (tmp_path / "w").exists()

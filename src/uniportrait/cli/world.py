@@ -89,6 +89,8 @@ def _render(args: argparse.Namespace) -> int:
         raise UniPortraitError(
             "--count and --renders-per-identity must be positive and --identities at least --people"
         )
+    from uniportrait.cli._common import check_output_folder
+
     sizes = {(64, 64) if p == 1 else (128, 64) for p in people}
     if len(sizes) > 1:
         raise UniPortraitError(
@@ -98,6 +100,7 @@ def _render(args: argparse.Namespace) -> int:
         count=args.count, people=people, identities=args.identities, held_out=args.held_out,
         renders_per_identity=args.renders_per_identity, seed=args.seed,
     )  # fmt: skip
+    check_output_folder(args.out)
     rows = write_dataset(args.out, options, progress=not args.quiet)
     print(f"{args.out}: {rows} pictures")
     return 0
@@ -107,9 +110,26 @@ def _report(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
+    from uniportrait.cli._common import check_output_folder
+    from uniportrait.errors import UniPortraitError
     from uniportrait.world.build import WORLD_ASSETS
-    from uniportrait.world.report import run_report
+    from uniportrait.world.report import REPORT_INPUTS, run_report
 
-    report = run_report(Path(args.work), Path(args.assets or WORLD_ASSETS), Path(args.out), quick=args.quick)
+    missing = [
+        str(Path(args.work) / "data" / name)
+        for name in REPORT_INPUTS
+        if not (Path(args.work) / "data" / name).is_file()
+    ]
+    if missing:
+        raise UniPortraitError(
+            f"world report needs the build's held-out data; missing: {', '.join(missing)} (run `uniportrait world build --work {args.work} --stages render,crops`)"
+        )
+    assets = Path(args.assets or WORLD_ASSETS)
+    if not (assets / "base" / "model_index.json").is_file():
+        raise UniPortraitError(
+            f"world report: {assets} holds no world weights (base/model_index.json is missing)"
+        )
+    check_output_folder(args.out)
+    report = run_report(Path(args.work), assets, Path(args.out), quick=args.quick)
     print(json.dumps(report, indent=2))
     return 0

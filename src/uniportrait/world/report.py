@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from uniportrait.world.faces import aligned_crops
 from uniportrait.world.traits import (
     CONTINUOUS_TRAITS,
     DISCRETE_TRAITS,
@@ -19,6 +20,9 @@ from uniportrait.world.traits import (
 )
 
 logger = logging.getLogger(__name__)
+
+#: Files of ``<work>/data`` the report reads (written by ``world build``'s render and crops stages).
+REPORT_INPUTS = ("singles_val.npz", "groups_val.npz", "crops_val.npz")
 
 
 # -- generic measures -------------------------------------------------------------------------------
@@ -191,7 +195,10 @@ def vae_report(vae, oracles, data_dir: Path, count: int = 600) -> dict:
     # Face Sim against another render of the same identity, for the render and its reconstruction
     idents = data["identities"][:count, 0]
     refs = reference_index(data["identities"][:, 0], np.arange(count))
-    emb = lambda imgs, idx: oracles.describe_crops(_crops(imgs, data["landmarks"][idx, 0]))["embedding"]  # noqa: E731
+
+    def emb(imgs: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        return oracles.describe_crops(aligned_crops(imgs, data["landmarks"][idx, 0]))["embedding"]
+
     ref_emb = emb(data["images"][refs], refs)
     sim_render = (emb(images, np.arange(count)) * ref_emb).sum(1)
     sim_rec = (emb(rec_u8, np.arange(count)) * ref_emb).sum(1)
@@ -216,12 +223,6 @@ def reference_index(identities: np.ndarray, rows: np.ndarray) -> np.ndarray:
         others = same[same != r]
         out[k] = others[0] if len(others) else r
     return out
-
-
-def _crops(images: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
-    from uniportrait.world.faces import aligned_crops
-
-    return aligned_crops(images, landmarks)
 
 
 # -- base model -------------------------------------------------------------------------------------
@@ -296,7 +297,9 @@ def reference_embeddings(oracles, specs, seed: int = 99) -> list[np.ndarray]:
         embs = []
         for person in spec.people:
             ref = sample_spec(rng, [person.identity], seed=int(rng.integers(1 << 31))).render()
-            embs.append(oracles.describe_crops(_crops(ref.image[None], ref.landmarks[:1]))["embedding"][0])
+            embs.append(
+                oracles.describe_crops(aligned_crops(ref.image[None], ref.landmarks[:1]))["embedding"][0]
+            )
         out.append(np.stack(embs))
     return out
 
@@ -401,8 +404,8 @@ def run_report(work: Path, assets: Path, out: Path, quick: bool = False) -> dict
 
     from uniportrait.world.oracles import WorldOracles
 
-    out.mkdir(parents=True, exist_ok=True)
     oracles = WorldOracles(assets / "oracles")
+    out.mkdir(parents=True, exist_ok=True)
     data_dir = work / "data"
     report = {"oracles": oracle_report(oracles, data_dir)}
     logger.info("oracles: %s", json.dumps(report["oracles"]["recogniser"]))

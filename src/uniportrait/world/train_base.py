@@ -74,13 +74,10 @@ def train_vae(data_dir: Path, out: Path, steps: int = 3000, batch: int = 32, lr:
 
 
 def clip_normalise(x: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) in [-1, 1] → CLIP-normalised."""
-    from uniportrait.identity import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    """(B, 3, H, W) in [-1, 1] → CLIP-normalised, as the pipeline feeds the image encoder."""
+    from uniportrait.identity import clip_pixels
 
-    x = (x + 1.0) / 2.0
-    mean = x.new_tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1)
-    std = x.new_tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return clip_pixels((x + 1.0) / 2.0, x.shape[-1])
 
 
 def tokenize(tokenizer, captions) -> torch.Tensor:
