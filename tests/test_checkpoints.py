@@ -43,7 +43,8 @@ def _published_by_hand(pipe) -> dict[str, dict]:
     faceid_procs: dict[str, torch.Tensor] = {}
     router_procs: dict[str, torch.Tensor] = {}
     ip_procs: dict[str, torch.Tensor] = {}
-    for i, (name, proc) in enumerate(pipe.unet.attn_processors.items()):
+    for i, (name, handle) in enumerate(pipe.unet.attn_processors.items()):
+        proc = handle.processor
         for p in PROJ:
             single, multi = getattr(proc, f"to_{p}_lora"), getattr(proc, f"to_{p}_multi_id_lora")
             for part in ("down", "up"):

@@ -28,7 +28,7 @@ from torch import nn
 from uniportrait.errors import CheckpointError, WeightsNotFoundError
 from uniportrait.models._loading import config_from_dict, load_state_dict_strict
 from uniportrait.models._mixins import DeviceDtypeMixin
-from uniportrait.models.attention import UniPortraitAttnProcessor
+from uniportrait.models.attention import AttachedProcessor, UniPortraitAttnProcessor
 from uniportrait.models.face_backbone import IRBackbone, IRBackboneConfig
 from uniportrait.models.image_proj import ImageProjection, ImageProjectionConfig
 from uniportrait.models.qformer import IDQFormer, QFormerConfig
@@ -175,9 +175,21 @@ class UniPortraitAdapter(DeviceDtypeMixin, nn.Module):
             )
 
     def attach(self, unet: nn.Module) -> None:
-        """Install this adapter's processors on ``unet`` (the UNet's own weights are untouched)."""
+        """Install this adapter's processors on ``unet`` (the UNet's own weights are untouched).
+
+        The UNet gets :class:`~uniportrait.models.attention.AttachedProcessor` handles, not the
+        processor modules, so its ``state_dict`` keeps only its own weights.
+        """
         self.check_unet(unet)
-        unet.set_attn_processor(dict(zip([layer.name for layer in self.config.layers], self.processors)))
+        names = [layer.name for layer in self.config.layers]
+        unet.set_attn_processor({n: AttachedProcessor(p) for n, p in zip(names, self.processors)})
+
+    def is_attached(self, unet: nn.Module) -> bool:
+        """Whether every attention layer of ``unet`` runs this adapter's processor."""
+        installed = list(unet.attn_processors.values())
+        return len(installed) == len(self.processors) and all(
+            isinstance(h, AttachedProcessor) and h.processor is p for h, p in zip(installed, self.processors)
+        )
 
     # -- named state dict (our format) ---------------------------------------------------------
 
