@@ -144,7 +144,9 @@ def build_unet_and_adapter(device: torch.device, dtype: torch.dtype, seed: int =
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel.from_config(SD15_UNET).eval()
-        adapter = UniPortraitAdapter(AdapterConfig.from_unet(unet, QFormerConfig(dim=768), lora_rank=128))
+        adapter = UniPortraitAdapter.from_sizes(
+            AdapterConfig.from_unet(unet, QFormerConfig(dim=768), lora_rank=128)
+        )
         for name, param in adapter.named_parameters():
             if name.endswith("up.weight"):  # zero-initialised; a trained LoRA is not
                 torch.nn.init.normal_(param, std=1e-3)
@@ -204,7 +206,7 @@ def bench_unet(args, device, dtype, timer: Timer) -> dict:
             )
 
     plain = AttnProcessor2_0()
-    processors = dict(zip([layer.name for layer in adapter.config.layers], adapter.processors))
+    processors = dict(zip([layer.name for layer in adapter.layers], adapter.processors))
 
     def step(name: str) -> Callable[[], object]:
         call = configs[name]
@@ -269,7 +271,7 @@ def bench_identity(args, device, dtype, timer: Timer) -> dict:
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        backbone = IRBackbone(IRBackboneConfig.from_variant("ir101")).eval().to(device, dtype)
+        backbone = IRBackbone.from_sizes(IRBackboneConfig.from_variant("ir101")).eval().to(device, dtype)
         clip = CLIPVisionModelWithProjection(CLIPVisionConfig(**VIT_H)).eval().to(device, dtype)
     crop = torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     runs = [timer(lambda: encode_face_features(backbone, clip, crop)) for _ in range(1 + args.repeats)][1:]

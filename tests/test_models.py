@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -37,7 +39,7 @@ def _qinputs(b: int = 3, ti: int = 49, ts: int = 20, seed: int = 1) -> tuple[tor
 
 def _ir(seed: int = 0, **overrides) -> IRBackbone:
     torch.manual_seed(seed)
-    model = IRBackbone(IRBackboneConfig(**{**SMALL_IR, **overrides}))
+    model = IRBackbone.from_sizes(IRBackboneConfig(**{**SMALL_IR, **overrides}))
     # Non-trivial BatchNorm statistics so that eval-mode outputs exercise the buffers.
     with torch.no_grad():
         for m in model.modules():
@@ -241,7 +243,7 @@ def test_ir101_tface_layout():
     assert config == IRBackboneConfig()
     assert config.stage_ends == (2, 15, 45, 48)
     with torch.device("meta"):
-        model = IRBackbone(config)
+        model = IRBackbone.from_sizes(config)
     state = model.state_dict()
     bodies = {int(k.split(".")[1]) for k in state if k.startswith("body.")}
     assert bodies == set(range(49))
@@ -292,13 +294,34 @@ def test_ir_save_load_round_trip(tmp_path):
     model = _ir()
     model.save_pretrained(tmp_path / "ir")
     loaded = IRBackbone.from_pretrained(tmp_path / "ir").eval()
-    assert loaded.config == model.config
+    assert loaded.sizes == model.sizes
+    assert json.loads((tmp_path / "ir" / "config.json").read_text())["_class_name"] == "IRBackbone"
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
     faces = _faces()
     assert torch.equal(loaded(faces).embedding, model(faces).embedding)
     with pytest.raises(WeightsNotFoundError):
         IRBackbone.from_pretrained(tmp_path / "missing")
+
+
+def test_ir_reads_the_first_round_folder_format(tmp_path):
+    """config.json with the dataclass's fields + model.safetensors, as the first round wrote them."""
+    from uniportrait.models._loading import save_config_and_weights
+
+    model = _ir()
+    save_config_and_weights(model, model.sizes.to_dict(), tmp_path / "old")
+    loaded = IRBackbone.from_pretrained(tmp_path / "old").eval()
+    faces = _faces()
+    assert torch.equal(loaded(faces).embedding, model(faces).embedding)
+    state = model.state_dict()
+    state.pop(next(iter(state)))
+    bad_folder = tmp_path / "bad"
+    from safetensors.torch import save_file
+
+    save_config_and_weights(model, model.sizes.to_dict(), bad_folder)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(bad_folder / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="missing"):
+        IRBackbone.from_pretrained(bad_folder)
 
 
 def test_ir_config_dict():

@@ -79,6 +79,28 @@ class UniPortraitPipelineOutput:
     nsfw_content_detected: list[bool] | None = None
 
 
+#: The module :meth:`UniPortraitPipeline.save_pretrained` writes beside ``model_index.json``.
+PIPELINE_MODULE = "uniportrait_pipeline"
+PIPELINE_MODULE_SOURCE = "from uniportrait.pipeline import UniPortraitPipeline  # noqa: F401\n"
+
+
+def is_saved_pipeline(folder: Path) -> bool:
+    """A folder written by :meth:`UniPortraitPipeline.save_pretrained`.
+
+    Raises:
+        UniPortraitError: the folder names our pipeline but its module is not the one we write
+            (it would run arbitrary code).
+    """
+    module = folder / f"{PIPELINE_MODULE}.py"
+    if not (folder / "model_index.json").is_file() or not module.is_file():
+        return False
+    if module.read_text() != PIPELINE_MODULE_SOURCE:
+        raise UniPortraitError(
+            f"{module} is not the module UniPortraitPipeline.save_pretrained writes; refusing to run it"
+        )
+    return True
+
+
 class ProcessorsReplacedError(UniPortraitError):
     """The UNet's attention processors are not UniPortrait's (identities cannot be applied)."""
 
@@ -148,6 +170,7 @@ class UniPortraitPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Tex
         )
         # Identities remember which encoder made them; computed while weights are float32.
         self.encoder_id = encoder_id or encoder_fingerprint(face_backbone, image_encoder)
+        self.register_to_config(encoder_id=self.encoder_id)  # saved in model_index.json
         # Per-instance caches, safe to share between concurrent calls (see models/fusion.py).
         self._lora_fusion = LoRAFusion()
         self._fuse_lora = True
@@ -159,54 +182,53 @@ class UniPortraitPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Tex
     def from_pretrained(
         cls, base_model, uniportrait=None, image_encoder=None, **kwargs
     ) -> UniPortraitPipeline:
-        """Load a pipeline; see :func:`uniportrait.loading.load_pipeline` for the arguments."""
+        """Load a pipeline.
+
+        A folder written by :meth:`save_pretrained` (``model_index.json``) loads through
+        diffusers' ``DiffusionPipeline.from_pretrained`` (``torch_dtype`` and its other options
+        apply). Otherwise see :func:`uniportrait.loading.load_pipeline` for the arguments.
+        """
+        folder = Path(base_model) if isinstance(base_model, (str, os.PathLike)) else None
+        if folder is not None and uniportrait is None and image_encoder is None and is_saved_pipeline(folder):
+            device = kwargs.pop("device", None)
+            # Only our own one-line module is trusted (see save_pretrained); anything else is refused.
+            pipe = super().from_pretrained(folder, trust_remote_code=True, **kwargs)
+            return pipe.to(device) if device is not None else pipe
         from uniportrait.loading import load_pipeline
 
         return load_pipeline(base_model, uniportrait=uniportrait, image_encoder=image_encoder, **kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
-        """Save the whole pipeline so that ``UniPortraitPipeline.from_pretrained(folder)`` reloads it.
+        """Save the whole pipeline in diffusers' layout, with ``model_index.json``.
 
-        The SD components and the image encoder (and ControlNet) go in diffusers' layout; the
-        adapter and face backbone in our format under ``uniportrait/``; the UNet is saved with
-        diffusers' own attention processors (its weights only). Written to a temporary folder and moved into place: a failure leaves nothing behind.
+        Every component goes in its folder through its own ``save_pretrained`` (the UNet with its
+        own weights only; the adapter and face backbone as diffusers models), plus
+        ``uniportrait_pipeline.py``, a one-line module naming our pipeline class, so that
+        ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` and
+        ``UniPortraitPipeline.from_pretrained(folder)`` both reload it. Written to a temporary
+        folder and moved into place: a failure leaves nothing behind.
         """
+        import json
         import shutil
         import tempfile
-
-        from uniportrait.loading import SAVED_ADAPTER
 
         target = Path(save_directory)
         if target.exists() and any(target.iterdir()):
             raise UniPortraitError(f"{target} exists and is not empty")
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        processors = self.unet.attn_processors
         try:
-            from diffusers.models.attention_processor import AttnProcessor2_0
-
-            self.unet.set_attn_processor(AttnProcessor2_0())
-            for name in (
-                "vae",
-                "text_encoder",
-                "tokenizer",
-                "unet",
-                "scheduler",
-                "image_encoder",
-                "controlnet",
-            ):
-                component = getattr(self, name, None)
-                if component is not None:
-                    component.save_pretrained(tmp / name, **kwargs)
-            self.adapter.save_pretrained(tmp / SAVED_ADAPTER, face_backbone=self.face_backbone)
+            super().save_pretrained(tmp, **kwargs)
+            (tmp / f"{PIPELINE_MODULE}.py").write_text(PIPELINE_MODULE_SOURCE)
+            index = json.loads((tmp / "model_index.json").read_text())
+            index["_class_name"] = [PIPELINE_MODULE, type(self).__name__]
+            (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
             if target.exists():
                 target.rmdir()
             os.replace(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        finally:
-            self.unet.set_attn_processor(processors)
 
     @classmethod
     def from_preset(cls, name: str = "tiny", **kwargs) -> UniPortraitPipeline:

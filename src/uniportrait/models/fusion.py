@@ -69,7 +69,7 @@ def fusable_layers(unet: nn.Module, adapter: nn.Module) -> list[tuple[UniPortrai
     if hasattr(unet, "_hf_hook"):
         return []
     layers = []
-    for spec, processor in zip(adapter.config.layers, adapter.processors):
+    for spec, processor in zip(adapter.layers, adapter.processors):
         attn = unet.get_submodule(spec.name.removesuffix(PROCESSOR_SUFFIX))
         if getattr(getattr(attn, "processor", None), "processor", None) is not processor:
             continue
