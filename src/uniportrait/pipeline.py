@@ -122,8 +122,6 @@ class UniPortraitPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Tex
     _exclude_from_cpu_offload = ["adapter"]
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
-    # diffusers' own prompt encoding (LoRA scale, textual inversion, clip_skip): one definition.
-    encode_prompt = StableDiffusionPipeline.encode_prompt
     get_guidance_scale_embedding = StableDiffusionPipeline.get_guidance_scale_embedding
 
     def __init__(
@@ -336,6 +334,63 @@ class UniPortraitPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Tex
         with self._lora_fusion.use(self.unet, self.adapter, call.lora, call.lora_scale) as fused:
             yield fused
 
+    # -- text ------------------------------------------------------------------------------------
+
+    def encode_prompt(
+        self,
+        prompt,
+        device,
+        num_images_per_prompt,
+        do_classifier_free_guidance,
+        negative_prompt=None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        lora_scale: float | None = None,
+        clip_skip: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """diffusers' ``StableDiffusionPipeline.encode_prompt``: same arguments, same result.
+
+        Returns ``(prompt_embeds, negative_prompt_embeds)``, each (B·num_images_per_prompt, S, D)
+        (the negative one None without classifier-free guidance). LoRA scaling of the text
+        encoder and textual inversion tokens are diffusers' own.
+        """
+        if clip_skip is not None and prompt_embeds is None and not hasattr(self.text_encoder, "text_model"):
+            # transformers >= 5 flattened CLIPTextModel; diffusers' clip_skip path expects
+            # `text_encoder.text_model`. Encode the prompt here, the rest stays diffusers'.
+            prompt_embeds = self._clip_skip_embeds(prompt, device, clip_skip)
+            clip_skip = None
+        return StableDiffusionPipeline.encode_prompt(
+            self,
+            prompt,
+            device,
+            num_images_per_prompt,
+            do_classifier_free_guidance,
+            negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            lora_scale=lora_scale,
+            clip_skip=clip_skip,
+        )
+
+    def _clip_skip_embeds(self, prompt, device, clip_skip: int) -> torch.Tensor:
+        """The text encoder's hidden states ``clip_skip`` layers before the last, final-normed: (B, S, D)."""
+        prompt = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompt = self.maybe_convert_prompt(prompt, self.tokenizer)  # textual inversion tokens
+        ids = self.tokenizer(
+            prompt,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        )
+        mask = (
+            ids.attention_mask.to(device)
+            if getattr(self.text_encoder.config, "use_attention_mask", False)
+            else None
+        )
+        hidden = self.text_encoder(ids.input_ids.to(device), attention_mask=mask, output_hidden_states=True)
+        return self.text_encoder.final_layer_norm(hidden.hidden_states[-(clip_skip + 1)])
+
     # -- diffusers' memory features ------------------------------------------------------------
 
     def set_attention_slice(self, slice_size: int | str | None) -> None:
@@ -496,6 +551,18 @@ class UniPortraitPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Tex
                 f"callback_on_step_end_tensor_inputs must be among {self._callback_tensor_inputs}, got {unknown}"
             )
 
+    def check_schedule(self, timesteps, sigmas) -> None:
+        """Custom ``timesteps``/``sigmas``: one of them, and only for schedulers that take them."""
+        if timesteps is not None and sigmas is not None:
+            raise UniPortraitError("give timesteps or sigmas, not both")
+        accepted = inspect.signature(self.scheduler.set_timesteps).parameters
+        for name, value in (("timesteps", timesteps), ("sigmas", sigmas)):
+            if value is not None and name not in accepted:
+                raise UniPortraitError(
+                    f"{type(self.scheduler).__name__} does not take custom {name}; "
+                    "use a scheduler that does (e.g. EulerDiscreteScheduler)"
+                )
+
     # -- diffusers' call-state properties (of the latest call) -----------------------------------
 
     @property
@@ -613,6 +680,7 @@ class UniPortraitPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Tex
             faceid_masks, control_image, num_inference_steps, height, width, num_images_per_prompt,
             latents, output_type, prompt_embeds, negative_prompt_embeds, tensor_inputs,
         )  # fmt: skip
+        self.check_schedule(timesteps, sigmas)
         n_ids = len(identities)
         uses_adapter = (n_ids and faceid_scale != 0.0) or (ip_image is not None and ip_scale != 0.0)
         if uses_adapter:
