@@ -315,3 +315,109 @@ def test_attention_path_compiles_without_graph_breaks(tiny_pipe, idents):
     finally:
         torch._dynamo.reset()
     assert torch.equal(eager, traced)
+
+
+# -- load_uniportrait / unload_uniportrait on any SD pipeline, LoRAs ------------------------------------------
+
+
+def _published_files(pipe) -> dict:
+    """The tiny pipeline's adapter as the published files (in memory)."""
+    from uniportrait.convert import BACKBONE_FILE, named_to_published
+
+    files = named_to_published(pipe.adapter)
+    files[BACKBONE_FILE] = pipe.face_backbone.state_dict()
+    return files
+
+
+def test_load_and_unload_uniportrait_on_a_stable_diffusion_pipeline(tiny_pipe):
+    from uniportrait.presets.pipelines import tiny_adapter_config, tiny_backbone_config
+
+    base = build_tiny_base(0)
+    sd = plain_sd_pipeline(base)
+    plain = run_pipe(sd, seed=2).images
+    processors = sd.unet.attn_processors
+    state = {k: v.clone() for k, v in sd.unet.state_dict().items()}
+
+    pipe = UniPortraitPipeline.from_pipe(sd)  # no adapter yet: a plain SD pipeline
+    pipe.set_progress_bar_config(disable=True)
+    assert_same(plain, run_pipe(pipe, seed=2).images)
+    with pytest.raises(UniPortraitError, match="load_uniportrait"):
+        pipe.encode_identity(random_crop(1))
+    pipe.load_uniportrait(
+        _published_files(tiny_pipe),
+        image_encoder=base["image_encoder"],
+        adapter_config=tiny_adapter_config(base["unet"], base["image_encoder"], ip_adapter=False),
+        face_backbone_config=tiny_backbone_config(),
+    )
+    ids = [pipe.encode_identity(random_crop(1)), pipe.encode_identity(random_crop(2))]
+    # The same adapter weights as the session pipeline: the same images.
+    want = run_pipe(tiny_pipe, seed=2, identities=[tiny_pipe.encode_identity(random_crop(i)) for i in (1, 2)])
+    assert_same(want.images, run_pipe(pipe, seed=2, identities=ids).images, atol=1e-5)
+    with pytest.raises(UniPortraitError, match="already loaded"):
+        pipe.load_uniportrait(_published_files(tiny_pipe))
+
+    pipe.unload_uniportrait()
+    after = sd.unet.attn_processors
+    assert all(after[name] is proc for name, proc in processors.items())  # the very same processors
+    unet_state = sd.unet.state_dict()
+    assert unet_state.keys() == state.keys() and all(torch.equal(unet_state[k], v) for k, v in state.items())
+    assert_same(plain, run_pipe(sd, seed=2).images)
+    with pytest.raises(UniPortraitError, match="load_uniportrait"):
+        run_pipe(pipe, identities=ids)
+
+
+def _random_lora(unet, seed: int) -> dict[str, torch.Tensor]:
+    """A random rank-4 LoRA on every attention projection, as diffusers' loaders read it."""
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        copy = build_tiny_base(0)["unet"]
+        copy.add_adapter(
+            LoraConfig(
+                r=4,
+                lora_alpha=4,
+                target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                init_lora_weights=False,
+            )
+        )
+    return {f"unet.{k}": v * 0.5 for k, v in get_peft_model_state_dict(copy).items()}
+
+
+def test_style_lora_composes_with_identities(fresh_pipe):
+    pytest.importorskip("peft")
+    ids = _ids(fresh_pipe, 2)
+    without = run_pipe(fresh_pipe, identities=ids).images
+    fresh_pipe.load_lora_weights(_random_lora(fresh_pipe.unet, 1), adapter_name="style")
+    assert fresh_pipe.adapter.is_attached(fresh_pipe.unet)  # our processors are kept
+    styled = run_pipe(fresh_pipe, identities=ids).images
+    assert_differ(without, styled)
+    assert_differ(
+        styled, run_pipe(fresh_pipe, identities=ids, faceid_scale=0.0).images
+    )  # identities still act
+    # the LoRA's scale travels in cross_attention_kwargs, merged with ours
+    off = run_pipe(fresh_pipe, identities=ids, cross_attention_kwargs={"scale": 0.0}).images
+    assert_same(without, off, atol=1e-5)
+    fresh_pipe.unload_lora_weights()
+    assert_same(without, run_pipe(fresh_pipe, identities=ids).images, atol=1e-5)
+
+
+def test_lcm_lora_with_lcm_scheduler_at_four_steps(fresh_pipe):
+    pytest.importorskip("peft")
+    from diffusers import LCMScheduler
+
+    lora = _random_lora(fresh_pipe.unet, 2)
+    base = build_tiny_base(0)
+    base["scheduler"] = LCMScheduler.from_config(base["scheduler"].config)
+    sd = plain_sd_pipeline(base)
+    sd.load_lora_weights(dict(lora))
+    fresh_pipe.scheduler = LCMScheduler.from_config(fresh_pipe.scheduler.config)
+    fresh_pipe.load_lora_weights(dict(lora))
+    lcm = {"steps": 4, "guidance_scale": 1.0}  # LCM: no classifier-free guidance
+    assert_same(run_pipe(sd, **lcm).images, run_pipe(fresh_pipe, **lcm).images, atol=1e-5)
+    ids = _ids(fresh_pipe, 2)
+    out = run_pipe(fresh_pipe, identities=ids, return_routing_maps=True, **lcm)
+    assert np.isfinite(out.images).all()
+    assert_differ(out.images, run_pipe(fresh_pipe, **lcm).images)
+    maps = out.routing_maps[0]  # (N, H, W), one-hot over the identities at each pixel
+    assert maps.shape[0] == 2 and torch.allclose(maps.sum(0), torch.ones_like(maps[0]))

@@ -54,6 +54,7 @@ from uniportrait.identity import (
     module_device_dtype,
     unconditional_features,
 )
+from uniportrait.loaders import UniPortraitLoaderMixin
 from uniportrait.models.adapter import UniPortraitAdapter
 from uniportrait.models.attention import AttachedProcessor, AttentionCall, RoutingRecorder
 from uniportrait.models.face_backbone import IRBackbone
@@ -105,7 +106,9 @@ class ProcessorsReplacedError(UniPortraitError):
     """The UNet's attention processors are not UniPortrait's (identities cannot be applied)."""
 
 
-class UniPortraitPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin):
+class UniPortraitPipeline(
+    DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin, UniPortraitLoaderMixin
+):
     """Stable Diffusion with UniPortrait identity conditioning.
 
     Components: the usual SD ones (``vae``, ``text_encoder``, ``tokenizer``, ``unet``,
@@ -116,7 +119,9 @@ class UniPortraitPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Tex
     """
 
     model_cpu_offload_seq = "text_encoder->image_encoder->face_backbone->unet->vae"
-    _optional_components = ["controlnet", "safety_checker", "feature_extractor"]
+    _optional_components = [
+        "controlnet", "safety_checker", "feature_extractor", "adapter", "face_backbone", "image_encoder",
+    ]  # fmt: skip
     # The adapter's processors run inside the UNet's layers and read their weights directly:
     # offloading keeps the adapter on the execution device (it is small next to the UNet).
     _exclude_from_cpu_offload = ["adapter"]
@@ -131,9 +136,9 @@ class UniPortraitPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Tex
         tokenizer: CLIPTokenizer,
         unet: UNet2DConditionModel,
         scheduler: KarrasDiffusionSchedulers,
-        image_encoder: CLIPVisionModelWithProjection,
-        face_backbone: IRBackbone,
-        adapter: UniPortraitAdapter,
+        image_encoder: CLIPVisionModelWithProjection | None = None,
+        face_backbone: IRBackbone | None = None,
+        adapter: UniPortraitAdapter | None = None,
         controlnet: ControlNetModel | MultiControlNetModel | None = None,
         safety_checker: StableDiffusionSafetyChecker | None = None,
         feature_extractor: CLIPImageProcessor | None = None,
@@ -142,7 +147,8 @@ class UniPortraitPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Tex
         super().__init__()
         if safety_checker is not None and feature_extractor is None:
             feature_extractor = CLIPImageProcessor()  # SD's: 224 px, CLIP normalisation
-        adapter.attach(unet)
+        if adapter is not None:
+            adapter.attach(unet)
         if isinstance(controlnet, (list, tuple)):
             controlnet = MultiControlNetModel(list(controlnet))
         for net in _controlnets(controlnet):
@@ -167,7 +173,9 @@ class UniPortraitPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Tex
             vae_scale_factor=self.vae_scale_factor, do_convert_rgb=True, do_normalize=False
         )
         # Identities remember which encoder made them; computed while weights are float32.
-        self.encoder_id = encoder_id or encoder_fingerprint(face_backbone, image_encoder)
+        if encoder_id is None and face_backbone is not None and image_encoder is not None:
+            encoder_id = encoder_fingerprint(face_backbone, image_encoder)
+        self.encoder_id = encoder_id
         self.register_to_config(encoder_id=self.encoder_id)  # saved in model_index.json
         # Per-instance caches, safe to share between concurrent calls (see models/fusion.py).
         self._lora_fusion = LoRAFusion()
@@ -252,6 +260,8 @@ class UniPortraitPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Tex
                 in [0, 1] summing to at most 1.
             name: optional label stored with the identity.
         """
+        if self.face_backbone is None or self.image_encoder is None:
+            raise UniPortraitError("no identity encoders: call pipe.load_uniportrait(...) first")
         intrinsic, structure = encode_face_features(
             self.face_backbone, self.image_encoder, faces_to_tensor(faces)
         )
@@ -433,6 +443,8 @@ class UniPortraitPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Tex
 
     def check_processors(self) -> None:
         """Raise :class:`ProcessorsReplacedError` unless the UNet runs the adapter's processors."""
+        if self.adapter is None:
+            raise UniPortraitError("no UniPortrait adapter: call pipe.load_uniportrait(...) first")
         if not self.adapter.is_attached(self.unet):
             raise ProcessorsReplacedError(
                 "the UNet's attention processors are no longer UniPortrait's (replaced by "
@@ -515,6 +527,8 @@ class UniPortraitPipeline(DiffusionPipeline, StableDiffusionLoraLoaderMixin, Tex
             raise UniPortraitError(
                 "face_structure_scale must be in [0, 1] (typical: 0.1 single-ID, 0.3 multi-ID)"
             )
+        if (identities or ip_image is not None) and self.adapter is None:
+            raise UniPortraitError("no UniPortrait adapter: call pipe.load_uniportrait(...) first")
         for ident in identities:
             self.check_identity(ident)
         n_ids = len(identities)
