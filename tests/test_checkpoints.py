@@ -519,3 +519,18 @@ def test_pipeline_save_pretrained_round_trip(tmp_path):
     (folder / "uniportrait_pipeline.py").write_text("import os\n")
     with pytest.raises(UniPortraitError, match="refusing"):
         UniPortraitPipeline.from_pretrained(folder)
+
+
+def test_first_round_pipeline_folder_still_loads(tiny_pipe, tmp_path):
+    """The first round's save_pretrained layout: SD components + image_encoder + uniportrait/ (v1)."""
+    folder = tmp_path / "v1-pipeline"
+    for name in ("vae", "text_encoder", "tokenizer", "unet", "scheduler", "image_encoder"):
+        getattr(tiny_pipe, name).save_pretrained(folder / name)
+    write_first_round_folder(tiny_pipe.adapter, tiny_pipe.face_backbone, folder / "uniportrait")
+    loaded = UniPortraitPipeline.from_pretrained(folder)
+    loaded.set_progress_bar_config(disable=True)
+    crops = [random_crop(1), random_crop(2)]
+    want = run_pipe(tiny_pipe, identities=[tiny_pipe.encode_identity(c) for c in crops]).images
+    assert_same(
+        want, run_pipe(loaded, identities=[loaded.encode_identity(c) for c in crops]).images, atol=1e-6
+    )

@@ -29,7 +29,7 @@ SMALL_IR = {"blocks": (1, 1, 1, 1), "channels": (4, 8, 8, 16), "embedding_dim": 
 
 def _qformer(seed: int = 0, **overrides) -> IDQFormer:
     torch.manual_seed(seed)
-    return IDQFormer(QFormerConfig(**{**SMALL_Q, **overrides})).eval()
+    return IDQFormer.from_sizes(QFormerConfig(**{**SMALL_Q, **overrides})).eval()
 
 
 def _qinputs(b: int = 3, ti: int = 49, ts: int = 20, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,7 +80,7 @@ def _expected_qformer_keys(depth: int) -> set[str]:
 
 def test_qformer_published_key_layout():
     with torch.device("meta"):
-        model = IDQFormer(QFormerConfig())
+        model = IDQFormer.from_sizes(QFormerConfig())
     state = model.state_dict()
     assert set(state) == _expected_qformer_keys(6)
     assert len(state) == 5 + 8 + 6 * (2 * 7 + 4)
@@ -171,7 +171,7 @@ def test_drop_structure_tokens():
 
 def test_drop_path_only_in_training():
     torch.manual_seed(0)
-    model = IDQFormer(QFormerConfig(**{**SMALL_Q, "depth": 1, "drop_path_rate": 0.5}))
+    model = IDQFormer.from_sizes(QFormerConfig(**{**SMALL_Q, "depth": 1, "drop_path_rate": 0.5}))
     intrinsic, structure = _qinputs(b=16)
 
     model.eval()
@@ -213,7 +213,7 @@ def test_qformer_save_load_round_trip(tmp_path):
     model = _qformer()
     model.save_pretrained(tmp_path / "qf")
     loaded = IDQFormer.from_pretrained(tmp_path / "qf").eval()
-    assert loaded.config == model.config
+    assert loaded.sizes == model.sizes
     intrinsic, structure = _qinputs()
     assert torch.equal(loaded(intrinsic, structure), model(intrinsic, structure))
 
@@ -304,10 +304,17 @@ def test_ir_save_load_round_trip(tmp_path):
         IRBackbone.from_pretrained(tmp_path / "missing")
 
 
+def save_config_and_weights(model, config: dict, folder) -> None:
+    """The first round's folder: config.json (the dataclass's fields) + model.safetensors."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+
+
 def test_ir_reads_the_first_round_folder_format(tmp_path):
     """config.json with the dataclass's fields + model.safetensors, as the first round wrote them."""
-    from uniportrait.models._loading import save_config_and_weights
-
     model = _ir()
     save_config_and_weights(model, model.sizes.to_dict(), tmp_path / "old")
     loaded = IRBackbone.from_pretrained(tmp_path / "old").eval()
@@ -360,7 +367,9 @@ def test_strict_loading_names_offending_keys():
 
 
 def test_strict_loading_rejects_non_tensors_and_caps_names():
-    model = ImageProjection(ImageProjectionConfig(clip_embed_dim=8, cross_attention_dim=6, num_tokens=2))
+    model = ImageProjection.from_sizes(
+        ImageProjectionConfig(clip_embed_dim=8, cross_attention_dim=6, num_tokens=2)
+    )
     with pytest.raises(CheckpointError, match="not tensors"):
         load_state_dict_strict(model, {"proj.weight": [1.0]}, what="x")
     junk = {f"junk.{i}": torch.zeros(1) for i in range(9)}
@@ -373,7 +382,9 @@ def test_strict_loading_rejects_non_tensors_and_caps_names():
 
 def test_image_projection():
     torch.manual_seed(0)
-    model = ImageProjection(ImageProjectionConfig(clip_embed_dim=24, cross_attention_dim=12, num_tokens=4))
+    model = ImageProjection.from_sizes(
+        ImageProjectionConfig(clip_embed_dim=24, cross_attention_dim=12, num_tokens=4)
+    )
     assert set(model.state_dict()) == {"proj.weight", "proj.bias", "norm.weight", "norm.bias"}
     out = model(torch.randn(3, 24))
     assert out.shape == (3, 4, 12)

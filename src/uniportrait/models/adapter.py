@@ -176,8 +176,8 @@ class UniPortraitAdapter(SizedModelMixin):
         super().__init__()
         self._init_sizes()
         config = self.sizes
-        self.qformer = IDQFormer(config.qformer)
-        self.image_proj = ImageProjection(config.image_proj) if config.ip_adapter else None
+        self.qformer = IDQFormer.from_sizes(config.qformer)
+        self.image_proj = ImageProjection.from_sizes(config.image_proj) if config.ip_adapter else None
         self.processors = nn.ModuleList(
             UniPortraitAttnProcessor(
                 query_dim=layer.query_dim,
@@ -319,7 +319,6 @@ class UniPortraitAdapter(SizedModelMixin):
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        logger.info("saved UniPortrait adapter to %s", directory)
         return directory
 
     @classmethod

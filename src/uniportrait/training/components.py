@@ -107,7 +107,7 @@ def load_components(cfg: TrainConfig) -> Components:
         adapter = new_adapter(cfg, unet, image_encoder, backbone)
     if backbone is None:
         raise ConfigError("no face backbone: set model.face_backbone (or use an init_adapter that has one)")
-    adapter.qformer.config.drop_path_rate = cfg.data.drop_path_rate
+    adapter.qformer.sizes.drop_path_rate = cfg.data.drop_path_rate
     if cfg.stage == 2:
         adapter = _with_multi_id(adapter)
         if m.init_multi_lora_from_single:
