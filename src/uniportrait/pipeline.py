@@ -606,7 +606,9 @@ class UniPortraitPipeline(
     @property
     def interrupt(self) -> bool:
         """Set ``pipe._interrupt = True`` (e.g. from ``callback_on_step_end``) to skip the
-        remaining steps, as in diffusers."""
+        remaining steps, as in diffusers. Like the other properties here it belongs to the
+        pipeline object, so it also stops concurrent calls; a server stops one call by raising
+        from its callback instead."""
         return getattr(self, "_interrupt", False)
 
     # -- generation ----------------------------------------------------------------------------
@@ -713,7 +715,8 @@ class UniPortraitPipeline(
         )
         device = self._execution_device
         batch = n_prompts * num_images_per_prompt
-        do_cfg = self.do_classifier_free_guidance
+        # Local, not the property: concurrent calls share the pipeline's attributes.
+        do_cfg = guidance_scale > 1.0 and self.unet.config.time_cond_proj_dim is None
 
         # 3. Encode the prompt (diffusers' own: each prompt repeated num_images_per_prompt times)
         text_lora_scale = (cross_attention_kwargs or {}).get("scale")
