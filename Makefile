@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # CPU build of torch; on a GPU machine install the torch you want first (see README).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test lint bench clean browser-deps
+.PHONY: setup demo test lint bench clean browser-deps world world-report
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,6 +28,15 @@ lint: setup
 
 bench: setup
 	$(BIN)/python benchmarks/bench.py --out outputs/bench
+
+# The identity world (docs/world.md): render its data and train its models on this machine's
+# CPUs (resumable: run it again after an interruption), then measure them. The trained weights
+# ship in src/uniportrait/assets/world/, so nobody needs to run this to use them.
+world: setup
+	$(BIN)/uniportrait world build --work runs/world
+
+world-report: setup
+	$(BIN)/uniportrait world report --work runs/world --out outputs/world-report
 
 # Debian's Chromium for the web UI's browser test (Playwright drives it; it never downloads a browser).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)

@@ -25,6 +25,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "prepare_data",
     "train",
     "serve",
+    "world",
 )
 
 

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from uniportrait.cli._common import add_model_args
+from uniportrait.evaluation.backends import BACKENDS
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +38,9 @@ def register(subparsers) -> None:
         "--generate", metavar="SPEC", help="YAML/JSON benchmark spec: generate the grid, then evaluate"
     )
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--backend", choices=("dlib", "curricular", "insightface"), default="dlib",
-                        help="face-similarity backend (default: dlib, offline)")  # fmt: skip
+    parser.add_argument("--backend", choices=BACKENDS, default="dlib",
+                        help="face-similarity backend (default: dlib, offline; world: the identity world's "
+                        "oracles, for world pictures)")  # fmt: skip
     parser.add_argument("--backbone", metavar="PATH|HUB_ID", default=None,
                         help="curricular backend: the CurricularFace IR-101 file or its folder / Hub repo "
                         "(default: the published UniPortrait repo)")  # fmt: skip

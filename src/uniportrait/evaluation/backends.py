@@ -43,7 +43,7 @@ from uniportrait.faces.types import Face
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("dlib", "curricular", "insightface")
+BACKENDS = ("dlib", "curricular", "insightface", "world")
 DLIB_SAME_PERSON_DISTANCE = 0.6
 
 # Default thresholds, in each backend's similarity scale (see matching.Thresholds).
@@ -55,6 +55,9 @@ DEFAULT_THRESHOLDS = {
     "dlib": Thresholds(match=0.5, blend=0.6, margin=0.1, related=0.4),
     "curricular": Thresholds(match=0.3, blend=0.4, margin=0.1, related=0.2),
     "insightface": Thresholds(match=0.3, blend=0.4, margin=0.1, related=0.2),
+    # world: the oracle recogniser's cosine; match = its threshold at FAR 1e-3 on held-out
+    # identities (uniportrait world report, docs/world.md)
+    "world": Thresholds(match=0.5, blend=0.6, margin=0.1, related=0.35),
 }
 
 
@@ -297,10 +300,48 @@ class InsightFaceBackend(FaceSimilarityBackend):
         return _cosine(a, b)
 
 
+class WorldBackend(FaceSimilarityBackend):
+    """The identity world's oracles (``docs/world.md``): their detector finds faces in world
+    pictures and their recogniser embeds aligned faces (cosine). Only meaningful on world pictures.
+
+    Args:
+        oracles: a :class:`~uniportrait.world.oracles.WorldOracles` or a folder of oracles
+            (default: the shipped ones).
+    """
+
+    def __init__(self, oracles: Any = None, thresholds: Thresholds | None = None) -> None:
+        from uniportrait.world.oracles import WorldOracles
+
+        self.analyzer = oracles if isinstance(oracles, WorldOracles) else WorldOracles(oracles)
+        self.info = BackendInfo(
+            name="world",
+            detector="world oracle detector",
+            embedding=f"world oracle recogniser ({self.analyzer.models['face'].config.embedding_dim}-D)",
+            similarity="cosine",
+            thresholds=thresholds or DEFAULT_THRESHOLDS["world"],
+        )
+
+    def embed_faces(self, image: Image.Image, faces: list[Face]) -> np.ndarray:
+        return self.analyzer.describe(np.asarray(image.convert("RGB")), faces)["embedding"]
+
+    def embed_aligned(self, crop: Image.Image) -> np.ndarray:
+        from uniportrait.faces import arcface_template
+        from uniportrait.world.faces import aligned_crops
+
+        # a 224 crop on the ×2 template: the identity alignment resizes it like any other
+        size = crop.width
+        template = arcface_template(size)
+        small = aligned_crops(np.asarray(crop.convert("RGB"))[None], template[None])
+        return self.analyzer.describe_crops(small)["embedding"][0]
+
+    def similarity(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return _cosine(a, b)
+
+
 def get_backend(
     name: str = "dlib", thresholds: Thresholds | None = None, **kwargs: Any
 ) -> FaceSimilarityBackend:
-    """A backend by name: ``"dlib"`` (offline default), ``"curricular"``, ``"insightface"``.
+    """A backend by name: ``"dlib"`` (offline default), ``"curricular"``, ``"insightface"``, ``"world"``.
 
     Keyword arguments go to the backend's class (e.g. ``backbone=`` for ``curricular``).
     """
@@ -310,4 +351,6 @@ def get_backend(
         return CurricularBackend(thresholds=thresholds, **kwargs)
     if name == "insightface":
         return InsightFaceBackend(thresholds=thresholds, **kwargs)
+    if name == "world":
+        return WorldBackend(thresholds=thresholds, **kwargs)
     raise UniPortraitError(f"unknown face-similarity backend {name!r}; choose one of {', '.join(BACKENDS)}")

@@ -1,0 +1,115 @@
+"""``uniportrait world``: the identity world (``docs/world.md``): build it, render datasets, report."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "world",
+        help="the identity world: build its models, render datasets, measure",
+        description="A procedurally drawn world of people where UniPortrait is trained and measured on a CPU. "
+        "See docs/world.md.",
+    )
+    sub = parser.add_subparsers(dest="world_command", metavar="ACTION", required=True)
+
+    build = sub.add_parser("build", help="render the data and train every world model (resumable)")
+    build.add_argument(
+        "--work", default="runs/world", help="working folder: data, checkpoints, logs (default runs/world)"
+    )
+    build.add_argument(
+        "--out", default=None, help="where to export the weights (default: the shipped assets folder)"
+    )
+    build.add_argument(
+        "--stages", default=None, help="comma-separated subset: render,vae,clip,unet,crops,backbone,oracles"
+    )
+    build.add_argument(
+        "--scale",
+        type=float,
+        default=1.0,
+        help="scale every set size and step count (e.g. 0.01 for a smoke run)",
+    )
+    build.set_defaults(func=_build)
+
+    render = sub.add_parser("render", help="write world pictures as a prepare-data dataset folder")
+    render.add_argument("--out", required=True, metavar="DATA", help="dataset folder to write (or complete)")
+    render.add_argument("--count", type=int, default=1000, help="number of pictures (default 1000)")
+    render.add_argument("--people", default="1", help="people per picture, cycled, e.g. 1 or 2,3 (default 1)")
+    render.add_argument("--identities", type=int, default=4000, help="identities to draw from (default 4000)")
+    render.add_argument("--held-out", action="store_true", help="use held-out identities (never trained on)")
+    render.add_argument(
+        "--renders-per-identity", type=int, default=6, help="single-person pictures per identity (default 6)"
+    )
+    render.add_argument("--seed", type=int, default=0, help="seed (different seeds give different pictures)")
+    render.set_defaults(func=_render)
+
+    report = sub.add_parser("report", help="measure the oracles, the VAE and the base model on held-out data")
+    report.add_argument("--work", default="runs/world", help="the build's working folder (held-out data)")
+    report.add_argument(
+        "--assets", default=None, help="the exported world weights (default: the shipped ones)"
+    )
+    report.add_argument(
+        "--out", default="outputs/world-report", help="report folder (default outputs/world-report)"
+    )
+    report.add_argument("--quick", action="store_true", help="fewer pictures and one seed")
+    report.set_defaults(func=_report)
+
+
+def _build(args: argparse.Namespace) -> int:
+    from uniportrait.errors import UniPortraitError
+    from uniportrait.world.build import WORLD_ASSETS, BuildPlan, run_build
+
+    stages = args.stages.split(",") if args.stages else None
+    known = {"render", "vae", "clip", "unet", "crops", "backbone", "oracles"}
+    if stages and not set(stages) <= known:
+        raise UniPortraitError(
+            f"unknown stage(s) {', '.join(sorted(set(stages) - known))}; known: {', '.join(sorted(known))}"
+        )
+    if not 0 < args.scale <= 1:
+        raise UniPortraitError("--scale must be in (0, 1]")
+    out = run_build(args.work, args.out or WORLD_ASSETS, BuildPlan().scaled(args.scale), stages)
+    print(out)
+    return 0
+
+
+def _render(args: argparse.Namespace) -> int:
+    from uniportrait.errors import UniPortraitError
+    from uniportrait.world.dataset import RenderOptions, write_dataset
+
+    try:
+        people = tuple(int(p) for p in args.people.split(","))
+    except ValueError:
+        raise UniPortraitError(
+            f"--people must be numbers from 1 to 4, e.g. 1 or 2,3; got {args.people!r}"
+        ) from None
+    if not people or any(p not in (1, 2, 3, 4) for p in people):
+        raise UniPortraitError(f"--people must be numbers from 1 to 4, got {args.people!r}")
+    if args.count < 1 or args.identities < max(people) or args.renders_per_identity < 1:
+        raise UniPortraitError(
+            "--count and --renders-per-identity must be positive and --identities at least --people"
+        )
+    sizes = {(64, 64) if p == 1 else (128, 64) for p in people}
+    if len(sizes) > 1:
+        raise UniPortraitError(
+            "--people mixes 1 (64x64 pictures) with groups (128x64): render them separately"
+        )
+    options = RenderOptions(
+        count=args.count, people=people, identities=args.identities, held_out=args.held_out,
+        renders_per_identity=args.renders_per_identity, seed=args.seed,
+    )  # fmt: skip
+    rows = write_dataset(args.out, options, progress=not args.quiet)
+    print(f"{args.out}: {rows} pictures")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from uniportrait.world.build import WORLD_ASSETS
+    from uniportrait.world.report import run_report
+
+    report = run_report(Path(args.work), Path(args.assets or WORLD_ASSETS), Path(args.out), quick=args.quick)
+    print(json.dumps(report, indent=2))
+    return 0

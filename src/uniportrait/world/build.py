@@ -1,0 +1,200 @@
+"""``uniportrait world build``: render the world's data and train all its models, resumably.
+
+Stages run in order; a finished stage (its output exists) is skipped, an interrupted one resumes
+from its last save. The final weights are exported in fp16 to the shipped folder
+(:data:`WORLD_ASSETS`)::
+
+    base/            diffusers SD layout: unet/, vae/, text_encoder/, tokenizer/, scheduler/
+    image_encoder/   CLIP vision tower (transformers CLIPVisionModelWithProjection)
+    face_backbone/   IR backbone, our format (config.json + model.safetensors)
+    oracles/         detector/, face/, person/, scene/ (evaluation only; never used to generate)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+WORLD_ASSETS = Path(__file__).resolve().parent.parent / "assets" / "world"
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """Set sizes and training lengths (steps) of every stage; ``scale`` shortens them all (tests)."""
+
+    singles_train: int = 24000
+    groups_train: int = 6000
+    train_identities: int = 4000
+    singles_val: int = 1200
+    groups_val: int = 600
+    val_identities: int = 200
+    vae_steps: int = 1200
+    clip_steps: int = 400
+    unet_steps: int = 2000
+    backbone_steps: int = 500
+    detector_steps: int = 700
+    face_oracle_steps: int = 600
+    person_oracle_steps: int = 500
+    scene_oracle_steps: int = 300
+
+    def scaled(self, scale: float) -> BuildPlan:
+        values = {k: max(2, int(v * scale)) for k, v in asdict(self).items()}
+        values["train_identities"] = max(8, values["train_identities"])
+        values["val_identities"] = max(8, values["val_identities"])
+        return BuildPlan(**values)
+
+
+GROUP_COUNTS = (2, 3, 2, 3, 4)  # people per group picture, cycled
+
+
+def _render_stage(work: Path, plan: BuildPlan) -> None:
+    from uniportrait.world.data import render_set, save_set
+
+    sets = {
+        "singles_val": dict(
+            count=plan.singles_val, num_people=1, seed=101, num_identities=plan.val_identities, held_out=True
+        ),
+        "groups_val": dict(
+            count=plan.groups_val,
+            num_people=GROUP_COUNTS,
+            seed=102,
+            num_identities=plan.val_identities,
+            held_out=True,
+        ),
+        "singles_train": dict(
+            count=plan.singles_train, num_people=1, seed=1, num_identities=plan.train_identities
+        ),
+        "groups_train": dict(
+            count=plan.groups_train, num_people=GROUP_COUNTS, seed=2, num_identities=plan.train_identities
+        ),
+    }
+    for name, kwargs in sets.items():
+        path = work / "data" / f"{name}.npz"
+        if not path.is_file():
+            save_set(render_set(**kwargs), path)
+
+
+def _crops_stage(work: Path, plan: BuildPlan) -> None:
+    from uniportrait.world.data import load_set
+    from uniportrait.world.faces import build_crops
+
+    data = work / "data"
+    if not (data / "crops_train.npz").is_file():
+        build_crops(
+            [load_set(data / "singles_train.npz"), load_set(data / "groups_train.npz")],
+            data / "crops_train.npz",
+        )
+    if not (data / "crops_val.npz").is_file():
+        build_crops(
+            [load_set(data / "singles_val.npz"), load_set(data / "groups_val.npz")],
+            data / "crops_val.npz",
+            jitter=0.0,
+        )
+
+
+def _train_oracles(data: Path, folder: Path, plan: BuildPlan) -> None:
+    from uniportrait.world.train_oracles import train_all
+
+    train_all(data, folder, plan)
+
+
+def run_build(
+    work: str | Path, out: str | Path = WORLD_ASSETS, plan: BuildPlan = BuildPlan(), stages=None
+) -> Path:
+    """Run every stage (or the named ``stages``) and export to ``out``."""
+    from uniportrait.world import train_base
+
+    work, out = Path(work), Path(out)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "plan.json").write_text(json.dumps(asdict(plan), indent=2))
+    data = work / "data"
+    steps = {
+        "render": (lambda: _render_stage(work, plan), data / "groups_train.npz"),
+        "vae": (
+            lambda: train_base.train_vae(data, work / "vae", steps=plan.vae_steps, batch=16),
+            work / "vae" / "vae",
+        ),
+        "clip": (
+            lambda: train_base.train_clip(data, work / "clip", steps=plan.clip_steps, batch=96),
+            work / "clip" / "image_encoder",
+        ),
+        "unet": (
+            lambda: train_base.train_unet(
+                data, work / "vae", work / "clip", work / "unet", steps=plan.unet_steps
+            ),
+            work / "unet" / "unet",
+        ),
+        "crops": (lambda: _crops_stage(work, plan), data / "crops_val.npz"),
+        "backbone": (
+            lambda: train_base.train_backbone(
+                data / "crops_train.npz", work / "backbone", steps=plan.backbone_steps, batch=64
+            ),
+            work / "backbone" / "face_backbone",
+        ),
+        "oracles": (lambda: _train_oracles(data, work / "oracles", plan), work / "oracles" / "done"),
+    }
+    for name, (fn, done) in steps.items():
+        if stages and name not in stages:
+            continue
+        if done.exists():
+            logger.info("world build: %s already done", name)
+            continue
+        start = time.time()
+        logger.info("world build: %s …", name)
+        fn()
+        with open(work / "timings.jsonl", "a") as f:
+            f.write(json.dumps({"stage": name, "seconds": round(time.time() - start, 1)}) + "\n")
+    export(work, out)
+    return out
+
+
+def export(work: Path, out: Path) -> None:
+    """Copy the trained models to ``out`` in fp16 safetensors (the shipped layout)."""
+    import torch
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
+
+    from uniportrait.models.face_backbone import IRBackbone
+    from uniportrait.presets.tiny import published_ddim_scheduler
+
+    needed = [
+        work / "unet" / "unet",
+        work / "vae" / "vae",
+        work / "clip" / "text_encoder",
+        work / "backbone" / "face_backbone",
+    ]
+    if not all(p.exists() for p in needed):
+        logger.info("world build: not exporting yet (stages missing)")
+        return
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    # a whole diffusers SD pipeline folder (model_index.json + parts), readable by
+    # DiffusionPipeline.from_pretrained as well as by our loaders
+    StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(work / "vae" / "vae").to(torch.float16),
+        text_encoder=CLIPTextModel.from_pretrained(work / "clip" / "text_encoder").to(torch.float16),
+        tokenizer=CLIPTokenizer.from_pretrained(work / "clip" / "tokenizer"),
+        unet=UNet2DConditionModel.from_pretrained(work / "unet" / "unet").to(torch.float16),
+        scheduler=published_ddim_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ).save_pretrained(tmp / "base")
+    CLIPVisionModelWithProjection.from_pretrained(work / "clip" / "image_encoder").to(
+        torch.float16
+    ).save_pretrained(tmp / "image_encoder")
+    IRBackbone.from_pretrained(work / "backbone" / "face_backbone").to(torch.float16).save_pretrained(
+        tmp / "face_backbone"
+    )
+    if (work / "oracles" / "done").exists():
+        shutil.copytree(work / "oracles" / "export", tmp / "oracles")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    logger.info("world build: exported to %s", out)

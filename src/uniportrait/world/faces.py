@@ -1,0 +1,77 @@
+"""Aligned face crops of world pictures, made the way the pipeline makes them for real photos:
+the 5 landmarks → the ArcFace-template 224 crop (``uniportrait.faces.align``) → the size a
+network reads (bilinear, as ``identity.backbone_pixels`` does)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from uniportrait.faces.align import ALIGNED_SIZE, align_face
+
+
+def aligned_crops(
+    images: np.ndarray,
+    landmarks: np.ndarray,
+    size: int = 64,
+    jitter: float = 0.0,
+    rng: np.random.Generator | None = None,
+) -> np.ndarray:
+    """(N, H, W, 3) uint8 pictures + (N, 5, 2) landmarks → (N, size, size, 3) uint8 aligned crops.
+
+    ``jitter``: std (pixels) of noise added to the landmarks, as a detector's error.
+    """
+    out = np.zeros((len(images), size, size, 3), dtype=np.uint8)
+    for k, (image, points) in enumerate(zip(images, landmarks)):
+        if jitter and rng is not None:
+            points = points + rng.normal(0.0, jitter, points.shape)
+        crop = np.asarray(align_face(Image.fromarray(image), points), dtype=np.float32)  # (224, 224, 3)
+        if size != ALIGNED_SIZE:
+            t = torch.from_numpy(crop).permute(2, 0, 1)[None]
+            t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
+            crop = t[0].permute(1, 2, 0).numpy()
+        out[k] = np.clip(crop + 0.5, 0, 255).astype(np.uint8)
+    return out
+
+
+def faces_of_set(data: dict[str, np.ndarray]):
+    """Every face of a rendered set: (picture index, person index) pairs, left to right."""
+    pairs = [(i, p) for i in range(len(data["num_people"])) for p in range(int(data["num_people"][i]))]
+    return np.array(pairs, dtype=np.int64).reshape(-1, 2)
+
+
+def build_crops(
+    sets: list[dict[str, np.ndarray]], out: Path, size: int = 64, jitter: float = 0.7, seed: int = 0
+):
+    """Aligned crops of every face of ``sets`` with their identity labels, saved to ``out`` (.npz)."""
+    rng = np.random.default_rng(seed)
+    crops, labels, traits, attrs = [], [], [], []
+    for data in sets:
+        pairs = faces_of_set(data)
+        images = data["images"][pairs[:, 0]]
+        points = data["landmarks"][pairs[:, 0], pairs[:, 1]]
+        crops.append(aligned_crops(images, points, size, jitter, rng))
+        labels.append(data["identities"][pairs[:, 0], pairs[:, 1]])
+        traits.append(data["traits"][pairs[:, 0], pairs[:, 1]])
+        attrs.append(data["person_attrs"][pairs[:, 0], pairs[:, 1]])
+    arrays = {
+        "crops": np.concatenate(crops),
+        "labels": np.concatenate(labels),
+        "traits": np.concatenate(traits),
+        "person_attrs": np.concatenate(attrs),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp.npz")
+    np.savez(tmp, **arrays)
+    tmp.replace(out)
+    return arrays
+
+
+def load_crops(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Crops and their identities as class indices 0..K-1."""
+    with np.load(path) as f:
+        return f["crops"], np.unique(f["labels"], return_inverse=True)[1].astype(np.int64)

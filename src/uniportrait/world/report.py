@@ -1,0 +1,427 @@
+"""``uniportrait world report``: the numbers of ``docs/world.md``, measured on held-out identities
+and captions: the oracles, the VAE, and the base model next to the renders themselves (the ceiling).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from uniportrait.world.traits import (
+    CONTINUOUS_TRAITS,
+    DISCRETE_TRAITS,
+    PERSON_ATTRIBUTES,
+    SCENE_ATTRIBUTES,
+)
+
+logger = logging.getLogger(__name__)
+
+
+# -- generic measures -------------------------------------------------------------------------------
+
+
+def roc_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney rank statistic; float scores, ties negligible)."""
+    ranks = np.empty(len(scores))
+    ranks[np.argsort(scores, kind="stable")] = np.arange(1, len(scores) + 1)
+    pos = labels.astype(bool)
+    n_pos, n_neg = pos.sum(), (~pos).sum()
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def tar_at_far(scores: np.ndarray, labels: np.ndarray, far: float) -> tuple[float, float]:
+    """(true accept rate, threshold) at the given false accept rate."""
+    neg = np.sort(scores[~labels.astype(bool)])[::-1]
+    k = max(0, int(np.floor(far * len(neg))) - 1)
+    threshold = neg[k] if len(neg) else 1.0
+    return float((scores[labels.astype(bool)] > threshold).mean()), float(threshold)
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(A, 4) × (B, 4) → (A, B) IoU."""
+    if len(a) == 0 or len(b) == 0:
+        return np.zeros((len(a), len(b)))
+    x0 = np.maximum(a[:, None, 0], b[None, :, 0])
+    y0 = np.maximum(a[:, None, 1], b[None, :, 1])
+    x1 = np.minimum(a[:, None, 2], b[None, :, 2])
+    y1 = np.minimum(a[:, None, 3], b[None, :, 3])
+    inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
+    area = lambda r: (r[:, 2] - r[:, 0]) * (r[:, 3] - r[:, 1])  # noqa: E731
+    return inter / (area(a)[:, None] + area(b)[None, :] - inter)
+
+
+def match_faces(truth: np.ndarray, found: np.ndarray, min_iou: float = 0.5) -> list[tuple[int, int]]:
+    """Greedy one-to-one matching of true and found boxes by IoU: [(true index, found index)]."""
+    iou = box_iou(truth, found)
+    pairs = []
+    while iou.size and iou.max() >= min_iou:
+        i, j = np.unravel_index(iou.argmax(), iou.shape)
+        pairs.append((int(i), int(j)))
+        iou[i, :], iou[:, j] = -1, -1
+    return pairs
+
+
+# -- oracles ----------------------------------------------------------------------------------------
+
+
+def oracle_report(oracles, data_dir: Path) -> dict:
+    from uniportrait.world.data import load_set
+
+    out: dict = {}
+    with np.load(data_dir / "crops_val.npz") as f:
+        crops = {k: f[k] for k in f.files}
+    desc = oracles.describe_crops(crops["crops"])
+    out["recogniser"] = verification(desc["embedding"], crops["labels"])
+    out["traits"] = trait_accuracy(desc["traits"], crops["traits"])
+    # detector + attributes on held-out singles and groups
+    det, person_true, person_pred = {}, [], []
+    scene_true, scene_pred = [], []
+    for name in ("singles_val", "groups_val"):
+        data = load_set(data_dir / f"{name}.npz")
+        found_all, matched, lm_err, fps = 0, 0, [], 0
+        for k in range(len(data["images"])):
+            n = int(data["num_people"][k])
+            truth = data["boxes"][k, :n]
+            faces = oracles.detect(data["images"][k])
+            found = np.array([f.box for f in faces]).reshape(-1, 4)
+            pairs = match_faces(truth, found)
+            found_all += n
+            matched += len(pairs)
+            fps += len(faces) - len(pairs)
+            for i, j in pairs:
+                lm_err.append(np.linalg.norm(faces[j].landmarks - data["landmarks"][k, i], axis=-1).mean())
+        lm_err = np.array(lm_err)
+        det[name] = {
+            "faces": found_all,
+            "recall_iou_0.5": matched / found_all,
+            "false_positives_per_picture": fps / len(data["images"]),
+            "landmark_error_px_mean": float(lm_err.mean()) if len(lm_err) else None,
+            "faces_with_landmark_error_below_1.5px": float((lm_err < 1.5).mean()) if len(lm_err) else None,
+        }
+        pairs = np.array(
+            [(i, p) for i in range(len(data["images"])) for p in range(int(data["num_people"][i]))]
+        )
+        pred = oracles.person_attributes(data["images"][pairs[:, 0]], data["boxes"][pairs[:, 0], pairs[:, 1]])
+        person_pred.append(np.stack([pred[a] for a in PERSON_ATTRIBUTES], 1))
+        person_true.append(data["person_attrs"][pairs[:, 0], pairs[:, 1]])
+        spred = oracles.scene_attributes(data["images"])
+        scene_pred.append(np.stack([spred[a] for a in SCENE_ATTRIBUTES], 1))
+        scene_true.append(data["scene_attrs"])
+    out["detector"] = det
+    pt, pp = np.concatenate(person_true), np.concatenate(person_pred)
+    st, sp = np.concatenate(scene_true), np.concatenate(scene_pred)
+    out["attributes"] = {
+        **{a: float((pt[:, k] == pp[:, k]).mean()) for k, a in enumerate(PERSON_ATTRIBUTES)},
+        **{a: float((st[:, k] == sp[:, k]).mean()) for k, a in enumerate(SCENE_ATTRIBUTES)},
+    }
+    return out
+
+
+def trait_accuracy(pred: np.ndarray, truth: np.ndarray) -> dict:
+    """Per discrete trait: accuracy; per continuous trait: mean absolute error (traits in [0, 1])."""
+    n = len(CONTINUOUS_TRAITS)
+    out = {
+        f"{name} (MAE)": float(np.abs(pred[:, k] - truth[:, k]).mean())
+        for k, name in enumerate(CONTINUOUS_TRAITS)
+    }
+    start = n
+    for name, values in DISCRETE_TRAITS.items():
+        sl = slice(start, start + len(values))
+        out[f"{name} (accuracy)"] = float((pred[:, sl].argmax(1) == truth[:, sl].argmax(1)).mean())
+        start += len(values)
+    return out
+
+
+@torch.no_grad()
+def verification(embeddings: np.ndarray, labels: np.ndarray) -> dict:
+    """ROC AUC and TAR at FAR 1e-3 of all pairs of (N, E) L2-normalised embeddings."""
+    sim = embeddings @ embeddings.T
+    iu = np.triu_indices(len(labels), 1)
+    scores, same = sim[iu], (labels[:, None] == labels[None, :])[iu]
+    tar, thr = tar_at_far(scores, same, 1e-3)
+    return {
+        "faces": int(len(labels)),
+        "identities": int(len(np.unique(labels))),
+        "pairs": int(len(scores)),
+        "roc_auc": roc_auc(scores, same),
+        "tar_at_far_1e-3": tar,
+        "threshold_at_far_1e-3": thr,
+        "mean_sim_same": float(scores[same].mean()),
+        "mean_sim_different": float(scores[~same].mean()),
+    }
+
+
+@torch.no_grad()
+def backbone_report(backbone, data_dir: Path) -> dict:
+    """The world's face backbone (UniPortrait's, not an oracle) as a recogniser on held-out faces."""
+    import torch.nn.functional as F
+
+    from uniportrait.world.train_base import to_pixels
+
+    with np.load(data_dir / "crops_val.npz") as f:
+        crops, labels = f["crops"], f["labels"]
+    emb = torch.cat([backbone(to_pixels(crops[k : k + 256])).embedding for k in range(0, len(crops), 256)])
+    return verification(F.normalize(emb.float(), dim=-1).numpy(), labels)
+
+
+# -- VAE --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def vae_report(vae, oracles, data_dir: Path, count: int = 600) -> dict:
+    from uniportrait.world.data import load_set
+    from uniportrait.world.train_base import to_pixels
+
+    data = load_set(data_dir / "singles_val.npz")
+    count = min(count, len(data["images"]))
+    images = data["images"][:count]
+    x = to_pixels(images)
+    dist = vae.encode(x).latent_dist
+    scale = vae.config.scaling_factor
+    rec = vae.decode(dist.mean).sample.clamp(-1, 1)
+    mse = ((rec - x) ** 2).mean(dim=(1, 2, 3))
+    psnr = (10 * torch.log10(4.0 / mse)).numpy()
+    z1, z2 = dist.sample(), dist.sample()
+    corr = float(torch.corrcoef(torch.stack([z1.flatten(), z2.flatten()]))[0, 1])
+    rec_u8 = ((rec.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+    # Face Sim against another render of the same identity, for the render and its reconstruction
+    idents = data["identities"][:count, 0]
+    refs = reference_index(data["identities"][:, 0], np.arange(count))
+    emb = lambda imgs, idx: oracles.describe_crops(_crops(imgs, data["landmarks"][idx, 0]))["embedding"]  # noqa: E731
+    ref_emb = emb(data["images"][refs], refs)
+    sim_render = (emb(images, np.arange(count)) * ref_emb).sum(1)
+    sim_rec = (emb(rec_u8, np.arange(count)) * ref_emb).sum(1)
+    return {
+        "pictures": int(count),
+        "identities": int(len(np.unique(idents))),
+        "psnr_db_mean": float(psnr.mean()),
+        "psnr_db_min": float(psnr.min()),
+        "posterior_std_scaled_mean": float((dist.std * scale).mean()),
+        "latent_sample_correlation": corr,
+        "face_sim_render_to_reference": float(sim_render.mean()),
+        "face_sim_reconstruction_to_reference": float(sim_rec.mean()),
+        "face_sim_ratio": float(sim_rec.mean() / sim_render.mean()),
+    }
+
+
+def reference_index(identities: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """For each row, another row showing the same identity (the next one, cyclically)."""
+    out = np.zeros(len(rows), np.int64)
+    for k, r in enumerate(rows):
+        same = np.flatnonzero(identities == identities[r])
+        others = same[same != r]
+        out[k] = others[0] if len(others) else r
+    return out
+
+
+def _crops(images: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+    from uniportrait.world.faces import aligned_crops
+
+    return aligned_crops(images, landmarks)
+
+
+# -- base model -------------------------------------------------------------------------------------
+
+
+def held_out_specs(count: int, num_people: int, seed: int, identities: int = 200):
+    """Scenes of held-out identities with fresh captions."""
+    from uniportrait.world.scenes import caption, identity_number, sample_spec
+
+    rng = np.random.default_rng([seed, num_people, 7])
+    specs, captions = [], []
+    for _ in range(count):
+        idents = [identity_number(int(i), True) for i in rng.choice(identities, num_people, replace=False)]
+        spec = sample_spec(rng, idents, seed=int(rng.integers(1 << 31)))
+        specs.append(spec)
+        captions.append(caption(spec, rng))
+    return specs, captions
+
+
+def measure_pictures(oracles, images: np.ndarray, specs, reference_embeddings) -> dict:
+    """Face count, prompt following and identity similarity of pictures made for ``specs``.
+
+    ``reference_embeddings[k]`` is the (P, E) embedding of each person's reference render: the
+    "own identity" similarity compares a face with its own person's reference (meaningful for
+    renders, chance for an unconditioned model); "random" compares with another picture's people.
+    """
+    n_right, follow_hits, follow_total = 0, 0, 0
+    per_attr: dict[str, list[int]] = {}
+    own, rand = [], []
+    rng = np.random.default_rng(0)
+    scene_pred = oracles.scene_attributes(images)
+    for k, (image, spec) in enumerate(zip(images, specs)):
+        faces = oracles.detect(image)
+        want = spec.requested()
+        n = len(spec.people)
+        n_right += len(faces) == n
+        for name, value in want["scene"].items():
+            hit = int(scene_pred[name][k] == value)
+            per_attr.setdefault(name, []).append(hit)
+        # faces left to right ↔ people left to right (when the count is right)
+        faces_lr = sorted(faces[:n], key=lambda f: f.box[0])
+        if len(faces_lr) == n:
+            boxes = np.array([f.box for f in faces_lr])
+            pred = oracles.person_attributes(np.repeat(image[None], n, 0), boxes)
+            for i in range(n):
+                for name, value in want["people"][i].items():
+                    per_attr.setdefault(name, []).append(int(pred[name][i] == value))
+            emb = oracles.describe(image, faces_lr)["embedding"]
+            own.extend((emb * reference_embeddings[k]).sum(1))
+            other = reference_embeddings[(k + 1 + rng.integers(len(specs) - 1)) % len(specs)]
+            rand.extend(emb @ other[rng.integers(len(other))])
+    for hits in per_attr.values():
+        follow_hits += sum(hits)
+        follow_total += len(hits)
+    return {
+        "pictures": len(specs),
+        "exact_face_count_rate": n_right / len(specs),
+        "prompt_following": follow_hits / max(1, follow_total),
+        "prompt_following_by_attribute": {k: float(np.mean(v)) for k, v in sorted(per_attr.items())},
+        "face_sim_own_reference": float(np.mean(own)) if own else None,
+        "face_sim_random_reference": float(np.mean(rand)) if rand else None,
+    }
+
+
+def reference_embeddings(oracles, specs, seed: int = 99) -> list[np.ndarray]:
+    """Per spec, (P, E): each person rendered again in another random scene, embedded."""
+    from uniportrait.world.scenes import sample_spec
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for spec in specs:
+        embs = []
+        for person in spec.people:
+            ref = sample_spec(rng, [person.identity], seed=int(rng.integers(1 << 31))).render()
+            embs.append(oracles.describe_crops(_crops(ref.image[None], ref.landmarks[:1]))["embedding"][0])
+        out.append(np.stack(embs))
+    return out
+
+
+@torch.no_grad()
+def generate(
+    pipe,
+    captions: list[str],
+    seed: int,
+    steps: int = 25,
+    guidance: float = 7.5,
+    batch: int = 50,
+    size=(64, 64),
+):
+    """Pictures from a diffusers text-to-image pipeline, (N, H, W, 3) uint8."""
+    images = []
+    for k in range(0, len(captions), batch):
+        gen = torch.Generator().manual_seed(seed + k)
+        out = pipe(
+            captions[k : k + batch],
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            generator=gen,
+            height=size[1],
+            width=size[0],
+            output_type="np",
+        )
+        images.append((out.images * 255).round().clip(0, 255).astype(np.uint8))
+    return np.concatenate(images)
+
+
+def base_pipeline(base_dir: Path):
+    """The world's base model as diffusers' own StableDiffusionPipeline (float32, CPU)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(
+        base_dir,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+        dtype=torch.float32,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def base_report(pipe, oracles, singles: int = 200, groups: int = 60, seeds=(0, 1, 2)) -> dict:
+    out: dict = {}
+    for n, count in ((1, singles), (2, groups)):
+        specs, captions = held_out_specs(count, n, seed=5)
+        refs = reference_embeddings(oracles, specs)
+        renders = np.stack([s.render().image for s in specs])
+        key = "single" if n == 1 else "two_people"
+        out[f"renders_{key}"] = measure_pictures(oracles, renders, specs, refs)
+        runs = []
+        for seed in seeds:
+            images = generate(pipe, captions, seed, size=(specs[0].width, specs[0].height))
+            runs.append(measure_pictures(oracles, images, specs, refs))
+        out[f"base_{key}"] = summarise_runs(runs)
+    return out
+
+
+def summarise_runs(runs: list[dict]) -> dict:
+    """Mean and standard deviation over seeds of every number in ``runs``."""
+    out = {}
+    for key, value in runs[0].items():
+        if isinstance(value, (int, float)) and value is not None:
+            vals = np.array([r[key] for r in runs], dtype=float)
+            out[key] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0}
+        elif isinstance(value, dict):
+            out[key] = {k: float(np.mean([r[key][k] for r in runs if k in r[key]])) for k in value}
+    out["seeds"] = len(runs)
+    return out
+
+
+def contact_sheet(
+    images: np.ndarray, captions: list[str], path: Path, columns: int = 6, scale: int = 3
+) -> Path:
+    """Pictures with their captions underneath (wrapped), as one PNG."""
+    import textwrap
+
+    from PIL import Image, ImageDraw
+
+    h, w = images.shape[1:3]
+    cell_w, text_h = w * scale, 64
+    rows = (len(images) + columns - 1) // columns
+    sheet = Image.new("RGB", (columns * cell_w, rows * (h * scale + text_h)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for k, (image, text) in enumerate(zip(images, captions)):
+        x, y = (k % columns) * cell_w, (k // columns) * (h * scale + text_h)
+        sheet.paste(Image.fromarray(image).resize((w * scale, h * scale), Image.Resampling.NEAREST), (x, y))
+        lines = textwrap.wrap(text, width=max(20, cell_w // 6))[:5]
+        draw.multiline_text((x + 2, y + h * scale + 1), "\n".join(lines), fill=(0, 0, 0), spacing=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path)
+    return path
+
+
+def run_report(work: Path, assets: Path, out: Path, quick: bool = False) -> dict:
+    """Measure everything; write ``out/report.json`` and the contact sheets."""
+    from diffusers import AutoencoderKL
+
+    from uniportrait.world.oracles import WorldOracles
+
+    out.mkdir(parents=True, exist_ok=True)
+    oracles = WorldOracles(assets / "oracles")
+    data_dir = work / "data"
+    report = {"oracles": oracle_report(oracles, data_dir)}
+    logger.info("oracles: %s", json.dumps(report["oracles"]["recogniser"]))
+    vae = AutoencoderKL.from_pretrained(assets / "base" / "vae", dtype=torch.float32).eval()
+    report["vae"] = vae_report(vae, oracles, data_dir)
+    from uniportrait.models.face_backbone import IRBackbone
+
+    report["face_backbone"] = backbone_report(
+        IRBackbone.from_pretrained(assets / "face_backbone").float().eval(), data_dir
+    )
+    logger.info("vae: %s", json.dumps(report["vae"]))
+    pipe = base_pipeline(assets / "base")
+    report["base_model"] = base_report(pipe, oracles, *((40, 12, (0,)) if quick else (200, 60, (0, 1, 2))))
+    specs, captions = held_out_specs(24, 1, seed=11)
+    images = generate(pipe, captions, seed=0)
+    contact_sheet(images, captions, out / "base_singles.png")
+    specs, captions = held_out_specs(12, 2, seed=12)
+    contact_sheet(
+        generate(pipe, captions, seed=0, size=(128, 64)), captions, out / "base_groups.png", columns=4
+    )
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    return report

@@ -1,0 +1,247 @@
+"""Scenes of one to four people, their captions, and the picture sizes of the world.
+
+A :class:`SceneSpec` is everything needed to draw one picture: the people (identity + look), the
+scene style, and which attributes the caption mentions. :func:`caption` writes it as free
+natural language from templates ("two people smiling on a beach, the one on the left wearing a
+red hat"); attributes the caption does not mention were drawn at random and are not asked for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from uniportrait.world.render import Person, Rendered, render
+from uniportrait.world.traits import (
+    BACKGROUNDS,
+    COLOURS,
+    EXPRESSIONS,
+    HATS,
+    HELD_OUT_START,
+    LIGHTING,
+    PERSON_ATTRIBUTES,
+    SCENE_ATTRIBUTES,
+    STYLES,
+    SceneStyle,
+    Traits,
+    sample_look,
+    sample_scene_style,
+)
+
+#: Picture size (width, height) by number of people: 64 px portraits, 128×64 groups.
+SIZES: dict[int, tuple[int, int]] = {1: (64, 64), 2: (128, 64), 3: (128, 64), 4: (128, 64)}
+#: Face size unit (picture px) range by number of people.
+_UNIT: dict[int, tuple[float, float]] = {1: (10.0, 12.5), 2: (9.0, 11.0), 3: (8.0, 9.5), 4: (6.5, 7.5)}
+_COUNT_WORDS = {1: "a person", 2: "two people", 3: "three people", 4: "four people"}
+_POSITION_WORDS = {
+    2: ("the one on the left", "the one on the right"),
+    3: ("the one on the left", "the one in the middle", "the one on the right"),
+    4: (
+        "the first from the left",
+        "the second from the left",
+        "the third from the left",
+        "the one on the right",
+    ),
+}
+_EXPRESSION_PHRASES = ("with a neutral face", "smiling", "with an open mouth", "with closed eyes")
+_GROUP_EXPRESSION = ("with neutral faces", "smiling", "with open mouths", "with closed eyes")
+_BACKGROUND_PHRASES = (
+    "on a beach",
+    "in a forest",
+    "in a city",
+    "against a blue background",
+    "against a pink background",
+    "against a grey background",
+)
+_LIGHTING_PHRASES = ("in soft front light", "lit from the left", "lit from the right", "lit from above")
+_STYLE_PHRASES = ("a photo of", "a pencil sketch of", "a painting of")
+_TILT_PHRASES = (
+    "with the head tilted to the left",
+    "with the head upright",
+    "with the head tilted to the right",
+)
+
+
+@dataclass(frozen=True)
+class SceneSpec:
+    """One picture to draw: people left to right, the scene, and what the caption mentions.
+
+    ``mentions`` holds scene attribute names and ``(person index, attribute name)`` pairs.
+    """
+
+    people: tuple[Person, ...]
+    scene: SceneStyle
+    width: int
+    height: int
+    seed: int
+    mentions: frozenset = field(default_factory=frozenset)
+
+    def render(self) -> Rendered:
+        # draw smaller (farther) people first so nearer ones are in front
+        order = sorted(range(len(self.people)), key=lambda i: self.people[i].look.size)
+        out = render([self.people[i] for i in order], self.scene, self.width, self.height, self.seed)
+        inverse = np.argsort(order)  # back to left-to-right order
+        out.boxes, out.landmarks, out.masks = out.boxes[inverse], out.landmarks[inverse], out.masks[inverse]
+        out.people = list(self.people)
+        return out
+
+    def requested(self) -> dict:
+        """What the caption asks for: ``{"scene": {name: value}, "people": [{name: value}, …]}``."""
+        scene = {name: self.scene.attribute(name) for name in SCENE_ATTRIBUTES if name in self.mentions}
+        people = [
+            {name: p.look.attribute(name) for name in PERSON_ATTRIBUTES if (i, name) in self.mentions}
+            for i, p in enumerate(self.people)
+        ]
+        return {"scene": scene, "people": people}
+
+
+def identity_number(index: int, held_out: bool) -> int:
+    """The identity number of the ``index``-th training (or held-out) identity."""
+    return index + (HELD_OUT_START if held_out else 0)
+
+
+def layout(num_people: int, rng: np.random.Generator) -> list[tuple[float, float, float]]:
+    """(cx, cy, unit) of each face, left to right, so that heads do not overlap."""
+    width, height = SIZES[num_people]
+    lo, hi = _UNIT[num_people]
+    slot = width / num_people
+    places = []
+    for k in range(num_people):
+        unit = float(rng.uniform(lo, hi))
+        jitter = max(0.0, slot / 2 - 1.45 * unit) * 0.6
+        cx = slot * (k + 0.5) + float(rng.uniform(-jitter, jitter))
+        cy = height * 0.42 + float(rng.uniform(-0.06, 0.06)) * height
+        places.append((cx, cy, unit))
+    return places
+
+
+def sample_spec(
+    rng: np.random.Generator,
+    identities: list[int],
+    seed: int,
+    mention_p: float = 0.7,
+    look: dict | None = None,
+    scene: dict | None = None,
+) -> SceneSpec:
+    """A random scene of these identities (left to right).
+
+    ``look``/``scene`` pin attributes (by name) for every person / the scene; pinned attributes
+    are always mentioned. Other attributes are mentioned with probability ``mention_p``.
+    """
+    n = len(identities)
+    if n not in SIZES:
+        raise ValueError(f"a world scene has 1 to 4 people, got {n}")
+    look, scene = dict(look or {}), dict(scene or {})
+    style = sample_scene_style(rng, **scene)
+    people = tuple(
+        Person(identity=ident, traits=Traits.of(ident), look=sample_look(rng, cx, cy, unit, **look))
+        for ident, (cx, cy, unit) in zip(identities, layout(n, rng))
+    )
+    mentions = set()
+    for name in SCENE_ATTRIBUTES:
+        if name in scene or rng.random() < mention_p:
+            mentions.add(name)
+    for i in range(n):
+        for name in PERSON_ATTRIBUTES:
+            p = mention_p if n == 1 else mention_p * 0.6
+            if name == "tilt":
+                p *= 0.5
+            if name in look or rng.random() < p:
+                mentions.add((i, name))
+    width, height = SIZES[n]
+    return SceneSpec(people, style, width, height, seed, frozenset(mentions))
+
+
+def _person_phrases(spec: SceneSpec, i: int, skip: set[str]) -> list[str]:
+    look = spec.people[i].look
+    phrases = []
+    wear = []
+    if (i, "clothing") in spec.mentions and "clothing" not in skip:
+        wear.append(f"a {COLOURS[look.clothing]} shirt")
+    if (i, "hat") in spec.mentions and "hat" not in skip:
+        wear.append(f"a {HATS[look.hat]} hat" if look.hat else "no hat")
+    if (i, "sunglasses") in spec.mentions and "sunglasses" not in skip:
+        wear.append("sunglasses" if look.sunglasses else "no sunglasses")
+    if wear:
+        phrases.append(
+            "wearing " + (" and ".join(wear) if len(wear) < 3 else ", ".join(wear[:-1]) + " and " + wear[-1])
+        )
+    if (i, "expression") in spec.mentions and "expression" not in skip:
+        phrases.append(_EXPRESSION_PHRASES[look.expression])
+    if (i, "tilt") in spec.mentions and "tilt" not in skip:
+        phrases.append(_TILT_PHRASES[look.tilt])
+    return phrases
+
+
+def caption(spec: SceneSpec, rng: np.random.Generator | None = None) -> str:
+    """The caption of ``spec`` in natural language (clause order varies with ``rng``)."""
+    rng = rng or np.random.default_rng(spec.seed)
+    n = len(spec.people)
+    head = f"{_STYLE_PHRASES[spec.scene.style]} " if "style" in spec.mentions else ""
+    subject = _COUNT_WORDS[n]
+    if not head and rng.random() < 0.5:
+        subject = subject.replace("a person", "one person") if n == 1 else subject
+    clauses: list[str] = []
+    shared: set[str] = set()
+    if n > 1:  # an expression all share is said once for the group
+        exprs = {p.look.expression for p in spec.people}
+        if len(exprs) == 1 and all((i, "expression") in spec.mentions for i in range(n)):
+            clauses.append(_GROUP_EXPRESSION[exprs.pop()])
+            shared.add("expression")
+    if "background" in spec.mentions:
+        clauses.append(_BACKGROUND_PHRASES[spec.scene.background])
+    if "lighting" in spec.mentions:
+        clauses.append(_LIGHTING_PHRASES[spec.scene.lighting])
+    if n == 1:
+        clauses.extend(_person_phrases(spec, 0, shared))
+        order = rng.permutation(len(clauses))
+        body = ", ".join(clauses[k] for k in order)
+        return f"{head}{subject}" + (f" {body}" if body else "")
+    scene_part = " ".join(clauses[:1]) + (", " + ", ".join(clauses[1:]) if len(clauses) > 1 else "")
+    per_person = []
+    for i in range(n):
+        phrases = _person_phrases(spec, i, shared)
+        if phrases:
+            per_person.append(f"{_POSITION_WORDS[n][i]} {' and '.join(phrases)}")
+    text = f"{head}{subject}" + (f" {scene_part}" if scene_part else "")
+    if per_person:
+        text += ", " + ", ".join(per_person)
+    return text
+
+
+def vocabulary() -> list[str]:
+    """Every word a caption can use (for the world's tokenizer)."""
+    words: set[str] = set()
+    phrases = [
+        *_COUNT_WORDS.values(),
+        "one person",
+        *(w for ws in _POSITION_WORDS.values() for w in ws),
+        *_EXPRESSION_PHRASES,
+        *_GROUP_EXPRESSION,
+        *_BACKGROUND_PHRASES,
+        *_LIGHTING_PHRASES,
+        *_STYLE_PHRASES,
+        *_TILT_PHRASES,
+        "wearing a shirt and hat no sunglasses",
+        *COLOURS,
+        *HATS,
+    ]
+    for phrase in phrases:
+        words.update(phrase.replace(",", " ").split())
+    return sorted(words)
+
+
+__all__ = [
+    "BACKGROUNDS",
+    "EXPRESSIONS",
+    "LIGHTING",
+    "SIZES",
+    "STYLES",
+    "SceneSpec",
+    "caption",
+    "identity_number",
+    "layout",
+    "sample_spec",
+    "vocabulary",
+]

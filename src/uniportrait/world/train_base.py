@@ -1,0 +1,356 @@
+"""Training the world's base components: VAE, tokenizer + CLIP (text and vision), text-to-image
+UNet, and the face-recognition backbone. Each writes the format of its real counterpart.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from uniportrait.world.data import load_set
+from uniportrait.world.loop import run_loop
+from uniportrait.world.models import clip_configs, make_backbone, make_unet, make_vae
+
+logger = logging.getLogger(__name__)
+
+
+def to_pixels(images: np.ndarray) -> torch.Tensor:
+    """(B, H, W, 3) uint8 → (B, 3, H, W) float32 in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def _square_crops(groups: np.ndarray, gen: torch.Generator, count: int) -> np.ndarray:
+    """Random 64×64 windows of 128×64 group pictures."""
+    idx = torch.randint(len(groups), (count,), generator=gen).numpy()
+    xs = torch.randint(0, groups.shape[2] - 63, (count,), generator=gen).numpy()
+    return np.stack([groups[i, :, x : x + 64] for i, x in zip(idx, xs)])
+
+
+# -- VAE ------------------------------------------------------------------------------------------
+
+
+def train_vae(data_dir: Path, out: Path, steps: int = 3000, batch: int = 32, lr: float = 1e-3, seed: int = 0):
+    singles = load_set(data_dir / "singles_train.npz")["images"]
+    groups = load_set(data_dir / "groups_train.npz")["images"]
+    torch.manual_seed(seed)
+    vae = make_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+
+    def step(i: int) -> dict[str, float]:
+        k = batch // 4
+        idx = torch.randint(len(singles), (batch - k,), generator=gen).numpy()
+        x = to_pixels(np.concatenate([singles[idx], _square_crops(groups, gen, k)]))
+        posterior = vae.encode(x).latent_dist
+        z = posterior.sample(generator=gen)
+        rec = vae.decode(z).sample
+        l1 = (rec - x).abs().mean()
+        mse = (rec - x).pow(2).mean()
+        kl = posterior.kl().mean()
+        loss = l1 + mse + 1e-7 * kl
+        loss.backward()
+        return {"l1": l1.item(), "psnr": (10 * torch.log10(4.0 / mse)).item(), "kl": kl.item()}
+
+    run_loop(out / "run", {"vae": vae}, opt, step, steps, lr, "VAE", warmup=100)
+    # the scaling factor that gives latents unit variance, as SD's 0.18215 does for its VAE
+    with torch.no_grad():
+        x = to_pixels(singles[:512])
+        dist = vae.encode(x).latent_dist
+        scale = 1.0 / float(dist.mean.std())
+        noise = float((dist.std * scale).mean())
+    vae.register_to_config(scaling_factor=scale)
+    vae.save_pretrained(out / "vae")
+    (out / "vae_stats.json").write_text(json.dumps({"scaling_factor": scale, "posterior_std_scaled": noise}))
+    logger.info("VAE: scaling factor %.4f, posterior std (scaled) %.4f", scale, noise)
+    return vae
+
+
+# -- tokenizer + CLIP -----------------------------------------------------------------------------
+
+
+def clip_normalise(x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] → CLIP-normalised."""
+    from uniportrait.identity import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    x = (x + 1.0) / 2.0
+    mean = x.new_tensor(OPENAI_CLIP_MEAN).view(1, 3, 1, 1)
+    std = x.new_tensor(OPENAI_CLIP_STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def tokenize(tokenizer, captions) -> torch.Tensor:
+    return tokenizer(
+        list(captions),
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+
+
+def train_clip(
+    data_dir: Path, out: Path, steps: int = 1500, batch: int = 128, lr: float = 5e-4, seed: int = 0
+):
+    from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+    from uniportrait.world.scenes import vocabulary
+    from uniportrait.world.tokenizer import write_tokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(str(write_tokenizer(out / "tokenizer", vocabulary())))
+    s, g = load_set(data_dir / "singles_train.npz"), load_set(data_dir / "groups_train.npz")
+    ids = torch.cat([tokenize(tokenizer, s["captions"]), tokenize(tokenizer, g["captions"])])
+    n_single = len(s["images"])
+    text_config, vision_config = clip_configs(len(tokenizer))
+    torch.manual_seed(seed)
+    model = CLIPModel(
+        CLIPConfig(
+            text_config=text_config.to_dict(),
+            vision_config=vision_config.to_dict(),
+            projection_dim=vision_config.projection_dim,
+        )
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
+    gen = torch.Generator().manual_seed(seed)
+    size = vision_config.image_size
+
+    def step(i: int) -> dict[str, float]:
+        idx = torch.randint(len(ids), (batch,), generator=gen)
+        singles_idx = idx[idx < n_single].numpy()
+        groups_idx = (idx[idx >= n_single] - n_single).numpy()
+        pix = [to_pixels(s["images"][singles_idx])]
+        if len(groups_idx):  # whole group pictures, squeezed to the tower's square input
+            pix.append(
+                F.interpolate(
+                    to_pixels(g["images"][groups_idx]), size=(size, size), mode="bilinear", antialias=True
+                )
+            )
+        x = clip_normalise(torch.cat(pix))
+        order = torch.cat([idx[idx < n_single], idx[idx >= n_single]])
+        out_ = model(input_ids=ids[order], pixel_values=x, return_loss=True)
+        out_.loss.backward()
+        with torch.no_grad():
+            acc = (out_.logits_per_image.argmax(1) == torch.arange(batch)).float().mean()
+        return {"loss": out_.loss.item(), "i2t_acc": acc.item()}
+
+    run_loop(out / "run", {"clip": model}, opt, step, steps, lr, "CLIP", warmup=100)
+    save_clip_parts(model, tokenizer, out)
+    return model
+
+
+def save_clip_parts(model, tokenizer, out: Path) -> None:
+    """Split a trained ``CLIPModel`` into SD's ``text_encoder`` + ``tokenizer`` and an ``image_encoder``."""
+    from transformers import CLIPTextModel, CLIPVisionModelWithProjection
+
+    state = model.state_dict()
+    text = CLIPTextModel(model.config.text_config)
+    text.load_state_dict(_with_prefix(state, "text_model.", text.state_dict()), strict=True)
+    vision = CLIPVisionModelWithProjection(model.config.vision_config)
+    vision.load_state_dict(_with_prefix(state, "", vision.state_dict()), strict=True)
+    text.save_pretrained(out / "text_encoder")
+    tokenizer.save_pretrained(out / "tokenizer")
+    vision.save_pretrained(out / "image_encoder")
+
+
+def _with_prefix(state: dict, prefix: str, target: dict) -> dict:
+    """The entries of ``state`` that ``target`` names, found with or without ``prefix``."""
+    out = {}
+    for key in target:
+        for candidate in (prefix + key, key, "text_model." + key):
+            if candidate in state:
+                out[key] = state[candidate]
+                break
+    return out
+
+
+# -- UNet -----------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def encode_latents(vae, images: np.ndarray, batch: int = 256) -> torch.Tensor:
+    """Posterior means × scaling factor: (N, 4, H/4, W/4)."""
+    parts = []
+    for k in range(0, len(images), batch):
+        parts.append(
+            vae.encode(to_pixels(images[k : k + batch])).latent_dist.mean * vae.config.scaling_factor
+        )
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def encode_text(text_encoder, tokenizer, captions, batch: int = 512) -> torch.Tensor:
+    parts = []
+    for k in range(0, len(captions), batch):
+        parts.append(text_encoder(tokenize(tokenizer, captions[k : k + batch]))[0].half())
+    return torch.cat(parts)
+
+
+def train_unet(
+    data_dir: Path,
+    vae_dir: Path,
+    clip_dir: Path,
+    out: Path,
+    steps: int = 8000,
+    batch: int = 32,
+    lr: float = 3e-4,
+    seed: int = 0,
+    group_every: int = 3,
+    uncond_p: float = 0.1,
+):
+    from diffusers import AutoencoderKL, DDPMScheduler
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from uniportrait.presets.tiny import published_ddim_scheduler
+
+    vae = AutoencoderKL.from_pretrained(vae_dir / "vae").eval()
+    text_encoder = CLIPTextModel.from_pretrained(clip_dir / "text_encoder").eval()
+    tokenizer = CLIPTokenizer.from_pretrained(clip_dir / "tokenizer")
+    cache = out / "cache.pt"
+    if cache.is_file():
+        tensors = torch.load(cache, weights_only=True)
+    else:
+        s, g = load_set(data_dir / "singles_train.npz"), load_set(data_dir / "groups_train.npz")
+        tensors = {
+            "z1": encode_latents(vae, s["images"]),
+            "zg": encode_latents(vae, g["images"]),
+            "c1": encode_text(text_encoder, tokenizer, s["captions"]),
+            "cg": encode_text(text_encoder, tokenizer, g["captions"]),
+            "null": encode_text(text_encoder, tokenizer, [""]),
+        }
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save(tensors, cache)
+    schedule = DDPMScheduler.from_config(published_ddim_scheduler().config)
+    torch.manual_seed(seed)
+    unet = make_unet()
+    ema = make_unet()
+    ema.load_state_dict(unet.state_dict())
+    ema.requires_grad_(False)
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(seed)
+    null = tensors["null"].float()
+
+    def step(i: int) -> dict[str, float]:
+        key = "g" if i % group_every == group_every - 1 else "1"
+        z_all, c_all = tensors["z" + key], tensors["c" + key]
+        idx = torch.randint(len(z_all), (batch,), generator=gen)
+        z0, cond = z_all[idx], c_all[idx].float()
+        drop = torch.rand(batch, generator=gen) < uncond_p
+        cond = torch.where(drop[:, None, None], null.expand_as(cond), cond)
+        noise = torch.randn(z0.shape, generator=gen)
+        t = torch.randint(0, schedule.config.num_train_timesteps, (batch,), generator=gen)
+        pred = unet(schedule.add_noise(z0, noise, t), t, encoder_hidden_states=cond).sample
+        loss = F.mse_loss(pred, noise)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        return {"loss" + key: loss.item()}
+
+    def update_ema(decay: float = 0.999) -> None:
+        with torch.no_grad():
+            for pe, p in zip(ema.parameters(), unet.parameters()):
+                pe.lerp_(p, 1.0 - decay)
+
+    run_loop(
+        out / "run",
+        {"unet": unet, "ema": ema},
+        opt,
+        step,
+        steps,
+        lr,
+        "UNet",
+        warmup=300,
+        after_step=update_ema,
+    )
+    ema.save_pretrained(out / "unet")
+    return ema
+
+
+# -- identity losses ------------------------------------------------------------------------------
+
+
+class IdentityBatches:
+    """Batches of ``per_batch`` identities × ``per_identity`` faces each (with replacement for
+    identities that have fewer faces), for the supervised contrastive loss."""
+
+    def __init__(self, labels: np.ndarray, per_batch: int, per_identity: int, gen: torch.Generator) -> None:
+        order = np.argsort(labels, kind="stable")
+        bounds = np.flatnonzero(np.diff(labels[order])) + 1
+        self.groups = np.split(order, bounds)
+        self.per_batch, self.per_identity, self.gen = per_batch, per_identity, gen
+
+    def __call__(self) -> np.ndarray:
+        picks = torch.randperm(len(self.groups), generator=self.gen)[: self.per_batch].numpy()
+        rows = []
+        for g in picks:
+            members = self.groups[g]
+            rows.append(
+                members[torch.randint(len(members), (self.per_identity,), generator=self.gen).numpy()]
+            )
+        return np.concatenate(rows)
+
+
+def supcon_loss(embeddings: torch.Tensor, labels: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
+    """Supervised contrastive loss of (B, E) L2-normalised embeddings (Khosla et al., 2020)."""
+    sim = embeddings @ embeddings.T / temperature
+    eye = torch.eye(len(labels), dtype=torch.bool)
+    sim = sim.masked_fill(eye, -1e4)
+    positives = (labels[:, None] == labels[None, :]) & ~eye
+    log_prob = torch.log_softmax(sim, dim=1)
+    return -(log_prob * positives).sum(1).div(positives.sum(1).clamp(min=1)).mean()
+
+
+# -- face-recognition backbone --------------------------------------------------------------------
+
+
+def train_backbone(
+    crops_path: Path,
+    out: Path,
+    steps: int = 500,
+    batch: int = 64,
+    lr: float = 1e-3,
+    seed: int = 0,
+    per_identity: int = 4,
+):
+    """IR backbone trained to tell world identities apart (the world's CurricularFace).
+
+    The loss is supervised contrastive on batches of identities × 4 faces: with a few thousand
+    identities and a few hundred CPU steps it learns far faster than a margin softmax over every
+    identity (CosFace did not leave chance in 500 steps here, see docs/world.md).
+    """
+    from uniportrait.world.faces import load_crops
+
+    crops, labels = load_crops(crops_path)
+    torch.manual_seed(seed)
+    backbone = make_backbone()
+    opt = torch.optim.AdamW(backbone.parameters(), lr=lr, weight_decay=5e-4)
+    gen = torch.Generator().manual_seed(seed)
+    batches = IdentityBatches(labels, batch // per_identity, per_identity, gen)
+
+    def step(i: int) -> dict[str, float]:
+        idx = batches()
+        x = augment_faces(to_pixels(crops[idx]), gen)
+        emb = F.normalize(backbone(x).embedding, dim=-1)
+        loss = supcon_loss(emb, torch.from_numpy(labels[idx]))
+        loss.backward()
+        return {"loss": loss.item()}
+
+    run_loop(out / "run", {"backbone": backbone}, opt, step, steps, lr, "face backbone", warmup=50)
+    backbone.eval().save_pretrained(out / "face_backbone")
+    return backbone
+
+
+def augment_faces(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Brightness/contrast jitter and occasional blur, (B, 3, S, S) in [-1, 1]."""
+    b = x.shape[0]
+    gain = 1.0 + 0.2 * (torch.rand(b, 1, 1, 1, generator=gen) - 0.5)
+    bias = 0.2 * (torch.rand(b, 1, 1, 1, generator=gen) - 0.5)
+    x = x * gain + bias
+    blur = torch.rand(b, generator=gen) < 0.3
+    if blur.any():
+        k = torch.tensor([1.0, 2.0, 1.0])
+        k = (k[:, None] * k[None, :] / 16.0).expand(3, 1, 3, 3)
+        x[blur] = F.conv2d(F.pad(x[blur], (1, 1, 1, 1), mode="replicate"), k, groups=3)
+    return x.clamp(-1, 1)

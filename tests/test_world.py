@@ -1,0 +1,227 @@
+"""The identity world: renderer ground truth, tokenizer, datasets, and the shipped models."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from uniportrait.world.build import WORLD_ASSETS
+from uniportrait.world.scenes import caption, sample_spec, vocabulary
+from uniportrait.world.traits import HELD_OUT_START, PERSON_ATTRIBUTES, Traits
+
+shipped = pytest.mark.skipif(
+    not (WORLD_ASSETS / "oracles" / "detector" / "config.json").is_file(),
+    reason="the world's trained weights are not in this checkout (uniportrait world build)",
+)
+
+
+def _batch(count: int, people: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    specs = [
+        sample_spec(rng, [int(i) + HELD_OUT_START for i in rng.choice(500, people, replace=False)], seed=k)
+        for k in range(count)
+    ]
+    return specs, [s.render() for s in specs]
+
+
+@pytest.mark.parametrize("people", [1, 2, 3, 4])
+def test_render_ground_truth_is_consistent(people):
+    specs, pictures = _batch(6, people)
+    for spec, pic in zip(specs, pictures):
+        h, w = pic.image.shape[:2]
+        assert pic.image.dtype == np.uint8 and (w, h) == (spec.width, spec.height)
+        assert pic.boxes.shape == (people, 4) and pic.landmarks.shape == (people, 5, 2)
+        for box, points, mask in zip(pic.boxes, pic.landmarks, pic.masks):
+            x0, y0, x1, y1 = box
+            # every landmark lies inside its face box, eyes above the nose above the mouth
+            assert (points[:, 0] >= x0).all() and (points[:, 0] <= x1).all()
+            assert (points[:, 1] >= y0).all() and (points[:, 1] <= y1).all()
+            assert points[0, 0] < points[1, 0] and points[3, 0] < points[4, 0]
+            assert points[:2, 1].max() < points[2, 1] < points[3:, 1].min()
+            # the head mask covers the face: the nose tip and most of the box's inner half
+            nx, ny = np.round(points[2]).astype(int)
+            assert mask[ny, nx]
+            inner = mask[
+                int(y0 + (y1 - y0) / 4) : int(y1 - (y1 - y0) / 4),
+                int(x0 + (x1 - x0) / 4) : int(x1 - (x1 - x0) / 4),
+            ]
+            assert inner.mean() > 0.9
+        # heads of different people do not share pixels
+        assert (pic.masks.sum(0) <= 1).all()
+        # people are listed left to right
+        assert (np.diff(pic.boxes[:, 0]) > 0).all()
+
+
+def test_render_is_deterministic_and_identities_differ():
+    spec = sample_spec(np.random.default_rng(3), [HELD_OUT_START + 7], seed=11)
+    a, b = spec.render(), spec.render()
+    assert np.array_equal(a.image, b.image) and np.array_equal(a.landmarks, b.landmarks)
+    assert Traits.of(5) == Traits.of(5)
+    vectors = np.stack([Traits.of(i).vector() for i in range(200)])
+    distances = np.linalg.norm(vectors[:, None] - vectors[None], axis=-1)[np.triu_indices(200, 1)]
+    assert distances.min() > 0.3  # no two of 200 random identities coincide
+
+
+def test_caption_mentions_what_is_requested():
+    rng = np.random.default_rng(0)
+    spec = sample_spec(rng, [1, 2], seed=0, look={"hat": 2}, scene={"background": 0})
+    text = caption(spec, rng)
+    assert text.startswith(("two people", "a photo of two", "a pencil sketch of two", "a painting of two"))
+    assert "on a beach" in text and "blue hat" in text
+    requested = spec.requested()
+    assert requested["scene"]["background"] == 0
+    assert all(p["hat"] == 2 for p in requested["people"])
+
+
+def test_tokenizer_spells_every_caption_word_as_one_token(tmp_path):
+    from transformers import CLIPTokenizer
+
+    from uniportrait.world.tokenizer import write_tokenizer
+
+    tok = CLIPTokenizer.from_pretrained(str(write_tokenizer(tmp_path, vocabulary())))
+    assert all(len(tok.tokenize(w)) == 1 for w in vocabulary())
+    assert tok("two people smiling on a beach").input_ids[1:-1] == [
+        tok.convert_tokens_to_ids(w + "</w>") for w in "two people smiling on a beach".split()
+    ]
+
+
+def test_world_render_writes_a_dataset_the_trainer_reads(tmp_path):
+    from uniportrait.cli import main
+    from uniportrait.training.data import PortraitDataset
+
+    out = tmp_path / "data"
+    assert (
+        main(
+            [
+                "-q",
+                "world",
+                "render",
+                "--out",
+                str(out),
+                "--count",
+                "6",
+                "--people",
+                "2,3",
+                "--identities",
+                "10",
+            ]
+        )
+        == 0
+    )
+    rows = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
+    assert [r["num_faces"] for r in rows] == [2, 3, 2, 3, 2, 3]
+    assert all(len(r["identities"]) == r["num_faces"] for r in rows)
+    # a rerun completes instead of duplicating
+    assert (
+        main(
+            [
+                "-q",
+                "world",
+                "render",
+                "--out",
+                str(out),
+                "--count",
+                "8",
+                "--people",
+                "2,3",
+                "--identities",
+                "10",
+            ]
+        )
+        == 0
+    )
+    assert len((out / "index.jsonl").read_text().splitlines()) == 8
+    dataset = PortraitDataset(out, resolution=64, min_faces=2, max_faces=3, id_augment=1.0)
+    item = dataset[0]
+    assert item["crops"].shape[1:] == (224, 224, 3) and item["pixels"].shape == (3, 64, 64)
+    assert main(["world", "render", "--out", str(out), "--people", "5"]) == 2
+
+
+@shipped
+def test_shipped_oracles_measure_renders():
+    from uniportrait.world.oracles import WorldOracles
+    from uniportrait.world.report import match_faces
+
+    oracles = WorldOracles()
+    specs, pictures = _batch(8, 2, seed=5)
+    found = 0
+    for pic in pictures:
+        faces = oracles.detect(pic.image)
+        pairs = match_faces(pic.boxes, np.array([f.box for f in faces]).reshape(-1, 4))
+        found += len(pairs)
+        for i, j in pairs:
+            assert np.abs(faces[j].landmarks - pic.landmarks[i]).max() < 4.0
+    assert found >= 15  # of 16 faces
+    # the same person in two pictures is closer than two different people
+    rng = np.random.default_rng(1)
+    a = sample_spec(rng, [HELD_OUT_START + 1], seed=1).render()
+    b = sample_spec(rng, [HELD_OUT_START + 1], seed=2).render()
+    c = sample_spec(rng, [HELD_OUT_START + 2], seed=3).render()
+    emb = [oracles.describe(p.image, oracles.detect(p.image)[:1])["embedding"][0] for p in (a, b, c)]
+    assert emb[0] @ emb[1] > emb[0] @ emb[2]
+    attrs = oracles.person_attributes(pictures[0].image[None].repeat(2, 0), pictures[0].boxes)
+    assert set(attrs) == set(PERSON_ATTRIBUTES)
+
+
+@shipped
+def test_shipped_base_model_generates_through_uniportrait_pipeline(tmp_path):
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPVisionModelWithProjection
+
+    from uniportrait import UniPortraitPipeline
+    from uniportrait.models.adapter import AdapterConfig, UniPortraitAdapter
+    from uniportrait.models.face_backbone import IRBackbone
+    from uniportrait.models.qformer import QFormerConfig
+
+    unet = UNet2DConditionModel.from_pretrained(WORLD_ASSETS / "base" / "unet")
+    encoder = CLIPVisionModelWithProjection.from_pretrained(WORLD_ASSETS / "image_encoder")
+    backbone = IRBackbone.from_pretrained(WORLD_ASSETS / "face_backbone")
+    channels = backbone.config.channels
+    qformer = QFormerConfig(
+        dim=unet.config.cross_attention_dim,
+        id_dim=channels[-1],
+        structure_dim=sum(channels[:3]) + encoder.config.hidden_size,
+        depth=1,
+        heads=2,
+        dim_head=16,
+    )
+    adapter = UniPortraitAdapter(AdapterConfig.from_unet(unet, qformer=qformer, lora_rank=4, multi_id=True))
+    adapter.save_pretrained(tmp_path / "adapter", face_backbone=backbone)
+    pipe = UniPortraitPipeline.from_pretrained(
+        WORLD_ASSETS / "base", uniportrait=tmp_path / "adapter", image_encoder=WORLD_ASSETS / "image_encoder",
+        torch_dtype=torch.float32,
+    )  # fmt: skip
+    out = pipe(
+        "a photo of a person smiling on a beach",
+        num_inference_steps=4,
+        height=64,
+        width=64,
+        generator=torch.Generator().manual_seed(0),
+        output_type="np",
+    )
+    image = np.asarray(out.images[0])
+    assert image.shape == (64, 64, 3) and np.isfinite(image).all()
+
+
+@shipped
+def test_world_backend_matches_people_in_a_group_picture():
+    from PIL import Image
+
+    from uniportrait.evaluation import evaluate_image, get_backend, reference_from_photos
+
+    backend = get_backend("world")
+    rng = np.random.default_rng(4)
+    a, b = HELD_OUT_START + 11, HELD_OUT_START + 12
+    group = sample_spec(rng, [a, b], seed=3, look={"sunglasses": 0}).render()
+    refs = [
+        reference_from_photos(backend, [Image.fromarray(sample_spec(rng, [ident], seed=s).render().image)])
+        for ident, s in ((a, 4), (b, 5))
+    ]
+    faces, match = evaluate_image(Image.fromarray(group.image), refs, backend)
+    assert len(faces) == 2 and not match.missing and not match.duplicated
+    # the face matched to each reference is the one drawn at that person's place
+    for ref_index, face_index in enumerate(match.face_of_reference):
+        assert abs(faces[face_index].box[0] - group.boxes[ref_index][0]) < 4
