@@ -22,7 +22,8 @@ def _home(tmp_path, monkeypatch):
 
 
 def _images(folder: Path) -> list[Path]:
-    return sorted(folder.glob("image_*.png"))
+    """The images of every run written into ``--out folder`` (each run has its run-NNN folder)."""
+    return sorted(folder.glob("run-*/image_*.png"))
 
 
 def _pixels(path: Path) -> np.ndarray:
@@ -42,9 +43,11 @@ def test_generate_writes_images_references_routing_and_metadata(tmp_path):
     meta = Image.open(images[0]).text
     assert meta["prompt"] == "two people"
     assert json.loads(meta["uniportrait"])["steps"] == 2
-    assert (out / "routing_00.png").is_file()
-    assert (out / "reference_1_0.png").is_file() and (out / "reference_2_0.png").is_file()
-    assert Image.open(out / "reference_1_0.png").size == (224, 224)
+    run = out / "run-001"
+    assert images[0].parent == run
+    assert (run / "routing_00.png").is_file()
+    assert (run / "reference_1_0.png").is_file() and (run / "reference_2_0.png").is_file()
+    assert Image.open(run / "reference_1_0.png").size == (224, 224)
 
 
 def test_stored_identity_gives_same_image_without_encoding(tmp_path, monkeypatch):
@@ -259,12 +262,12 @@ def test_failure_while_writing_leaves_no_partial_files(tmp_path, monkeypatch, ca
     code = main(["generate", "--prompt", "p", "--id", str(sample_photo("ffhq-0100")), "--num-images", "2",
                  "--out", str(out)] + FAST)  # fmt: skip
     assert code == 2 and "disk full" in capsys.readouterr().err
-    assert written and not any(out.glob("*.png"))
+    assert written and not out.exists()  # nothing half-written, not even the empty folders
 
 
 def test_bad_numbers(tmp_path, capsys):
     assert "--steps" in _bad_generate(tmp_path, capsys, ["--steps", "0"])
-    assert "multiples of 8" in _bad_generate(tmp_path, capsys, ["--width", "100"])
+    assert "multiple of 8" in _bad_generate(tmp_path, capsys, ["--width", "100"])
 
 
 def test_demo_writes_real_files(tmp_path, capsys):

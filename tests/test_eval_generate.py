@@ -96,10 +96,14 @@ def test_generate_command_check_faces_reports_and_records_what_it_did(tmp_path, 
     out = tmp_path / "out"
     photo = str(sample_photo("ffhq-0100.jpg"))
     args = f"generate --preset tiny --prompt person --id {photo} --out {out} --width 64 --height 64 --steps 2"
-    assert main(["-q", *args.split(), "--check-faces", "--retries", "1"]) == 0
-    printed = capsys.readouterr().out
+    assert (
+        main(["-q", *args.split(), "--check-faces", "--retries", "1"]) == 3
+    )  # a failed check is not success
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "face check failed in all 2 attempt(s)" in printed and "seed 1: missing" in printed
-    text = Image.open(out / "image_00.png").text
+    assert "error: face check failed" in captured.err and "run-001" in captured.err
+    text = Image.open(out / "run-001" / "image_00.png").text
     record = json.loads(text["face_check"])
     assert [a["seed"] for a in record["attempts"]] == [0, 1] and record["seed"] == 0
     assert json.loads(text["uniportrait"])["seed"] == 0

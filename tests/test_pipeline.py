@@ -231,7 +231,7 @@ def test_ip_adapter_unconditional_side_is_zero_embedding(tiny_pipe):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"height": 60}, "multiples of 8"),
+        ({"height": 100}, "multiple of 8"),
         ({"steps": 0}, "num_inference_steps"),
         ({"n_ids": 2, "faceid_masks": np.ones((3, 8, 8))}, r"faceid_masks must be \(num_identities=2"),
         ({"n_ids": 2, "faceid_masks": np.ones((2, 8))}, "faceid_masks must be"),

@@ -14,11 +14,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 
 from uniportrait.errors import IdentityError
 from uniportrait.identity import IDENTITY_VERSION, LEGACY_ALIGNER, Identity
 
+STALE_TEMP_S = 3600.0  # a hidden temp file this old belongs to an `id add` that was killed
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 SUFFIX = ".safetensors"
 
@@ -30,7 +32,7 @@ def default_home() -> Path:
 
 def check_name(name: str) -> str:
     """Identity names: 1–64 characters of letters, digits, ``_ . -``, not starting with a dot or dash."""
-    if not isinstance(name, str) or not NAME_PATTERN.match(name) or name.endswith(SUFFIX) or ".." in name:
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or name.endswith(SUFFIX) or ".." in name:
         raise IdentityError(
             f"invalid identity name {name!r}: use 1-64 letters, digits, '_', '.', '-' (starting with a letter or digit)"
         )
@@ -49,6 +51,7 @@ class IdentityInfo:
     path: Path
     aligner: str = ""
     current: bool = True  # False: made by the old face alignment, refused when loaded
+    problem: str | None = None  # why the file is damaged (it is listed, removable, never used)
 
     def to_dict(self) -> dict:
         return {
@@ -60,7 +63,44 @@ class IdentityInfo:
             "current": self.current,
             "created": self.created,
             "path": str(self.path),
+            "damaged": self.problem,
         }
+
+
+def _read_info(path: Path) -> IdentityInfo:
+    import json
+
+    from uniportrait.identity import IDENTITY_FORMAT
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        # version 1 (the old face alignment) is listed as not current, not as damaged
+        if meta.get("format") != IDENTITY_FORMAT or meta.get("version") not in ("1", str(IDENTITY_VERSION)):
+            raise IdentityError(f"not a {IDENTITY_FORMAT} v{IDENTITY_VERSION} file")
+        features = {k: f.get_tensor(k) for k in ("intrinsic", "structure")}
+        keys = set(f.keys())
+    scales = json.loads(meta.get("mix_scales", "[]"))
+    if not isinstance(scales, list) or not all(isinstance(s, (int, float)) for s in scales):
+        raise IdentityError(f"mix_scales is not a list of numbers: {meta.get('mix_scales')!r}")
+    missing = [f"mix.{k}.{part}" for k in range(len(scales)) for part in ("intrinsic", "structure")]
+    missing = [k for k in missing if k not in keys]
+    if missing:
+        raise IdentityError(f"missing tensors {', '.join(missing)}")
+    for name, tensor in features.items():
+        if tensor.ndim != 3 or not torch.isfinite(tensor).all():
+            raise IdentityError(f"{name} features are not finite (R, T, C) numbers")
+    if not meta.get("encoder"):
+        raise IdentityError("no encoder recorded")
+    return IdentityInfo(
+        name=path.stem,
+        references=int(features["intrinsic"].shape[0]),
+        mixes=len(scales),
+        encoder=meta["encoder"],
+        created=meta.get("created", ""),
+        path=path,
+        aligner=meta.get("aligner", LEGACY_ALIGNER if meta.get("version") == "1" else ""),
+        current=meta.get("version") == str(IDENTITY_VERSION),
+    )
 
 
 class IdentityBank:
@@ -76,8 +116,23 @@ class IdentityBank:
     def exists(self, name: str) -> bool:
         return self.path(name).is_file()
 
+    def clean_stale_temp_files(self, older_than_s: float = STALE_TEMP_S) -> int:
+        """Delete the hidden temporary files of writes that were killed (``.NAME.safetensors.*``)."""
+        if not self.folder.is_dir():
+            return 0
+        cutoff, removed = time.time() - older_than_s, 0
+        for path in self.folder.glob(f".*{SUFFIX}.*"):
+            try:
+                if path.is_file() and path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+            except OSError:
+                continue
+        return removed
+
     def add(self, name: str, identity: Identity, overwrite: bool = False) -> Path:
         path = self.path(name)
+        self.clean_stale_temp_files()
         if path.exists() and not overwrite:
             raise IdentityError(f"identity {name!r} already exists (use --overwrite to replace it)")
         try:
@@ -100,6 +155,12 @@ class IdentityBank:
             raise IdentityError(
                 f"unknown identity {name!r} (known: {known}); add it with `uniportrait id add`"
             )
+        info = self._info(path)
+        if info.problem is not None:
+            raise IdentityError(
+                f"identity {name!r} is damaged ({info.problem}); remove it with `uniportrait id rm {name}` "
+                "and add it again"
+            )
         identity = Identity.load(path)
         identity.name = name
         return identity
@@ -117,34 +178,22 @@ class IdentityBank:
         return self._info(path)
 
     def list(self) -> list[IdentityInfo]:
+        """Every stored identity, damaged ones included (with ``problem`` saying why)."""
         if not self.folder.is_dir():
             return []
-        out = []
-        for path in sorted(self.folder.glob(f"*{SUFFIX}")):
-            if NAME_PATTERN.match(path.stem):
-                try:
-                    out.append(self._info(path))
-                except IdentityError:
-                    continue  # a foreign or damaged file: not an identity
-        return out
+        self.clean_stale_temp_files()
+        return [
+            self._info(path)
+            for path in sorted(self.folder.glob(f"*{SUFFIX}"))
+            if NAME_PATTERN.fullmatch(path.stem) and path.is_file()
+        ]
 
     @staticmethod
     def _info(path: Path) -> IdentityInfo:
+        """What the file says about itself; a damaged file gives an entry with its ``problem``
+        (it never raises, so one bad file cannot hide the others)."""
         try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                refs = f.get_slice("intrinsic").get_shape()[0]
-        except Exception as exc:
-            raise IdentityError(f"{path} is not a readable identity file") from exc
-        import json
-
-        return IdentityInfo(
-            name=path.stem,
-            references=int(refs),
-            mixes=len(json.loads(meta.get("mix_scales", "[]"))),
-            encoder=meta.get("encoder", "?"),
-            created=meta.get("created", ""),
-            path=path,
-            aligner=meta.get("aligner", LEGACY_ALIGNER if meta.get("version") == "1" else ""),
-            current=meta.get("version") == str(IDENTITY_VERSION),
-        )
+            return _read_info(path)
+        except Exception as exc:  # safetensors, json and type errors alike: the file is damaged
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            return IdentityInfo(path.stem, 0, 0, "?", "", path, current=False, problem=reason)

@@ -14,6 +14,13 @@ class UniPortraitError(Exception):
     exit_code = 2
 
 
+class ConfigError(UniPortraitError, ValueError):
+    """A configuration (``config.json``, a YAML file, an option) has an unknown key or a bad value.
+
+    Also a ``ValueError``, so code that validated configs with ``except ValueError`` still works.
+    """
+
+
 class CheckpointError(UniPortraitError):
     """A checkpoint is missing, malformed, or does not match the model (names the keys)."""
 

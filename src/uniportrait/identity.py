@@ -83,6 +83,16 @@ class Identity:
     def num_references(self) -> int:
         return self.intrinsic.shape[0]
 
+    def __repr__(self) -> str:  # not the tensors
+        mixes = ", ".join(f"{o.name or 'unnamed'}×{s:g}" for o, s in self.mix)
+        return (
+            f"Identity(name={self.name!r}, references={self.num_references}, "
+            f"features={tuple(self.intrinsic.shape)}+{tuple(self.structure.shape)}, encoder={self.encoder!r}"
+            + (f", aligner={self.aligner!r}" if self.aligner else "")
+            + (f", mix=[{mixes}]" if mixes else "")
+            + ")"
+        )
+
     # -- files ---------------------------------------------------------------------------------
 
     def to_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -144,6 +154,9 @@ class Identity:
             ]
             name = meta.get("name") or None
             crops = tensors.get("crops")
+            for key in ("intrinsic", "structure"):
+                if not torch.isfinite(tensors[key]).all():
+                    raise ValueError(f"{key} features are not finite numbers")
             aligner = meta.get("aligner", "")
             return cls(tensors["intrinsic"], tensors["structure"], meta["encoder"], mix, name, crops, aligner)
         except (KeyError, ValueError) as exc:

@@ -59,8 +59,25 @@ def _cache_dir() -> str:
     return str(HF_HUB_CACHE)
 
 
-def resolve_file(spec: str | os.PathLike, filename: str | None, what: str) -> Path:
-    """A local path for ``filename`` inside ``spec`` (folder, file, or Hub id [+ subfolder])."""
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """One bounded attempt to open a connection to the Hub (``$HF_ENDPOINT``)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    from huggingface_hub.constants import ENDPOINT
+
+    parts = urlsplit(ENDPOINT)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parts.hostname or "huggingface.co", port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def resolve_file(spec: str | os.PathLike, filename: str | None, what: str, download: bool = True) -> Path:
+    """A local path for ``filename`` inside ``spec`` (folder, file, or Hub id [+ subfolder]);
+    ``download=False``: local files and the cache only."""
     path = Path(spec)
     if path.is_file():
         return path
@@ -82,7 +99,7 @@ def resolve_file(spec: str | os.PathLike, filename: str | None, what: str) -> Pa
     except Exception:  # not cached: fall through to the Hub
         pass
     where = f"{repo}/{sub + '/' if sub else ''}{filename}"
-    if not hub_offline():
+    if download and not hub_offline():
         try:
             return Path(hf_hub_download(repo, filename, subfolder=sub))
         except Exception as exc:

@@ -19,13 +19,20 @@ PhotoSource = str | os.PathLike | bytes | PIL.Image.Image
 
 
 def aligned_face(photo: PhotoSource, analyzer) -> PIL.Image.Image:
-    """The largest face of ``photo``, aligned to a 224×224 crop (DESIGN §2)."""
+    """The largest face of ``photo``, aligned to a 224×224 crop (DESIGN §2); a photo with several
+    faces is used, with a warning saying so."""
     from uniportrait.faces import extract_faces, load_image
 
     image = load_image(photo)
-    faces = extract_faces(image, analyzer, max_faces=1, name=_describe(photo))
+    faces = extract_faces(image, analyzer, name=_describe(photo))
     if not faces:  # extract_faces raises for no face; guard anyway
         raise NoFaceError(f"no face found in {photo}")
+    if len(faces) > 1:
+        logger.warning(
+            "%s shows %d faces; using the largest (crop the photo to choose another)",
+            _describe(photo),
+            len(faces),
+        )
     return faces[0][1]
 
 
@@ -61,7 +68,19 @@ def identity_from_photos(
     for item, scale in mix or []:
         other = item if isinstance(item, Identity) else identity_from_photos(pipe, item, analyzer)
         mixed.append((other, float(scale)))
-    identity = pipe.encode_identity(crops, mix=mixed, name=name)
+    return identity_from_crops(pipe, crops, mixed, name, aligner=aligner_id(analyzer))
+
+
+def identity_from_crops(
+    pipe,
+    crops: Sequence[PIL.Image.Image],
+    mix: Sequence[tuple[Identity, float]] = (),
+    name: str | None = None,
+    aligner: str = "",
+) -> Identity:
+    """Encode aligned 224×224 crops (from :func:`aligned_face`) of one person; keeps the crops and
+    ``aligner`` (:func:`~uniportrait.faces.aligner_id` of the analyzer that made them)."""
+    identity = pipe.encode_identity(list(crops), mix=list(mix), name=name)
     identity.crops = torch.from_numpy(np.stack([np.asarray(c.convert("RGB")) for c in crops]))
-    identity.aligner = aligner_id(analyzer)
+    identity.aligner = aligner
     return identity

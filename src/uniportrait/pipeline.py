@@ -59,11 +59,33 @@ from uniportrait.models.adapter import UniPortraitAdapter
 from uniportrait.models.attention import AttachedProcessor, AttentionCall, RoutingRecorder
 from uniportrait.models.face_backbone import IRBackbone
 from uniportrait.models.fusion import FusedLoRA, LoRAFusion, WeightsSignature
+from uniportrait.presets.registry import PresetDefaults
+from uniportrait.settings import (
+    CONTROLNET_SCALE,
+    ETA,
+    FACEID_SCALE,
+    GUIDANCE_SCALE,
+    IP_SCALE,
+    LORA_SCALE,
+    MULTI_ID_STRUCTURE_SCALE,
+    NUM_IMAGES,
+    SINGLE_ID_STRUCTURE_SCALE,
+    STEPS,
+    GenerationLimits,
+    SettingError,
+    check_prompt,
+    check_settings,
+    default_structure_scale,
+)
 
 logger = logging.getLogger(__name__)
 
-SINGLE_ID_STRUCTURE_SCALE = 0.1
-MULTI_ID_STRUCTURE_SCALE = 0.3
+__all__ = [
+    "MULTI_ID_STRUCTURE_SCALE",
+    "SINGLE_ID_STRUCTURE_SCALE",
+    "UniPortraitPipeline",
+    "UniPortraitPipelineOutput",
+]
 
 
 @dataclass
@@ -177,6 +199,12 @@ class UniPortraitPipeline(
             encoder_id = encoder_fingerprint(face_backbone, image_encoder)
         self.encoder_id = encoder_id
         self.register_to_config(encoder_id=self.encoder_id)  # saved in model_index.json
+        # Call defaults: the UNet's native size (as diffusers does); a preset sets its own.
+        self.generation_defaults = PresetDefaults(
+            side=int(unet.config.sample_size) * self.vae_scale_factor, steps=STEPS.default
+        )
+        # What one call may cost (see uniportrait.settings); raise explicitly when you mean to.
+        self.generation_limits = GenerationLimits()
         # Per-instance caches, safe to share between concurrent calls (see models/fusion.py).
         self._lora_fusion = LoRAFusion()
         self._fuse_lora = True
@@ -488,44 +516,65 @@ class UniPortraitPipeline(
         prompt_embeds=None,
         negative_prompt_embeds=None,
         callback_on_step_end_tensor_inputs=None,
+        **settings: Any,
     ) -> None:
+        """Refuse anything outside the ranges of :mod:`uniportrait.settings`; ``settings``: the
+        other scales by their argument names (``guidance_scale``, ``lora_scale``, ...)."""
         if prompt is None and prompt_embeds is None:
-            raise UniPortraitError("give prompt or prompt_embeds")
+            raise SettingError("give prompt or prompt_embeds")
         if prompt is not None and prompt_embeds is not None:
-            raise UniPortraitError("give prompt or prompt_embeds, not both")
+            raise SettingError("give prompt or prompt_embeds, not both")
+        # The ranges of uniportrait.settings (the CLI and the server use the same ones).
+        limits = self.generation_limits
         if prompt is not None:
-            prompt = [prompt] if isinstance(prompt, str) else prompt
-            if not isinstance(prompt, list) or not prompt or not all(isinstance(p, str) for p in prompt):
-                raise UniPortraitError("prompt must be a non-empty string or list of strings")
-            n_prompts = len(prompt)
+            prompts = [prompt] if isinstance(prompt, str) else prompt
+            if not isinstance(prompts, list) or not prompts:
+                raise SettingError("prompt must be a non-empty string or list of strings")
+            for p in prompts:
+                check_prompt(p, "prompt", limits, required=False)
+            n_prompts = len(prompts)
         else:
             if not isinstance(prompt_embeds, torch.Tensor) or prompt_embeds.ndim != 3:
-                raise UniPortraitError("prompt_embeds must be a (batch, tokens, dim) tensor")
+                raise SettingError("prompt_embeds must be a (batch, tokens, dim) tensor")
             n_prompts = prompt_embeds.shape[0]
         if negative_prompt is not None and negative_prompt_embeds is not None:
-            raise UniPortraitError("give negative_prompt or negative_prompt_embeds, not both")
+            raise SettingError("give negative_prompt or negative_prompt_embeds, not both")
         if negative_prompt_embeds is not None and (
             prompt_embeds is None or negative_prompt_embeds.shape != prompt_embeds.shape
         ):
-            raise UniPortraitError("negative_prompt_embeds needs prompt_embeds of the same shape")
+            raise SettingError("negative_prompt_embeds needs prompt_embeds of the same shape")
         if negative_prompt is not None:
             negs = [negative_prompt] if isinstance(negative_prompt, str) else negative_prompt
             if not isinstance(negs, list) or len(negs) != n_prompts:
-                raise UniPortraitError("negative_prompt must be a string or a list as long as prompt")
-        if height % self.vae_scale_factor or width % self.vae_scale_factor or height <= 0 or width <= 0:
-            raise UniPortraitError(f"height and width must be positive multiples of {self.vae_scale_factor}")
-        if int(num_inference_steps) < 1:
-            raise UniPortraitError("num_inference_steps must be at least 1")
-        if int(num_images_per_prompt) < 1:
-            raise UniPortraitError("num_images_per_prompt must be at least 1")
-        for label, value in (("faceid_scale", faceid_scale), ("ip_scale", ip_scale)):
-            if not isinstance(value, (int, float)) or not np.isfinite(value):
-                raise UniPortraitError(f"{label} must be a finite number")
-        if face_structure_scale is not None and (
-            not isinstance(face_structure_scale, (int, float)) or not 0.0 <= face_structure_scale <= 1.0
-        ):
-            raise UniPortraitError(
-                "face_structure_scale must be in [0, 1] (typical: 0.1 single-ID, 0.3 multi-ID)"
+                raise SettingError("negative_prompt must be a string or a list as long as prompt")
+            for p in negs:
+                check_prompt(p, "negative_prompt", limits, required=False)
+        control_scale = settings.get("controlnet_conditioning_scale")
+        if isinstance(control_scale, (list, tuple)):  # one per net of a MultiControlNetModel
+            settings = {k: v for k, v in settings.items() if k != "controlnet_conditioning_scale"}
+            for value in control_scale:
+                CONTROLNET_SCALE.check(value, limits)
+        check_settings(
+            {
+                "num_inference_steps": num_inference_steps,
+                "height": height,
+                "width": width,
+                "num_images_per_prompt": num_images_per_prompt,
+                "faceid_scale": faceid_scale,
+                "face_structure_scale": face_structure_scale,
+                "ip_scale": ip_scale,
+                **settings,
+            },
+            limits,
+            num_identities=len(identities),
+        )
+        if height % self.vae_scale_factor or width % self.vae_scale_factor:
+            raise SettingError(f"height and width must be multiples of {self.vae_scale_factor}")
+        train_steps = getattr(self.scheduler.config, "num_train_timesteps", None)
+        if train_steps is not None and num_inference_steps > train_steps:
+            raise SettingError(
+                f"num_inference_steps must be at most {train_steps} (the scheduler's training steps), "
+                f"got {num_inference_steps}"
             )
         if (identities or ip_image is not None) and self.adapter is None:
             raise UniPortraitError("no UniPortrait adapter: call pipe.load_uniportrait(...) first")
@@ -619,13 +668,13 @@ class UniPortraitPipeline(
         prompt: str | list[str] | None = None,
         height: int | None = None,
         width: int | None = None,
-        num_inference_steps: int = 25,
+        num_inference_steps: int | None = None,
         timesteps: list[int] | None = None,
         sigmas: list[float] | None = None,
-        guidance_scale: float = 7.5,
+        guidance_scale: float = GUIDANCE_SCALE.default,
         negative_prompt: str | list[str] | None = None,
-        num_images_per_prompt: int = 1,
-        eta: float = 0.0,
+        num_images_per_prompt: int = NUM_IMAGES.default,
+        eta: float = ETA.default,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         prompt_embeds: torch.Tensor | None = None,
@@ -642,15 +691,15 @@ class UniPortraitPipeline(
         callback_on_step_end_tensor_inputs: list[str] | None = None,
         *,
         identities: Sequence[Identity] | None = None,
-        faceid_scale: float = 0.7,
+        faceid_scale: float = FACEID_SCALE.default,
         face_structure_scale: float | None = None,
         ip_image: PIL.Image.Image | None = None,
-        ip_scale: float = 0.0,
+        ip_scale: float = IP_SCALE.default,
         faceid_masks: Any = None,
         control_image: Any = None,
-        controlnet_conditioning_scale: float | list[float] = 1.0,
+        controlnet_conditioning_scale: float | list[float] = CONTROLNET_SCALE.default,
         return_routing_maps: bool = False,
-        lora_scale: float = 1.0,
+        lora_scale: float = LORA_SCALE.default,
     ) -> UniPortraitPipelineOutput | tuple:
         """Generate images of the given identities.
 
@@ -676,6 +725,8 @@ class UniPortraitPipeline(
             faceid_scale: weight of identity attention (0 ignores the identities' tokens).
             face_structure_scale: structure-branch scale in the Q-Former; None → 0.1 for one
                 identity, 0.3 for several.
+            num_inference_steps, height, width: None → the preset's defaults
+                (``pipe.generation_defaults``; the UNet's native size for other pipelines).
             ip_image, ip_scale: optional IP-Adapter image prompt (style/scene).
             faceid_masks: (N, H, W) masks that replace the router (soft, normalised per pixel).
             control_image, controlnet_conditioning_scale: optional ControlNet input (a list,
@@ -688,13 +739,18 @@ class UniPortraitPipeline(
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         tensor_inputs = list(callback_on_step_end_tensor_inputs or ["latents"])
-        height = height or self.unet.config.sample_size * self.vae_scale_factor
-        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        # 0. Default size and steps (the preset's)
+        defaults = self.generation_defaults
+        height = defaults.side if height is None else height
+        width = defaults.side if width is None else width
+        num_inference_steps = defaults.steps if num_inference_steps is None else num_inference_steps
         # 1. Check inputs
         self.check_inputs(
             prompt, identities, negative_prompt, faceid_scale, face_structure_scale, ip_image, ip_scale,
             faceid_masks, control_image, num_inference_steps, height, width, num_images_per_prompt,
             latents, output_type, prompt_embeds, negative_prompt_embeds, tensor_inputs,
+            guidance_scale=guidance_scale, lora_scale=lora_scale, eta=eta,
+            controlnet_conditioning_scale=controlnet_conditioning_scale,
         )  # fmt: skip
         self.check_schedule(timesteps, sigmas)
         n_ids = len(identities)
@@ -702,7 +758,7 @@ class UniPortraitPipeline(
         if uses_adapter:
             self.check_processors()
         if face_structure_scale is None:
-            face_structure_scale = SINGLE_ID_STRUCTURE_SCALE if n_ids <= 1 else MULTI_ID_STRUCTURE_SCALE
+            face_structure_scale = default_structure_scale(n_ids)
         self._guidance_scale = guidance_scale
         self._guidance_rescale = guidance_rescale
         self._clip_skip = clip_skip

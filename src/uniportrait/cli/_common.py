@@ -15,15 +15,51 @@ logger = logging.getLogger(__name__)
 DEFAULT_PRESET_ENV = "UNIPORTRAIT_PRESET"
 
 
+def add_preset_arg(parser, default: str | None = None) -> None:
+    """``--preset``: the names and summaries come from :mod:`uniportrait.presets.registry`."""
+    from uniportrait.presets.registry import PRESETS
+
+    summaries = "; ".join(f"{p.name}: {p.summary}" for p in PRESETS.values())
+    parser.add_argument(
+        "--preset",
+        choices=tuple(PRESETS),
+        default=default or os.environ.get(DEFAULT_PRESET_ENV, "sd15"),
+        help=f"{summaries} (default: {default or f'${DEFAULT_PRESET_ENV} or sd15'})",
+    )
+
+
+def add_limit_args(parser: argparse.ArgumentParser, identities: bool = True) -> None:
+    """``--max-steps`` etc.: raise the limits of :class:`uniportrait.settings.GenerationLimits`."""
+    from dataclasses import fields
+
+    from uniportrait.settings import LIMIT_FLAGS, GenerationLimits
+
+    group = parser.add_argument_group("limits (raise them explicitly to ask for more)")
+    for f in fields(GenerationLimits):
+        if f.name == "max_identities" and not identities:
+            continue
+        group.add_argument(
+            LIMIT_FLAGS[f.name],
+            type=int,
+            default=f.default,
+            metavar="N",
+            help=f"{f.name.removeprefix('max_').replace('_', ' ')} at most (default {f.default})",
+        )
+
+
+def limits_from_args(args: argparse.Namespace):
+    """The :class:`~uniportrait.settings.GenerationLimits` named on the command line."""
+    from dataclasses import fields
+
+    from uniportrait.settings import GenerationLimits
+
+    given = {f.name: getattr(args, f.name) for f in fields(GenerationLimits) if hasattr(args, f.name)}
+    return GenerationLimits(**given)
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument(
-        "--preset",
-        choices=("tiny", "sd15"),
-        default=os.environ.get(DEFAULT_PRESET_ENV, "sd15"),
-        help="tiny: offline random weights (tests/demo); sd15: the published weights "
-        f"(default: ${DEFAULT_PRESET_ENV} or sd15)",
-    )
+    add_preset_arg(group)
     group.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: cpu)")
     group.add_argument(
         "--dtype",
@@ -43,7 +79,24 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         help="run diffusers' NSFW safety checker (CompVis/stable-diffusion-safety-checker) on the images; "
         "flagged images come back black (sd15 preset)",
     )
+    for flag, what in SD15_PARTS.items():
+        group.add_argument(
+            f"--{flag}",
+            default=None,
+            metavar="PATH_OR_ID",
+            help=f"sd15: {what} (a local folder/file or a Hub id; default: the published one)",
+        )
     group.add_argument("--seed-model", type=int, default=0, help=argparse.SUPPRESS)  # tiny preset weights
+
+
+#: --option → what it replaces in the sd15 preset (the argument of build_sd15_pipeline: dashes → _).
+SD15_PARTS = {
+    "base-model": "the base model (a diffusers folder with unet/, text_encoder/, tokenizer/)",
+    "vae": "the VAE folder",
+    "image-encoder": "the CLIP image encoder folder",
+    "uniportrait": "the UniPortrait files (a folder with the published .bin files, or our adapter folder)",
+    "ip-adapter": "the IP-Adapter file (ip-adapter_sd15.bin)",
+}
 
 
 def load_pipeline_from_args(args: argparse.Namespace):
@@ -55,11 +108,20 @@ def load_pipeline_from_args(args: argparse.Namespace):
     adapter = getattr(args, "adapter", None)
     if adapter is not None and not Path(adapter).is_dir():
         raise UniPortraitError(f"--adapter {adapter}: not a folder")
+    given = [f"--{f}" for f in SD15_PARTS if getattr(args, f.replace("-", "_"), None) is not None]
+    if given and args.preset != "sd15":
+        raise UniPortraitError(
+            f"{', '.join(given)} replace parts of the sd15 preset: use them with --preset sd15"
+        )
+    if given and adapter is not None and "--uniportrait" in given:
+        raise UniPortraitError("give the UniPortrait weights once: --adapter or --uniportrait")
     if getattr(args, "safety_checker", False) and args.preset == "tiny":
         raise UniPortraitError("--safety-checker needs real weights: use it with --preset sd15")
     if args.preset == "tiny":
         kwargs["seed"] = args.seed_model
         kwargs["adapter"] = adapter
+        kwargs["device"] = args.device
+        kwargs["torch_dtype"] = getattr(torch, args.dtype) if args.dtype else None
     else:
         if getattr(args, "safety_checker", False):
             from uniportrait.presets.pipelines import SAFETY_CHECKER
@@ -67,12 +129,15 @@ def load_pipeline_from_args(args: argparse.Namespace):
             kwargs["safety_checker"] = SAFETY_CHECKER
         if adapter is not None:
             kwargs["uniportrait"] = adapter
+        for flag in SD15_PARTS:
+            value = getattr(args, flag.replace("-", "_"), None)
+            if value is not None:
+                kwargs[flag.replace("-", "_")] = value
         kwargs["device"] = args.device
         kwargs["torch_dtype"] = getattr(torch, args.dtype) if args.dtype else None
     pipe = load_preset(args.preset, **kwargs)
-    if args.preset == "tiny" and (args.device or args.dtype):
-        pipe.to(device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None)
     pipe.set_progress_bar_config(disable=bool(getattr(args, "quiet", False)), leave=False)
+    pipe.generation_limits = limits_from_args(args)
     return pipe
 
 
@@ -116,5 +181,30 @@ def check_output_folder(folder: str | os.PathLike) -> Path:
 
 def check_photos_exist(paths: list[str]) -> None:
     for p in paths:
+        if Path(p).is_dir():
+            raise UniPortraitError(f"photo {p} is a folder; give the photo files (a,b,c) instead")
         if not Path(p).is_file():
             raise UniPortraitError(f"photo {p} not found")
+
+
+def new_run_folder(out: Path) -> Path:
+    """A new ``run-NNN`` folder in ``out``: one run never writes into another's, even when two
+    runs share ``--out`` at the same time (``mkdir`` either creates the folder or fails)."""
+    import re
+
+    taken = [int(m.group(1)) for p in out.glob("run-*") if (m := re.fullmatch(r"run-(\d+)", p.name))]
+    number = max(taken, default=0) + 1
+    while True:
+        folder = out / f"run-{number:03d}"
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            number += 1
+
+
+def remove_empty_folders(*folders: Path | None) -> None:
+    """Remove each folder that exists and is empty (what a failed run created)."""
+    for folder in folders:
+        if folder is not None and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()

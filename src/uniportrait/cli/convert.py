@@ -50,7 +50,7 @@ def register(subparsers) -> None:
     )
     parser.add_argument(
         "--preset",
-        choices=("tiny", "sd15"),
+        choices=("tiny", "sd15"),  # the families convert knows the layer lists of
         default="sd15",
         help="model family the weights belong to: its UNet layer list and encoder sizes (default: sd15)",
     )

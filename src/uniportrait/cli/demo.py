@@ -6,7 +6,7 @@ import argparse
 import logging
 import time
 
-from uniportrait.cli._common import check_output_folder
+from uniportrait.cli._common import add_preset_arg, check_output_folder
 
 logger = logging.getLogger(__name__)
 
@@ -20,12 +20,12 @@ def register(subparsers) -> None:
         help="offline demo on the bundled sample faces (single-ID, two-ID, routing overlay, contact sheet)",
     )
     parser.add_argument("--out", default="outputs/demo", help="output folder (default outputs/demo)")
-    parser.add_argument("--preset", choices=("tiny", "sd15"), default="tiny",
-                        help="tiny (default): offline random weights; sd15: the published weights")  # fmt: skip
-    parser.add_argument("--steps", type=int, default=None, help="default: 10 (tiny), 25 (sd15)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default=None)
-    parser.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"))
+    add_preset_arg(parser, default="tiny")
+    parser.add_argument("--steps", type=int, default=None, help="default: the preset's (10 tiny, 25 sd15)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: cpu)")
+    parser.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
+                        help="weights dtype (default float32)")  # fmt: skip
     parser.set_defaults(func=run, seed_model=0)
 
 
@@ -41,9 +41,12 @@ def run(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     out = check_output_folder(args.out)
-    tiny = args.preset == "tiny"
-    steps = args.steps or (10 if tiny else 25)
-    size = 256 if tiny else 512
+    from uniportrait.presets.registry import get_preset
+
+    preset = get_preset(args.preset)
+    tiny = not preset.needs_weights
+    steps = preset.defaults.steps if args.steps is None else args.steps
+    size = preset.defaults.side
     pipe = load_pipeline_from_args(args)
     analyzer = get_face_analyzer()
     people = {name: identity_from_photos(pipe, [sample_photo(name)], analyzer, name=name) for name in PAIR}

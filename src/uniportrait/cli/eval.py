@@ -47,7 +47,8 @@ def register(subparsers) -> None:
     parser.add_argument("--backbone", metavar="PATH|HUB_ID", default=None,
                         help="curricular backend: the CurricularFace IR-101 file or its folder / Hub repo "
                         "(default: the published UniPortrait repo)")  # fmt: skip
-    parser.add_argument("--insightface-model", default="antelopev2", choices=("antelopev2", "buffalo_l"))
+    parser.add_argument("--insightface-model", default="antelopev2", choices=("antelopev2", "buffalo_l"),
+                        help="insightface model pack for --backend insightface (default antelopev2)")  # fmt: skip
     parser.add_argument("--clip", metavar="MODEL", default=None,
                         help="CLIP model for CLIP-T: a local folder or Hub id (the paper: openai/clip-vit-large-patch14)")  # fmt: skip
     parser.add_argument("--assignment", choices=("hungarian", "greedy"), default="hungarian",
@@ -159,7 +160,9 @@ def run(args: argparse.Namespace) -> int:
         if state is not None and args.device is None:
             args.device = str(state.device)
         pipe = load_pipeline_from_args(args)
-        default_size = 256 if args.preset == "tiny" else 512
+        from uniportrait.presets.registry import preset_defaults
+
+        default_size = preset_defaults(args.preset).side
         model = {k: getattr(args, k, None) for k in ("preset", "adapter", "dtype", "seed_model")}
         if shard is not None:
             mine = run_grid(

@@ -9,13 +9,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from uniportrait.cli._common import (
+    add_limit_args,
     add_model_args,
     check_output_folder,
     check_photos_exist,
     load_pipeline_from_args,
+    new_run_folder,
     parse_mix,
+    remove_empty_folders,
 )
 from uniportrait.errors import UniPortraitError
+from uniportrait.settings import (
+    FACEID_SCALE,
+    GUIDANCE_SCALE,
+    NUM_IMAGES,
+    STEPS,
+    GenerationLimits,
+    check_prompt,
+    check_settings,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -40,23 +52,18 @@ def register(subparsers) -> None:
         "from the identity bank (--id-name), in the order given.",
     )
     parser.add_argument("--prompt", required=True, help="free-form text prompt")
-    parser.add_argument("--negative-prompt", default=None)
+    parser.add_argument(
+        "--negative-prompt", default=None, help="what the images should not show (default: none)"
+    )
     parser.add_argument("--id", dest="identities", action=_IdentityArg, metavar="PHOTO[,PHOTO...]",
                         help="photos of one person (repeat for several people)")  # fmt: skip
     parser.add_argument("--id-name", dest="identities", action=_IdentityArg, metavar="NAME",
                         help="a stored identity (see `uniportrait id`)")  # fmt: skip
     parser.add_argument("--mix", action="append", default=[], metavar="[K=]PHOTO:SCALE",
                         help="blend another face into identity K (default 1) with SCALE in [0, 1]")  # fmt: skip
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--guidance-scale", type=float, default=7.5)
-    parser.add_argument("--faceid-scale", type=float, default=0.7)
-    parser.add_argument("--structure-scale", type=float, default=None,
-                        help="face-structure scale (default 0.1 for one person, 0.3 for several)")  # fmt: skip
-    parser.add_argument("--width", type=int, default=None, help="default: 512 (sd15), 256 (tiny)")
-    parser.add_argument("--height", type=int, default=None, help="default: 512 (sd15), 256 (tiny)")
-    parser.add_argument("--num-images", type=int, default=1)
+    parser.add_argument("--out", required=True,
+                        help="output folder; each run writes into a new run-NNN folder inside it")  # fmt: skip
+    add_setting_args(parser)
     parser.add_argument("--save-routing", action="store_true", help="also write routing-map overlays")
     parser.add_argument("--check-faces", action="store_true",
                         help="check each result with the dlib face matcher; re-sample with the next seed "
@@ -65,7 +72,36 @@ def register(subparsers) -> None:
                         help="with --check-faces: re-sample at most K times (default 2)")  # fmt: skip
     parser.add_argument("--home", default=None, help="identity bank location (default: $UNIPORTRAIT_HOME)")
     add_model_args(parser)
+    add_limit_args(parser)
     parser.set_defaults(func=run, identities=None)
+
+
+def add_setting_args(parser: argparse.ArgumentParser) -> None:
+    """--steps, --seed, --guidance-scale, ...: defaults and help from :mod:`uniportrait.settings`."""
+    from uniportrait.settings import (
+        FACEID_SCALE,
+        GUIDANCE_SCALE,
+        HEIGHT,
+        NUM_IMAGES,
+        SEED,
+        STEPS,
+        STRUCTURE_SCALE,
+        WIDTH,
+    )
+
+    def add(setting, default, help_default: str | None = None):
+        kind = int if setting.integer else float
+        shown = help_default or f"default {default}"
+        parser.add_argument(setting.option, type=kind, default=default, help=f"{setting.help} ({shown})")
+
+    add(STEPS, None, "default: the preset's, 10 for tiny, 25 for sd15")
+    add(SEED, 0)
+    add(GUIDANCE_SCALE, GUIDANCE_SCALE.default)
+    add(FACEID_SCALE, FACEID_SCALE.default)
+    add(STRUCTURE_SCALE, None, "default: by the number of people")
+    add(WIDTH, None, "default: the preset's, 256 for tiny, 512 for sd15")
+    add(HEIGHT, None, "default: the preset's")
+    add(NUM_IMAGES, NUM_IMAGES.default)
 
 
 @dataclass
@@ -76,26 +112,22 @@ class GenerationRequest:
     identity_specs: list[tuple[str, object]]
     mixes: list[tuple[int, list[str], float]] = field(default_factory=list)
     negative_prompt: str | None = None
-    steps: int = 25
+    steps: int = STEPS.default
     seed: int = 0
-    guidance_scale: float = 7.5
-    faceid_scale: float = 0.7
+    guidance_scale: float = GUIDANCE_SCALE.default
+    faceid_scale: float = FACEID_SCALE.default
     structure_scale: float | None = None
     width: int = 512
     height: int = 512
-    num_images: int = 1
+    num_images: int = NUM_IMAGES.default
 
-    def validate(self) -> None:
-        if not self.prompt.strip():
-            raise UniPortraitError("--prompt must not be empty")
-        if self.steps < 1:
-            raise UniPortraitError("--steps must be at least 1")
-        if self.num_images < 1:
-            raise UniPortraitError("--num-images must be at least 1")
-        if self.width % 8 or self.height % 8 or self.width < 64 or self.height < 64:
-            raise UniPortraitError("--width and --height must be multiples of 8, at least 64")
-        if self.structure_scale is not None and not 0.0 <= self.structure_scale <= 1.0:
-            raise UniPortraitError("--structure-scale must be in [0, 1]")
+    def validate(self, limits: GenerationLimits | None = None) -> None:
+        """The ranges and limits of :mod:`uniportrait.settings`, named as command-line options."""
+        limits = limits or GenerationLimits()
+        check_prompt(self.prompt, "--prompt", limits, style="cli")
+        if self.negative_prompt is not None:
+            check_prompt(self.negative_prompt, "--negative-prompt", limits, required=False, style="cli")
+        check_settings(self.pipeline_settings(), limits, "cli", num_identities=len(self.identity_specs))
         n_ids = len(self.identity_specs)
         for target, _, _ in self.mixes:
             if target > n_ids:
@@ -111,6 +143,19 @@ class GenerationRequest:
         if any(kind == "photos" and not v for kind, v in self.identity_specs):
             raise UniPortraitError("--id needs at least one photo")
 
+    def pipeline_settings(self) -> dict:
+        """The settings by the pipeline's argument names."""
+        return {
+            "num_inference_steps": self.steps,
+            "seed": self.seed,
+            "guidance_scale": self.guidance_scale,
+            "faceid_scale": self.faceid_scale,
+            "face_structure_scale": self.structure_scale,
+            "width": self.width,
+            "height": self.height,
+            "num_images_per_prompt": self.num_images,
+        }
+
     def settings(self) -> dict:
         return {
             "prompt": self.prompt,
@@ -125,22 +170,54 @@ class GenerationRequest:
         }
 
 
-def build_identities(pipe, request: GenerationRequest, bank, analyzer=None) -> list:
-    """Photos are detected/aligned/encoded; stored names are read from the bank (no encoding)."""
-    from uniportrait.photos import identity_from_photos
+def read_faces(request: GenerationRequest, analyzer=None) -> dict[str, object]:
+    """Every photo of the request read, checked and its face aligned: ``{path: 224×224 crop}``.
 
+    Runs before the model loads, so a bad photo (empty, corrupt, too small, no face) costs
+    nothing. A photo with several faces, or one photo given for two people, gets a warning.
+    """
+    from uniportrait.faces import get_face_analyzer
+    from uniportrait.photos import aligned_face
+
+    owners: dict[Path, set[int]] = {}
+    for k, (kind, value) in enumerate(request.identity_specs, start=1):
+        if kind == "photos":
+            for p in value:  # type: ignore[union-attr]
+                owners.setdefault(Path(p).resolve(), set()).add(k)
+    for path, people in owners.items():
+        if len(people) > 1:
+            logger.warning("%s is given for people %s: they will look alike", path, sorted(people))
+    paths = [p for kind, v in request.identity_specs if kind == "photos" for p in v]  # type: ignore[union-attr]
+    paths += [p for _, ps, _ in request.mixes for p in ps]
+    if not paths:
+        return {}
+    analyzer = analyzer or get_face_analyzer()
+    return {p: aligned_face(p, analyzer) for p in dict.fromkeys(paths)}
+
+
+def build_identities(pipe, request: GenerationRequest, bank, faces: dict | None = None) -> list:
+    """Photos are encoded from their aligned faces (:func:`read_faces`, read now if not given);
+    stored names are read from the bank (no encoding)."""
+    from uniportrait.faces import DEFAULT_ANALYZER, aligner_id
+    from uniportrait.identity import check_mix_scales
+    from uniportrait.photos import identity_from_crops
+
+    faces = read_faces(request) if faces is None else faces
+    aligner = aligner_id(DEFAULT_ANALYZER)  # read_faces' analyzer
     identities = []
     for k, (kind, value) in enumerate(request.identity_specs, start=1):
-        mixes = [(photos, s) for t, photos, s in request.mixes if t == k]
+        mixes = [
+            (identity_from_crops(pipe, [faces[p] for p in photos], aligner=aligner), s)
+            for t, photos, s in request.mixes
+            if t == k
+        ]
         if kind == "name":
             identity = bank.get(value)
             if mixes:
-                identity.mix = identity.mix + [(identity_from_photos(pipe, p, analyzer), s) for p, s in mixes]
-                from uniportrait.identity import check_mix_scales
-
+                identity.mix = identity.mix + mixes
                 check_mix_scales([s for _, s in identity.mix])
         else:
-            identity = identity_from_photos(pipe, value, analyzer, mix=mixes)
+            identity = identity_from_crops(pipe, [faces[p] for p in value], mixes, aligner=aligner)  # type: ignore[union-attr]
         identities.append(identity)
     return identities
 
@@ -208,37 +285,66 @@ def generate_and_write(
 
 
 def request_from_args(args: argparse.Namespace) -> GenerationRequest:
-    default_size = 256 if args.preset == "tiny" else 512
+    from uniportrait.presets.registry import preset_defaults
+
+    defaults = preset_defaults(args.preset)
     return GenerationRequest(
         prompt=args.prompt,
         identity_specs=list(args.identities or []),
         mixes=[parse_mix(m) for m in args.mix],
         negative_prompt=args.negative_prompt,
-        steps=args.steps,
+        steps=defaults.steps if args.steps is None else args.steps,
         seed=args.seed,
         guidance_scale=args.guidance_scale,
         faceid_scale=args.faceid_scale,
         structure_scale=args.structure_scale,
-        width=args.width or default_size,
-        height=args.height or default_size,
+        width=defaults.side if args.width is None else args.width,
+        height=defaults.side if args.height is None else args.height,
         num_images=args.num_images,
     )
 
 
 def run(args: argparse.Namespace) -> int:
     from uniportrait.bank import IdentityBank
+    from uniportrait.cli._common import limits_from_args
 
     request = request_from_args(args)
-    request.validate()
+    request.validate(limits_from_args(args))
     if args.check_faces and args.retries < 0:
         raise UniPortraitError("--retries must be 0 or more")
+    if args.save_routing and len(request.identity_specs) < 2:
+        raise UniPortraitError(
+            "--save-routing needs two or more people (routing splits the image between them)"
+        )
     bank = IdentityBank(args.home)
     for kind, value in request.identity_specs:
         if kind == "name":
             bank.info(value)  # unknown names fail before any model is loaded
+    out_existed = Path(args.out).is_dir()
     out = check_output_folder(args.out)
-    pipe = load_pipeline_from_args(args)
-    identities = build_identities(pipe, request, bank)
+    run_folder = None
+    try:
+        faces = read_faces(request)  # bad photos fail before the model loads
+        pipe = load_pipeline_from_args(args)
+        identities = build_identities(pipe, request, bank, faces)
+        run_folder = new_run_folder(out)
+        check = _generate(args, pipe, request, identities, bank, run_folder)
+    except BaseException:
+        remove_empty_folders(run_folder, None if out_existed else out)
+        raise
+    if check is not None and not check.passed:
+        raise FaceCheckFailed(f"face check failed in every attempt; the best images are in {run_folder}")
+    return 0
+
+
+class FaceCheckFailed(UniPortraitError):
+    """``--check-faces``: no attempt had every identity once (the images are still written)."""
+
+    exit_code = 3
+
+
+def _generate(args, pipe, request, identities, bank, run_folder: Path):
+    """Generate (with the face check when asked), write into ``run_folder``, print the paths."""
     result, extra, check = None, None, None
     if args.check_faces:
         from dataclasses import replace
@@ -254,9 +360,9 @@ def run(args: argparse.Namespace) -> int:
         )
         request = replace(request, seed=check.seed)
         extra = {"face_check": json.dumps(check.to_dict())}
-    written = generate_and_write(pipe, request, identities, out, args.save_routing, result, extra)
+    written = generate_and_write(pipe, request, identities, run_folder, args.save_routing, result, extra)
     for path in written:
         print(path)
     if check is not None:
         print(check.summary())
-    return 0
+    return check

@@ -26,12 +26,12 @@ def register(subparsers) -> None:
     add.set_defaults(func=run_add)
 
     lst = sub.add_parser("list", help="list stored identities")
-    lst.add_argument("--json", action="store_true")
+    lst.add_argument("--json", action="store_true", help="print JSON instead of a table")
     lst.set_defaults(func=run_list)
 
     show = sub.add_parser("show", help="show one identity")
     show.add_argument("name")
-    show.add_argument("--json", action="store_true")
+    show.add_argument("--json", action="store_true", help="print JSON instead of text")
     show.add_argument("--crops", default=None, metavar="DIR", help="write its aligned reference crops here")
     show.set_defaults(func=run_show)
 
@@ -79,6 +79,9 @@ def run_list(args: argparse.Namespace) -> int:
     else:
         print(f"{'NAME':24} {'PHOTOS':>6} {'MIXES':>5}  {'ENCODER':16}  {'ALIGNER':20}  CREATED")
         for i in infos:
+            if i.problem is not None:
+                print(f"{i.name:24} DAMAGED: {i.problem} (remove it: uniportrait id rm {i.name})")
+                continue
             aligner = i.aligner if i.current else f"{i.aligner} (old: add again)"
             print(f"{i.name:24} {i.references:>6} {i.mixes:>5}  {i.encoder:16}  {aligner:20}  {i.created}")
     return 0

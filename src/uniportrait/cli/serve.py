@@ -6,7 +6,7 @@ import argparse
 import ipaddress
 import logging
 
-from uniportrait.cli._common import add_model_args, load_pipeline_from_args
+from uniportrait.cli._common import add_limit_args, add_model_args, limits_from_args, load_pipeline_from_args
 from uniportrait.errors import UniPortraitError
 
 logger = logging.getLogger(__name__)
@@ -23,17 +23,27 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)"
     )
-    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--port", type=int, default=7860, help="port to listen on (default 7860)")
+    parser.add_argument(
+        "--allowed-hosts",
+        default="",
+        metavar="NAME[,NAME...]",
+        help="Host names to answer besides localhost, IP addresses and --host (e.g. the name a proxy "
+        "forwards); '*' answers any. Protects against DNS rebinding (see docs/security.md)",
+    )
     parser.add_argument("--workers", type=int, default=1, help="generation threads (default 1)")
     parser.add_argument("--queue-size", type=int, default=8, help="requests that may wait; more get HTTP 429")
     parser.add_argument("--timeout", type=float, default=600.0, help="per-request time limit in seconds")
-    parser.add_argument("--max-steps", type=int, default=50)
-    parser.add_argument("--max-images", type=int, default=4, help="images per request")
-    parser.add_argument("--max-identities", type=int, default=4, help="people per request")
-    parser.add_argument("--max-side", type=int, default=1024, help="largest width / height")
-    parser.add_argument("--max-upload-mb", type=float, default=10.0, help="per uploaded photo")
-    parser.add_argument("--max-pixels", type=int, default=16_000_000, help="per uploaded photo")
+    add_limit_args(parser)
+    parser.add_argument("--max-upload-mb", type=float, default=10.0, help="per uploaded photo (default 10)")
+    parser.add_argument(
+        "--max-pixels", type=int, default=16_000_000, help="per uploaded photo (default 16000000)"
+    )
     parser.add_argument("--no-ui", action="store_true", help="serve only the REST API (no gradio needed)")
+    parser.add_argument("--temp-dir", default=None,
+                        help="the web UI's uploads and results (default: a new folder, removed at exit)")  # fmt: skip
+    parser.add_argument("--temp-ttl", type=float, default=3600.0,
+                        help="delete the UI's temporary files older than this many seconds (default 3600)")  # fmt: skip
     parser.add_argument("--home", default=None, help="identity bank location (default: $UNIPORTRAIT_HOME)")
     add_model_args(parser)
     parser.set_defaults(func=run)
@@ -44,11 +54,8 @@ def config_from_args(args: argparse.Namespace):
 
     try:
         limits = Limits(
+            **vars(limits_from_args(args)),
             max_upload_bytes=int(args.max_upload_mb * MB),
-            max_steps=args.max_steps,
-            max_images=args.max_images,
-            max_identities=args.max_identities,
-            max_side=args.max_side,
             max_pixels=args.max_pixels,
         )
         return ServerConfig(
@@ -58,11 +65,12 @@ def config_from_args(args: argparse.Namespace):
             timeout_s=args.timeout,
             api_key=ServerConfig.api_key_from_env(),
             home=args.home,
-            preset=args.preset,
-            # The tiny preset's random weights make noise: keep its defaults quick.
-            default_side=128 if args.preset == "tiny" else 512,
-            default_steps=8 if args.preset == "tiny" else 25,
+            preset=args.preset,  # its default side and steps
             ui=not args.no_ui,
+            host=args.host,
+            temp_dir=args.temp_dir,
+            temp_ttl_s=args.temp_ttl,
+            allowed_hosts=tuple(h for h in args.allowed_hosts.split(",") if h.strip()),
         )
     except ValueError as err:
         raise UniPortraitError(str(err)) from None

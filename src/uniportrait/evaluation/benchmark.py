@@ -15,12 +15,12 @@ A spec is YAML or JSON. Paths are relative to the spec's folder::
       identities: [anna, ben, carl]   # default: all
       prompts: ["two people walking on a beach"]
     seeds: [0, 1, 2, 3]               # one image per seed (a section may set its own `seeds`)
-    settings:                         # generation settings (defaults shown)
-      steps: 25
-      guidance_scale: 7.5
-      faceid_scale: 0.7
-      structure_scale: null           # 0.1 single-ID, 0.3 multi-ID
-      width: 512                      # default 256 with the tiny preset
+    settings:                         # generation settings; leave any out for its default
+      steps: 20                       # (defaults and ranges: uniportrait.settings)
+      guidance_scale: 5.0
+      faceid_scale: 0.8
+      structure_scale: null           # null: 0.1 single-ID, 0.3 multi-ID
+      width: 512                      # default: the preset's (256 tiny, 512 sd15)
       height: 512
       negative_prompt: null
 
@@ -47,13 +47,14 @@ from uniportrait.evaluation.manifest import (
     parse_identity,
     stored_identity_problem,
 )
+from uniportrait.settings import FACEID_SCALE, GUIDANCE_SCALE, STEPS
 
 logger = logging.getLogger(__name__)
 
 SETTINGS_DEFAULTS: dict[str, Any] = {
-    "steps": 25,
-    "guidance_scale": 7.5,
-    "faceid_scale": 0.7,
+    "steps": STEPS.default,
+    "guidance_scale": GUIDANCE_SCALE.default,
+    "faceid_scale": FACEID_SCALE.default,
     "structure_scale": None,
     "width": None,
     "height": None,
@@ -187,6 +188,15 @@ def read_spec(path: str | os.PathLike, bank=None) -> BenchmarkSpec:
     if unknown:
         raise fail(f"unknown setting(s) {unknown}; known: {sorted(SETTINGS_DEFAULTS)}")
     settings.update(given)
+    from uniportrait.settings import SETTINGS, SettingError
+
+    by_field = {s.field: s for s in SETTINGS.values()}
+    for key, value in settings.items():
+        if key in by_field and value is not None:
+            try:
+                by_field[key].check(value, style="api")
+            except SettingError as err:
+                raise fail(f"settings: {err}") from None
     return BenchmarkSpec(str(data.get("name") or path.stem), identities, jobs, settings, where)
 
 

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from uniportrait.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 ASSIGNMENTS = ("hungarian", "greedy")
@@ -133,7 +135,7 @@ def assign(similarities: np.ndarray, method: str = "hungarian") -> list[int | No
     if sim.ndim != 2:
         raise ValueError(f"similarities must be (faces, references), got shape {sim.shape}")
     if method not in ASSIGNMENTS:
-        raise ValueError(f"assignment must be one of {ASSIGNMENTS}, got {method!r}")
+        raise ConfigError(f"assignment must be one of {ASSIGNMENTS}, got {method!r}")
     faces, refs = sim.shape
     result: list[int | None] = [None] * refs
     if faces == 0 or refs == 0:

@@ -7,7 +7,8 @@ Typical use::
     analyzer = get_face_analyzer()  # MTCNN (offline default); "dlib", "dlib-cnn", "insightface"
     (face, crop), *others = extract_faces("me.jpg", analyzer)  # largest face first
 
-The detector runs on the photo as given; if it finds nothing, it runs again on a copy padded by
+The detector runs on the photo shrunk to at most ``DETECT_MAX_SIDE`` pixels on its longest side
+(alignment uses the full-resolution photo); if it finds nothing, it runs again on a copy padded by
 25% of the width / height on every side with grey 128 (the published fallback, which helps faces
 cut by the photo's edge), and the results are mapped back to the photo's coordinates.
 """
@@ -75,6 +76,10 @@ DEFAULT_ANALYZER = "mtcnn"
 ALIGNMENT = "norm_crop"  # align_face: insightface's norm_crop
 PAD_FRACTION = 0.25
 PAD_GREY = (128, 128, 128)
+#: Detection runs on a copy of the photo at most this many pixels on its longest side (faces are
+#: found at this size; time and memory of detection grow with the pixels); alignment uses the
+#: full-resolution photo.
+DETECT_MAX_SIDE = 1024
 SAMPLE_PHOTOS: tuple[str, ...] = (
     "ffhq-0100.jpg",
     "ffhq-0293.jpg",
@@ -109,24 +114,51 @@ def get_face_analyzer(name: str = DEFAULT_ANALYZER, **kwargs: Any) -> FaceAnalyz
     raise UniPortraitError(f"unknown face analyzer {name!r}; choose one of {', '.join(ANALYZER_NAMES)}")
 
 
-def aligner_id(analyzer: FaceAnalyzer) -> str:
-    """What made a crop: the detector's name and the warp, e.g. ``"mtcnn+norm_crop"`` (stored
-    with identities, so crops from another detector or warp are recognised)."""
-    return f"{analyzer.name}+{ALIGNMENT}"
+def aligner_id(analyzer: FaceAnalyzer | str) -> str:
+    """What made a crop: the detector's name (an analyzer or its name) and the warp, e.g.
+    ``"mtcnn+norm_crop"`` (stored with identities, so crops from another detector or warp are
+    recognised)."""
+    name = analyzer if isinstance(analyzer, str) else analyzer.name
+    return f"{name}+{ALIGNMENT}"
 
 
-def detect_faces(image: Image.Image, analyzer: FaceAnalyzer, pad_retry: bool = True) -> list[Face]:
-    """All faces in an RGB image, largest first, with the padded retry when none is found."""
-    faces = analyzer.detect(image)
-    if faces or not pad_retry:
-        return faces
-    pad_x, pad_y = round(PAD_FRACTION * image.width), round(PAD_FRACTION * image.height)
-    padded = Image.new("RGB", (image.width + 2 * pad_x, image.height + 2 * pad_y), PAD_GREY)
-    padded.paste(image.convert("RGB"), (pad_x, pad_y))
-    faces = [face.translated(-pad_x, -pad_y) for face in analyzer.detect(padded)]
-    if faces:
-        logger.debug("found %d face(s) only after padding the image", len(faces))
-    return sort_faces(faces)
+def detect_faces(
+    image: Image.Image, analyzer: FaceAnalyzer, pad_retry: bool = True, max_side: int | None = DETECT_MAX_SIDE
+) -> list[Face]:
+    """All faces in an RGB image, largest first, with the padded retry when none is found.
+
+    The detector sees at most ``max_side`` pixels on the longest side (the padded retry too), so
+    a large photo costs no more time or memory than one of that size; the faces are in the
+    photo's own pixel coordinates either way.
+    """
+    work, scale = _fit(image, max_side)
+    faces = analyzer.detect(work)
+    if not faces and pad_retry:
+        pad_x, pad_y = round(PAD_FRACTION * work.width), round(PAD_FRACTION * work.height)
+        padded = Image.new("RGB", (work.width + 2 * pad_x, work.height + 2 * pad_y), PAD_GREY)
+        padded.paste(work.convert("RGB"), (pad_x, pad_y))
+        padded, shrink = _fit(padded, max_side)
+        faces = [_scaled(f, shrink).translated(-pad_x, -pad_y) for f in analyzer.detect(padded)]
+        if faces:
+            logger.debug("found %d face(s) only after padding the image", len(faces))
+    return sort_faces([_scaled(f, scale) for f in faces])
+
+
+def _fit(image: Image.Image, max_side: int | None) -> tuple[Image.Image, float]:
+    """``image`` shrunk to at most ``max_side`` on its longest side, and the factor used."""
+    scale = 1.0 if max_side is None else min(1.0, max_side / max(image.size))
+    if scale == 1.0:
+        return image, 1.0
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.BILINEAR), scale
+
+
+def _scaled(face: Face, scale: float) -> Face:
+    """A face found on an image shrunk by ``scale``, in the original image's coordinates."""
+    if scale == 1.0:
+        return face
+    box = tuple(v / scale for v in face.box)
+    return Face(box, face.score, face.landmarks / scale)  # type: ignore[arg-type]
 
 
 def extract_faces(

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from uniportrait.errors import UniPortraitError
+from uniportrait.errors import ConfigError, UniPortraitError
 from uniportrait.faces.types import Face, sort_faces
 
 MODEL_FILES = {
@@ -170,12 +170,12 @@ class DlibFaceAnalyzer:
         self, detector: str = "hog", upsample: int = 1, landmarks: str = "5", threshold: float = 0.0
     ):
         if detector not in ("hog", "cnn"):
-            raise ValueError(f"detector must be 'hog' or 'cnn', got {detector!r}")
+            raise ConfigError(f"detector must be 'hog' or 'cnn', got {detector!r}")
         landmarks = str(landmarks)
         if landmarks not in ("5", "68"):
-            raise ValueError(f"landmarks must be '5' or '68', got {landmarks!r}")
+            raise ConfigError(f"landmarks must be '5' or '68', got {landmarks!r}")
         if upsample < 0:
-            raise ValueError(f"upsample must be >= 0, got {upsample}")
+            raise ConfigError(f"upsample must be >= 0, got {upsample}")
         self.detector, self.upsample, self.landmarks, self.threshold = (
             detector,
             int(upsample),

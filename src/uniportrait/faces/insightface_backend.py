@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from uniportrait.errors import UniPortraitError
+from uniportrait.errors import ConfigError, UniPortraitError
 from uniportrait.faces.types import Face, sort_faces
 
 MODELS = ("antelopev2", "buffalo_l")
@@ -49,7 +49,7 @@ class InsightFaceAnalyzer:
         providers: list[str] | None = None,
     ):
         if model not in MODELS:
-            raise ValueError(f"model must be one of {MODELS}, got {model!r}")
+            raise ConfigError(f"model must be one of {MODELS}, got {model!r}")
         for package in ("insightface", "onnxruntime"):
             if importlib.util.find_spec(package) is None:
                 raise InsightFaceUnavailableError(

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import torch
 from torch import nn
 
-from uniportrait.errors import CheckpointError
+from uniportrait.errors import CheckpointError, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -91,14 +91,21 @@ def config_from_dict(cls: type[ConfigT], d: Mapping[str, Any]) -> ConfigT:
     Lists are turned into tuples for fields whose default is a tuple (JSON has no tuples).
 
     Raises:
-        ValueError: naming every unknown key.
+        ConfigError: naming every unknown key, or a value the config refuses.
     """
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"{cls.__name__}: expected a JSON object, got {type(d).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(d) - set(fields))
     if unknown:
-        raise ValueError(f"unknown {cls.__name__} keys: {', '.join(unknown)} (known: {', '.join(fields)})")
+        raise ConfigError(f"unknown {cls.__name__} keys: {', '.join(unknown)} (known: {', '.join(fields)})")
     kwargs = {}
     for name, value in d.items():
         default = fields[name].default
         kwargs[name] = tuple(value) if isinstance(default, tuple) and isinstance(value, list) else value
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:  # a value of the wrong type or out of range
+        raise ConfigError(f"{cls.__name__}: {exc}") from None

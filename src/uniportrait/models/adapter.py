@@ -34,7 +34,7 @@ from diffusers.models.modeling_utils import ModelMixin  # noqa: F401, E402
 from safetensors.torch import load_file
 from torch import nn
 
-from uniportrait.errors import CheckpointError, WeightsNotFoundError
+from uniportrait.errors import CheckpointError, ConfigError, WeightsNotFoundError
 from uniportrait.models._loading import config_from_dict, load_state_dict_strict
 from uniportrait.models._mixins import SizedModelMixin, load_sized_model
 from uniportrait.models.attention import AttachedProcessor, UniPortraitAttnProcessor
@@ -120,10 +120,10 @@ class AdapterConfig:
             )
         dim = unet.config.cross_attention_dim
         if isinstance(dim, (list, tuple)):
-            raise ValueError("UNets with per-block cross-attention widths are not supported")
+            raise ConfigError("UNets with per-block cross-attention widths are not supported")
         qformer = qformer or QFormerConfig(dim=dim)
         if qformer.dim != dim:
-            raise ValueError(f"Q-Former width {qformer.dim} != UNet cross-attention dim {dim}")
+            raise ConfigError(f"Q-Former width {qformer.dim} != UNet cross-attention dim {dim}")
         image_proj = (
             ImageProjectionConfig(
                 clip_embed_dim=clip_embed_dim, cross_attention_dim=dim, num_tokens=num_ip_tokens
@@ -379,6 +379,11 @@ def read_adapter_files(
         raise CheckpointError(f"{where}: {ADAPTER_CONFIG} is not a UniPortraitAdapter config")
     if config.get("version") != FORMAT_VERSION:
         raise CheckpointError(f"{where}: format version {config.get('version')} is not {FORMAT_VERSION}")
+    unknown = sorted(set(config) - {"format", "version", "adapter", "face_backbone"})
+    if unknown:
+        raise ConfigError(f"{where}: unknown {ADAPTER_CONFIG} keys: {', '.join(unknown)}")
+    if not isinstance(config.get("adapter"), Mapping):
+        raise ConfigError(f"{where}: {ADAPTER_CONFIG} has no 'adapter' object")
     adapter = UniPortraitAdapter.from_sizes(AdapterConfig.from_dict(config["adapter"]))
     adapter.load_named_state_dict(content[ADAPTER_WEIGHTS], f"{where}/{ADAPTER_WEIGHTS}")
     backbone = None

@@ -25,6 +25,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401, E402
 from torch import nn
 
+from uniportrait.errors import ConfigError
 from uniportrait.models._loading import config_from_dict, load_state_dict_strict
 from uniportrait.models._mixins import SizedModelMixin
 
@@ -61,17 +62,17 @@ class IRBackboneConfig:
     def __post_init__(self) -> None:
         self.blocks, self.channels = tuple(self.blocks), tuple(self.channels)
         if len(self.blocks) != 4 or len(self.channels) != 4:
-            raise ValueError("IRBackboneConfig: blocks and channels need 4 entries (one per stage)")
+            raise ConfigError("IRBackboneConfig: blocks and channels need 4 entries (one per stage)")
         if min(self.blocks) < 1 or min(self.channels) < 1 or self.embedding_dim < 1:
-            raise ValueError("IRBackboneConfig: blocks, channels and embedding_dim must be positive")
+            raise ConfigError("IRBackboneConfig: blocks, channels and embedding_dim must be positive")
         if self.input_size < 16 or self.input_size % 16:
-            raise ValueError(f"IRBackboneConfig: input_size must be a multiple of 16, got {self.input_size}")
+            raise ConfigError(f"IRBackboneConfig: input_size must be a multiple of 16, got {self.input_size}")
 
     @classmethod
     def from_variant(cls, name: str, **overrides: Any) -> IRBackboneConfig:
         """Config of a named variant (``ir18``, ``ir34``, ``ir50``, ``ir101``, ``ir152``)."""
         if name not in IR_VARIANTS:
-            raise ValueError(f"unknown IR variant {name!r}; known: {', '.join(IR_VARIANTS)}")
+            raise ConfigError(f"unknown IR variant {name!r}; known: {', '.join(IR_VARIANTS)}")
         return cls(blocks=IR_VARIANTS[name], **overrides)
 
     @property

@@ -15,6 +15,7 @@ import torch
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
+from uniportrait.errors import ConfigError
 from uniportrait.models._loading import config_from_dict
 from uniportrait.models._mixins import SizedModelMixin
 
@@ -38,7 +39,7 @@ class ImageProjectionConfig:
     def __post_init__(self) -> None:
         bad = [k for k, v in self.to_dict().items() if not isinstance(v, int) or v < 1]
         if bad:
-            raise ValueError(f"ImageProjectionConfig: {', '.join(bad)} must be positive integers")
+            raise ConfigError(f"ImageProjectionConfig: {', '.join(bad)} must be positive integers")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -71,7 +72,7 @@ class ImageProjection(SizedModelMixin):
         """(B, clip_embed_dim) CLIP image embeddings → (B, num_tokens, cross_attention_dim) tokens."""
         cfg = self.sizes
         if image_embeds.ndim != 2 or image_embeds.shape[-1] != cfg.clip_embed_dim:
-            raise ValueError(
+            raise ConfigError(
                 f"image_embeds must be (B, {cfg.clip_embed_dim}), got {tuple(image_embeds.shape)}"
             )
         tokens = self.proj(image_embeds.to(self.proj.weight.dtype))  # (B, N*D)

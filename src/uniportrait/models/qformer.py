@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
+from uniportrait.errors import ConfigError
 from uniportrait.models._loading import config_from_dict
 from uniportrait.models._mixins import SizedModelMixin
 
@@ -63,9 +64,9 @@ class QFormerConfig:
         sizes = {k: v for k, v in self.to_dict().items() if k != "drop_path_rate"}
         bad = [k for k, v in sizes.items() if not isinstance(v, int) or v < 1]
         if bad:
-            raise ValueError(f"QFormerConfig: {', '.join(bad)} must be positive integers")
+            raise ConfigError(f"QFormerConfig: {', '.join(bad)} must be positive integers")
         if not 0.0 <= self.drop_path_rate < 1.0:
-            raise ValueError(f"QFormerConfig: drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+            raise ConfigError(f"QFormerConfig: drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

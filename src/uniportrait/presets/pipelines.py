@@ -7,7 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
-from uniportrait.errors import UniPortraitError, WeightsNotFoundError
+from uniportrait.errors import WeightsNotFoundError
+from uniportrait.presets.registry import get_preset
 
 logger = logging.getLogger(__name__)
 
@@ -59,13 +60,19 @@ def tiny_backbone_config(sizes: TinyAdapterSizes = TinyAdapterSizes()):
 
 
 def build_tiny_pipeline(
-    seed: int = 0, ip_adapter: bool = True, controlnet: bool = False, sizes=None, adapter=None
+    seed: int = 0,
+    ip_adapter: bool = True,
+    controlnet: bool = False,
+    sizes=None,
+    adapter=None,
+    device=None,
+    torch_dtype=None,
 ):
     """Every component built offline from small configs; deterministic for ``seed``.
 
     ``adapter``: a folder in our format (e.g. a tiny training run's output) to use instead of
-    the random adapter; its face backbone too, if it has one. The caller's global RNG state is
-    left as it was.
+    the random adapter; its face backbone too, if it has one. ``device``/``torch_dtype``: where
+    to put it (default: CPU, float32). The caller's global RNG state is left as it was.
     """
     from uniportrait.models.adapter import UniPortraitAdapter
     from uniportrait.models.face_backbone import IRBackbone
@@ -94,9 +101,13 @@ def build_tiny_pipeline(
         adapter, own_backbone = read_adapter_files(adapter_folder)
         if own_backbone is not None:
             backbone, encoder_id = own_backbone, None  # fingerprint the shipped backbone
-    return UniPortraitPipeline(
+    pipe = UniPortraitPipeline(
         **base, face_backbone=backbone, adapter=adapter, controlnet=control, encoder_id=encoder_id
     )
+    if device is not None or torch_dtype is not None:
+        pipe.to(device=device, dtype=torch_dtype)
+    pipe.generation_defaults = get_preset("tiny").defaults
+    return pipe
 
 
 def _randomise_batchnorm(module: torch.nn.Module) -> None:
@@ -156,7 +167,7 @@ def build_sd15_pipeline(
     if ours and face_backbone is None and not has_backbone:
         face_backbone = SD15_UNIPORTRAIT
     preflight_sd15(base_model, vae, uniportrait, image_encoder, ip_adapter, face_backbone, safety_checker)
-    return load_pipeline(
+    pipe = load_pipeline(
         base_model,
         uniportrait=uniportrait,
         image_encoder=image_encoder,
@@ -169,6 +180,8 @@ def build_sd15_pipeline(
         face_backbone=face_backbone,
         safety_checker=safety_checker,
     )
+    pipe.generation_defaults = get_preset("sd15").defaults
+    return pipe
 
 
 def preflight_sd15(
@@ -199,30 +212,66 @@ def preflight_sd15(
         wanted.append((safety_checker, "config.json"))
     if ip_adapter:
         wanted.append((ip_adapter, None))
-    missing = []
+    missing: list[tuple[str, str | None]] = []
     for spec, filename in wanted:
         try:
-            resolve_file(spec, filename, "sd15")
+            resolve_file(spec, filename, "sd15", download=False)  # disk and cache only: instant
         except WeightsNotFoundError:
-            missing.append(f"{spec}{'/' + filename if filename else ''}")
-    if missing:
-        from uniportrait.loading import _cache_dir
+            missing.append((spec, filename))
+    if not missing:
+        return
+    from uniportrait.loading import _cache_dir, hub_offline, hub_reachable
 
-        raise WeightsNotFoundError(
-            "the sd15 preset needs the published weights; missing: "
-            + ", ".join(missing)
-            + f". Download them (e.g. `huggingface-cli download {SD15_UNIPORTRAIT}`) into the cache "
-            f"{_cache_dir()} or pass local paths; set HF_HUB_OFFLINE=1 to never contact the Hub."
-        )
+    if not hub_offline() and hub_reachable():
+        return  # the loaders download what is missing (with progress bars)
+    names = ", ".join(f"{spec}{'/' + f if f else ''}" for spec, f in missing)
+    why = "HF_HUB_OFFLINE is set" if hub_offline() else "the Hub cannot be reached"
+    raise WeightsNotFoundError(
+        f"the sd15 preset needs the published weights; missing: {names}. {why}, so nothing was "
+        f"downloaded. Fetch them into the cache {_cache_dir()} on a connected machine with: "
+        + "; ".join(download_commands(missing))
+        + " — or pass local paths (Python: build_sd15_pipeline(base_model=..., vae=..., ...))."
+    )
 
 
-PRESETS = ("tiny", "sd15")
+def download_commands(missing: list[tuple[str, str | None]]) -> list[str]:
+    """``hf download`` commands (huggingface_hub's CLI) that fetch exactly what is missing."""
+    from pathlib import Path
+
+    from uniportrait.loading import split_hub_spec
+
+    by_repo: dict[str, list[str]] = {}
+    for spec, filename in missing:
+        if Path(spec).exists() or spec.startswith(("/", ".")):
+            continue  # a local path: nothing to download
+        repo, sub = split_hub_spec(spec)
+        files = by_repo.setdefault(repo, [])
+        if filename is None:
+            files.append(sub or "")
+        elif filename.endswith(("config.json", "vocab.json")):  # a diffusers/transformers folder
+            folder = "/".join(p for p in (sub, filename.rpartition("/")[0]) if p)
+            files.append(f'--include "{folder}/*"' if folder else "")
+        else:
+            files.append("/".join(p for p in (sub, filename) if p))
+    commands = []
+    for repo, files in by_repo.items():
+        wanted = sorted(set(files))
+        if "" in wanted:  # the whole repository's top level
+            commands.append(f"hf download {repo}")
+            continue
+        plain = [f for f in wanted if not f.startswith("--include")]
+        includes = [f.split('"')[1] for f in wanted if f.startswith("--include")]
+        if plain:
+            commands.append(f"hf download {repo} {' '.join(plain)}")
+        if includes:
+            commands.append(f"hf download {repo} --include {' '.join(repr(i) for i in includes)}")
+    return commands
 
 
 def load_preset(name: str = "tiny", **kwargs):
-    """Build a named preset pipeline (``tiny`` or ``sd15``)."""
-    if name == "tiny":
-        return build_tiny_pipeline(**kwargs)
-    if name == "sd15":
-        return build_sd15_pipeline(**kwargs)
-    raise UniPortraitError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+    """Build a named preset pipeline (see :mod:`uniportrait.presets.registry`).
+
+    Every preset takes ``device`` and ``torch_dtype``; the others are the preset's own. Each
+    builder sets the pipeline's call defaults (image side, steps) from the registry.
+    """
+    return get_preset(name).build_function()(**kwargs)

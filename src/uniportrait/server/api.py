@@ -7,16 +7,18 @@ Errors are JSON ``{"detail": "<one-line message>", "code": "<stable code>"}``:
 400    ``invalid_image`` (not an image, corrupt), ``invalid_name`` (identity name)
 401    ``missing_api_key``, ``wrong_api_key`` (only when ``UNIPORTRAIT_API_KEY`` is set)
 404    ``unknown_identity``
-409    ``identity_exists``, ``encoder_mismatch``
+409    ``identity_exists``, ``encoder_mismatch``, ``damaged_identity``
 413    ``upload_too_large`` (one photo, or the whole body), ``too_many_pixels``
 422    ``invalid_request`` (settings, limits on steps / images / identities / size), ``no_face``
-429    ``queue_full``, with a ``Retry-After`` header (seconds)
+429    ``queue_full``, ``too_many_attempts`` (wrong API keys), with a ``Retry-After`` header (seconds)
+500    ``internal_error`` (a bug; the server logs the traceback)
 504    ``timeout`` (the per-request time limit)
 =====  ==========================================================================================
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import re
@@ -35,7 +37,8 @@ from uniportrait import __version__
 from uniportrait.bank import IdentityBank
 from uniportrait.errors import UniPortraitError
 from uniportrait.server.config import ServerConfig
-from uniportrait.server.jobs import JobTimeout, QueueFull, WorkQueue
+from uniportrait.server.jobs import ClientGone, JobTimeout, QueueFull, WorkQueue
+from uniportrait.server.security import BrowserGuard, HostPolicy, KeyGuard
 from uniportrait.server.service import (
     GenerateRequest,
     IdentityRequest,
@@ -43,6 +46,7 @@ from uniportrait.server.service import (
     ServiceError,
     Upload,
 )
+from uniportrait.server.tempfiles import TempFolder
 from uniportrait.server.transport import (
     BodyLimit,
     b64png,
@@ -51,10 +55,15 @@ from uniportrait.server.transport import (
     png_bytes,
     result_json,
 )
+from uniportrait.settings import FACEID_SCALE, GUIDANCE_SCALE, NUM_IMAGES, STRUCTURE_SCALE, widest_limits
 
 logger = logging.getLogger(__name__)
 
 IDENTITY_FIELD = re.compile(r"^(id|mix)([1-9][0-9]?)(_scale)?$")
+
+
+def _range(setting) -> str:
+    return f"{setting.help}; {setting.low:g}–{setting.high:g}"
 
 
 class GenerateForm(BaseModel):
@@ -64,14 +73,12 @@ class GenerateForm(BaseModel):
     negative_prompt: str | None = None
     seed: int | None = Field(None, description="random when left out; the seed used is returned")
     steps: int | None = Field(None, description="denoising steps (default: the server's)")
-    guidance_scale: float = 7.5
-    faceid_scale: float = Field(0.7, description="weight of the identities, 0–2")
-    structure_scale: float | None = Field(
-        None, description="0–1; default 0.1 for one person, 0.3 for several"
-    )
+    guidance_scale: float = Field(GUIDANCE_SCALE.default, description=_range(GUIDANCE_SCALE))
+    faceid_scale: float = Field(FACEID_SCALE.default, description=_range(FACEID_SCALE))
+    structure_scale: float | None = Field(None, description=_range(STRUCTURE_SCALE))
     width: int | None = Field(None, description="multiple of 8 (default: the server's)")
     height: int | None = Field(None, description="multiple of 8 (default: the server's)")
-    num_images: int = 1
+    num_images: int = NUM_IMAGES.default
     routing: bool = Field(False, description="also return routing-map overlays (two or more people)")
     format: Literal["json", "png", "multipart"] = Field(
         "json", description="json: base64 PNGs; png: the image itself; multipart: multipart/mixed PNG parts"
@@ -103,6 +110,16 @@ def require_key(
     expected = request.app.state.config.api_key
     if expected is None:
         return
+    guard: KeyGuard = request.app.state.key_guard
+    client = request.client.host if request.client else "unknown"
+    wait = guard.retry_after(client)
+    if wait:
+        raise ServiceError(
+            429,
+            "too_many_attempts",
+            f"too many wrong API keys; retry in {wait} s",
+            {"Retry-After": str(wait)},
+        )
     given = key or (token.credentials if token else None)
     if not given:
         raise ServiceError(
@@ -111,6 +128,7 @@ def require_key(
             "this server needs an API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'",
         )
     if not hmac.compare_digest(given.encode(), expected.encode()):
+        guard.failed(client)
         raise ServiceError(401, "wrong_api_key", "the API key is wrong")
 
 
@@ -120,11 +138,19 @@ def create_app(pipe, config: ServerConfig | None = None, service: PortraitServic
     config = config or ServerConfig()
     service = service or PortraitService(pipe, config.limits, IdentityBank(config.home))
     queue = WorkQueue(config.workers, config.queue_size)
+    temp = TempFolder(config.temp_dir, config.temp_ttl_s) if config.ui else None  # the UI's files
 
     @asynccontextmanager
     async def lifespan(_app):
-        yield
-        queue.shutdown()
+        sweeper = asyncio.create_task(_sweep_forever(temp)) if temp is not None else None
+        try:
+            yield
+        finally:
+            queue.shutdown()
+            if sweeper is not None:
+                sweeper.cancel()
+            if temp is not None:
+                temp.close()
 
     app = FastAPI(
         title="UniPortrait",
@@ -133,16 +159,24 @@ def create_app(pipe, config: ServerConfig | None = None, service: PortraitServic
         lifespan=lifespan,
     )
     app.state.service, app.state.queue, app.state.config = service, queue, config
+    app.state.key_guard = KeyGuard()
+    if hasattr(pipe, "generation_limits"):  # the pipeline must accept what the server accepts
+        pipe.generation_limits = widest_limits(pipe.generation_limits, config.limits)
     app.add_middleware(BodyLimit, limit=config.limits.max_request_bytes)
+    app.add_middleware(BrowserGuard, policy=HostPolicy(config.host, config.allowed_hosts))  # runs first
 
     @app.exception_handler(ServiceError)
     async def _service_error(_req, err: ServiceError):
-        headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+        headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else err.headers
         return error_response(err.status, err.code, err.message, headers)
 
     @app.exception_handler(QueueFull)
     async def _queue_full(_req, err: QueueFull):
         return error_response(429, "queue_full", str(err), {"Retry-After": str(err.retry_after)})
+
+    @app.exception_handler(ClientGone)
+    async def _client_gone(_req, err: ClientGone):  # nobody reads it; the job was stopped
+        return error_response(499, "client_gone", "the client disconnected; the job was stopped")
 
     @app.exception_handler(JobTimeout)
     async def _timeout(_req, err: JobTimeout):
@@ -151,6 +185,11 @@ def create_app(pipe, config: ServerConfig | None = None, service: PortraitServic
     @app.exception_handler(UniPortraitError)
     async def _library_error(_req, err: UniPortraitError):
         return error_response(422, "invalid_request", str(err))
+
+    @app.exception_handler(Exception)
+    async def _internal(_req, err: Exception):  # a bug: logged with its traceback, answered as JSON
+        logger.error("internal error: %s", err, exc_info=err)
+        return error_response(500, "internal_error", "internal server error (see the server's log)")
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_req, err: RequestValidationError):
@@ -175,12 +214,12 @@ def create_app(pipe, config: ServerConfig | None = None, service: PortraitServic
             identities=await identities_from_form(request, service),
             negative_prompt=form.negative_prompt,
             seed=form.seed,
-            steps=form.steps or config.default_steps,
+            steps=config.default_steps if form.steps is None else form.steps,
             guidance_scale=form.guidance_scale,
             faceid_scale=form.faceid_scale,
             structure_scale=form.structure_scale,
-            width=form.width or config.default_side,
-            height=form.height or config.default_side,
+            width=config.default_side if form.width is None else form.width,
+            height=config.default_side if form.height is None else form.height,
             num_images=form.num_images,
             routing=form.routing,
         )
@@ -199,7 +238,7 @@ def create_app(pipe, config: ServerConfig | None = None, service: PortraitServic
                 return multipart_response(result, job)
             return JSONResponse(result_json(result, job))
 
-        return await queue.run(work, config.timeout_s)
+        return await queue.run(work, config.timeout_s, request.is_disconnected)
 
     @app.get("/v1/identities", tags=["identities"], dependencies=auth)
     async def list_identities() -> dict:
@@ -208,6 +247,7 @@ def create_app(pipe, config: ServerConfig | None = None, service: PortraitServic
 
     @app.post("/v1/identities", tags=["identities"], dependencies=auth, status_code=201)
     async def add_identity(
+        request: Request,
         name: Annotated[str, Form(description="1–64 letters, digits, '_', '.', '-'")],
         photos: Annotated[list[UploadFile], File(description="one or more photos of the person")],
         mix: Annotated[list[UploadFile] | None, File(description="faces to blend in")] = None,
@@ -221,12 +261,19 @@ def create_app(pipe, config: ServerConfig | None = None, service: PortraitServic
             mix_scale=mix_scale,
         )
         service.check_new_identity(name, ident, overwrite)
-        return await queue.run(lambda d: service.add_identity(name, ident, overwrite, d), config.timeout_s)
+        return await queue.run(
+            lambda d: service.add_identity(name, ident, overwrite, d),
+            config.timeout_s,
+            request.is_disconnected,
+        )
 
     @app.get("/v1/identities/{name:path}", tags=["identities"], dependencies=auth)
     async def show_identity(name: str) -> dict:
         """One stored identity, with its aligned reference faces as base64 PNGs."""
-        info = service.describe(service.stored_info(name))
+        stored = service.stored_info(name)
+        info = service.describe(stored)
+        if stored.problem is not None:
+            return {**info, "faces": []}
         identity = service.bank.get(name)
         crops = [] if identity.crops is None else [PIL.Image.fromarray(c.numpy()) for c in identity.crops]
         return {**info, "faces": [b64png(c) for c in crops]}
@@ -237,8 +284,15 @@ def create_app(pipe, config: ServerConfig | None = None, service: PortraitServic
         return {"deleted": name}
 
     if config.ui:
-        mount_ui(app, service, queue, config)
+        mount_ui(app, service, queue, config, temp)
+    app.state.temp = temp
     return app
+
+
+async def _sweep_forever(temp: TempFolder) -> None:
+    while True:
+        await asyncio.sleep(temp.period_s)
+        await asyncio.to_thread(temp.sweep)
 
 
 async def read_upload(upload: StarletteUpload, service: PortraitService, label: str) -> Upload:
@@ -292,8 +346,14 @@ async def identities_from_form(request: Request, service: PortraitService) -> li
     return [people[k] for k in order]
 
 
-def mount_ui(app: FastAPI, service: PortraitService, queue: WorkQueue, config: ServerConfig) -> None:
-    """Mount the Gradio UI at ``/ui`` (password: the API key, when one is set)."""
+def mount_ui(
+    app: FastAPI, service: PortraitService, queue: WorkQueue, config: ServerConfig, temp: TempFolder
+) -> None:
+    """Mount the Gradio UI at ``/ui`` (password: the API key, when one is set); its uploads and
+    results go to ``temp`` (Gradio reads its folder from ``GRADIO_TEMP_DIR`` when the UI is built)."""
+    import os
+
+    os.environ["GRADIO_TEMP_DIR"] = str(temp.path)
     try:
         import gradio as gr
     except ImportError as err:  # pragma: no cover - depends on the environment

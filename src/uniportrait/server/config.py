@@ -5,28 +5,23 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from uniportrait.errors import ConfigError
+from uniportrait.settings import GenerationLimits
+
 API_KEY_ENV = "UNIPORTRAIT_API_KEY"
 MB = 1024 * 1024
 
 
 @dataclass(frozen=True)
-class Limits:
-    """What one request may ask for. Anything beyond is refused with a message naming the limit."""
+class Limits(GenerationLimits):
+    """What one request may ask for: the generation limits (steps, images, people, image side,
+    prompt length; see :mod:`uniportrait.settings`) and the upload limits. Anything beyond is
+    refused with a message naming the limit."""
 
     max_upload_bytes: int = 10 * MB  # one uploaded photo
     max_request_bytes: int = 64 * MB  # a whole request body
     max_pixels: int = 16_000_000  # one uploaded photo, width × height (read from the header)
-    max_steps: int = 50
-    max_images: int = 4  # images per request
-    max_identities: int = 4  # people per request
     max_photos: int = 8  # photos per identity (mix photos included)
-    max_side: int = 1024  # width and height of generated images
-    max_prompt_chars: int = 1000
-
-    def __post_init__(self) -> None:
-        for name, value in self.__dict__.items():
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"limit {name} must be a positive integer, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -41,8 +36,14 @@ class ServerConfig:
         api_key: when set, every ``/v1`` call needs ``Authorization: Bearer <key>`` (or
             ``X-API-Key``) and the web UI asks for it as its password.
         home: identity bank location (default ``$UNIPORTRAIT_HOME``).
-        default_side: the UI's initial image size (256 for tiny, 512 for sd15).
+        default_side, default_steps: what a request that does not say gets (None: the
+            preset's, see :mod:`uniportrait.presets.registry`).
         ui: mount the Gradio web UI at ``/ui``.
+        host: the address the server binds (a name here is also a ``Host`` it answers).
+        allowed_hosts: more ``Host`` names to answer (``"*"``: any); localhost and IP
+            addresses are always answered (see :mod:`uniportrait.server.security`).
+        temp_dir: where the web UI keeps uploads and results (None: a new folder in the system's
+            temp folder, removed at exit); files older than ``temp_ttl_s`` are deleted.
     """
 
     limits: Limits = field(default_factory=Limits)
@@ -52,17 +53,30 @@ class ServerConfig:
     api_key: str | None = None
     home: str | None = None
     preset: str = "tiny"
-    default_side: int = 256
-    default_steps: int = 25
+    default_side: int | None = None
+    default_steps: int | None = None
     ui: bool = True
+    host: str = "127.0.0.1"
+    allowed_hosts: tuple[str, ...] = ()
+    temp_dir: str | None = None
+    temp_ttl_s: float = 3600.0
 
     def __post_init__(self) -> None:
+        from uniportrait.presets.registry import preset_defaults
+
+        defaults = preset_defaults(self.preset)
+        if self.default_side is None:
+            object.__setattr__(self, "default_side", min(defaults.side, self.limits.max_side))
+        if self.default_steps is None:
+            object.__setattr__(self, "default_steps", min(defaults.steps, self.limits.max_steps))
         if self.workers < 1:
-            raise ValueError("workers must be at least 1")
+            raise ConfigError("workers must be at least 1")
         if self.queue_size < 0:
-            raise ValueError("queue_size must be 0 or more")
+            raise ConfigError("queue_size must be 0 or more")
         if not self.timeout_s > 0:
-            raise ValueError("timeout_s must be positive")
+            raise ConfigError("timeout_s must be positive")
+        if not self.temp_ttl_s > 0:
+            raise ConfigError("temp_ttl_s must be positive")
 
     @staticmethod
     def api_key_from_env() -> str | None:

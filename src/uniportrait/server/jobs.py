@@ -11,11 +11,13 @@ finished, so the count of busy slots is always the true load.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import math
+import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, TypeVar
@@ -37,6 +39,20 @@ class JobTimeout(Exception):
     def __init__(self, limit_s: float) -> None:
         super().__init__(f"the request did not finish within the server's time limit of {limit_s:g} s")
         self.limit_s = limit_s
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was ready; nobody is left to answer."""
+
+
+def release_memory() -> None:
+    """Give freed heap memory back to the system (glibc keeps it otherwise: a request that decoded
+    a large photo would leave the process hundreds of MB larger)."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc (e.g. musl)
+            pass
 
 
 class Deadline:
@@ -95,12 +111,13 @@ class WorkQueue:
             self._busy += 1
 
         def job() -> T:
-            deadline.check()  # waited too long in the queue: do not start
+            deadline.check()  # waited too long in the queue, or its client left: do not start
             start = time.monotonic()
             try:
                 return fn(deadline)
             finally:
                 self._durations.append(time.monotonic() - start)
+                release_memory()
 
         try:
             future = self._pool.submit(job)
@@ -114,14 +131,31 @@ class WorkQueue:
         with self._lock:
             self._busy -= 1
 
-    async def run(self, fn: Callable[[Deadline], T], timeout_s: float) -> T:
-        """Run ``fn`` on a worker and await its result, for at most ``timeout_s`` seconds."""
+    async def run(
+        self,
+        fn: Callable[[Deadline], T],
+        timeout_s: float,
+        disconnected: Callable[[], Awaitable[bool]] | None = None,
+        poll_s: float = 0.25,
+    ) -> T:
+        """Run ``fn`` on a worker and await its result, for at most ``timeout_s`` seconds.
+
+        ``disconnected``: polled while waiting; once it says the client has gone, a queued job
+        is dropped and a running one stops at its next :meth:`Deadline.check`.
+        """
         deadline = Deadline(timeout_s)
         future = self.submit(fn, deadline)
+        waiting = asyncio.wrap_future(future)
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), timeout=timeout_s)
-        except asyncio.TimeoutError:
-            raise JobTimeout(timeout_s) from None
+            while True:
+                left = deadline.remaining()
+                if left <= 0:
+                    raise JobTimeout(timeout_s)
+                done, _ = await asyncio.wait({waiting}, timeout=min(poll_s, left) if disconnected else left)
+                if done:
+                    return waiting.result()
+                if disconnected is not None and await disconnected():
+                    raise ClientGone()
         finally:
             if not future.done():
                 deadline.abandon()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 import secrets
 import threading
 import time
@@ -26,20 +25,32 @@ from uniportrait.errors import IdentityError, InvalidImageError, NoFaceError, Un
 from uniportrait.identity import Identity, check_mix_scales
 from uniportrait.server.config import MB, Limits
 from uniportrait.server.jobs import Deadline
+from uniportrait.settings import (
+    FACEID_SCALE,
+    GUIDANCE_SCALE,
+    MIX_SCALE,
+    NUM_IMAGES,
+    SEED,
+    STEPS,
+    SettingError,
+    check_prompt,
+    check_settings,
+)
 
 logger = logging.getLogger(__name__)
 
-MAX_SEED = 2**63 - 1
+MAX_SEED = SEED.high
 
 
 class ServiceError(Exception):
     """A request the server refuses: ``status`` (HTTP), ``code`` (stable, for programs), message."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.headers = headers
 
 
 @dataclass(frozen=True)
@@ -69,13 +80,13 @@ class GenerateRequest:
     identities: list[IdentityRequest] = field(default_factory=list)
     negative_prompt: str | None = None
     seed: int | None = None
-    steps: int = 25
-    guidance_scale: float = 7.5
-    faceid_scale: float = 0.7
+    steps: int = STEPS.default
+    guidance_scale: float = GUIDANCE_SCALE.default
+    faceid_scale: float = FACEID_SCALE.default
     structure_scale: float | None = None
     width: int = 512
     height: int = 512
-    num_images: int = 1
+    num_images: int = NUM_IMAGES.default
     routing: bool = False
 
 
@@ -95,15 +106,6 @@ class GenerateResult:
 
 def invalid(message: str) -> ServiceError:
     return ServiceError(422, "invalid_request", message)
-
-
-def check_range(label: str, value, low, high, integer: bool = False) -> None:
-    """``low <= value <= high``, finite, and an integer when asked; else a 422 naming the limit."""
-    kind = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
-        raise invalid(f"{label} must be {'an integer' if integer else 'a number'}, got {value!r}")
-    if not low <= value <= high:
-        raise invalid(f"{label} must be between {low} and {high}, got {value}")
 
 
 class PortraitService:
@@ -130,26 +132,28 @@ class PortraitService:
 
     def check_generate(self, request: GenerateRequest) -> None:
         lim = self.limits
-        if not isinstance(request.prompt, str) or not request.prompt.strip():
-            raise invalid("prompt must not be empty")
-        if len(request.prompt) > lim.max_prompt_chars:
-            raise invalid(f"prompt is {len(request.prompt)} characters; the limit is {lim.max_prompt_chars}")
-        check_range("steps", request.steps, 1, lim.max_steps, integer=True)
-        check_range("num_images", request.num_images, 1, lim.max_images, integer=True)
-        for label in ("width", "height"):
-            value = getattr(request, label)
-            check_range(label, value, 64, lim.max_side, integer=True)
-            if value % 8:
-                raise invalid(f"{label} must be a multiple of 8, got {value}")
-        if request.seed is not None:
-            check_range("seed", request.seed, 0, MAX_SEED, integer=True)
-        check_range("faceid_scale", request.faceid_scale, 0.0, 2.0)
-        check_range("guidance_scale", request.guidance_scale, 0.0, 30.0)
-        if request.structure_scale is not None:
-            check_range("structure_scale", request.structure_scale, 0.0, 1.0)
+        try:
+            check_prompt(request.prompt, "prompt", lim, style="api")
+            if request.negative_prompt is not None:
+                check_prompt(request.negative_prompt, "negative_prompt", lim, required=False, style="api")
+            check_settings(
+                {
+                    "num_inference_steps": request.steps,
+                    "num_images_per_prompt": request.num_images,
+                    "width": request.width,
+                    "height": request.height,
+                    "seed": request.seed,
+                    "faceid_scale": request.faceid_scale,
+                    "guidance_scale": request.guidance_scale,
+                    "face_structure_scale": request.structure_scale,
+                },
+                lim,
+                "api",
+                num_identities=len(request.identities),
+            )
+        except SettingError as err:
+            raise invalid(str(err)) from None
         n_ids = len(request.identities)
-        if n_ids > lim.max_identities:
-            raise invalid(f"{n_ids} identities given; the limit is {lim.max_identities} per request")
         if n_ids >= 2 and not self.pipe.adapter.config.multi_id:
             raise invalid("this model has no router weights: it takes one identity per request")
         for k, ident in enumerate(request.identities, start=1):
@@ -163,7 +167,10 @@ class PortraitService:
                 f"{label}: {len(ident.photos) + len(ident.mix)} photos given; "
                 f"the limit is {self.limits.max_photos} per identity"
             )
-        check_range(f"{label}: mix scale", ident.mix_scale, 0.0, 1.0)
+        try:
+            MIX_SCALE.check(ident.mix_scale, style="api")
+        except SettingError as err:
+            raise invalid(f"{label}: {err}") from None
         for upload in [*ident.photos, *ident.mix]:
             self.check_upload_size(upload, label)
         if ident.name:
@@ -311,7 +318,13 @@ class PortraitService:
             ) from None
 
     def stored_identity(self, name: str) -> Identity:
-        self.stored_info(name)
+        info = self.stored_info(name)
+        if info.problem is not None:
+            raise ServiceError(
+                409,
+                "damaged_identity",
+                f"identity {name!r} is damaged ({info.problem}); delete it and add it again",
+            )
         try:
             identity = self.bank.get(name)
         except (IdentityError, OSError):  # deleted meanwhile, or unreadable
@@ -334,7 +347,8 @@ class PortraitService:
             "created": info.created,
             "encoder": info.encoder,
             "aligner": info.aligner,
-            "usable": info.encoder == self.pipe.encoder_id and info.current,
+            "usable": info.problem is None and info.encoder == self.pipe.encoder_id and info.current,
+            "damaged": info.problem,
         }
 
     def check_new_identity(self, name: str, ident: IdentityRequest, overwrite: bool) -> None:

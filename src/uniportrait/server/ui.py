@@ -22,6 +22,7 @@ from uniportrait.server.service import (
     ServiceError,
     Upload,
 )
+from uniportrait.settings import FACEID_SCALE, STRUCTURE_SCALE, default_structure_scale
 
 MULTI_ID_SLOTS = 4  # people shown in the multi-ID tab (capped by the server's limit)
 
@@ -195,11 +196,16 @@ class PortraitUI:
                         slots += [c for k in range(3, people + 1) for c in self._person(tab, k)]
                 with gr.Accordion("Settings", open=True):
                     faceid = gr.Slider(
-                        0.0, 2.0, value=0.7, step=0.05, label="Face-ID scale", elem_id=f"{tab}-faceid"
+                        FACEID_SCALE.low,
+                        FACEID_SCALE.high,
+                        value=FACEID_SCALE.default,
+                        step=0.05,
+                        label="Face-ID scale",
+                        elem_id=f"{tab}-faceid",
                     )
                     structure = gr.Slider(
-                        0.0,
-                        1.0,
+                        STRUCTURE_SCALE.low,
+                        STRUCTURE_SCALE.high,
                         value=structure_default,
                         step=0.05,
                         label="Face-structure scale",
@@ -272,9 +278,11 @@ class PortraitUI:
                 "REST API: [/docs](/docs)."
             )
             with gr.Tab("Single ID"):
-                self._generate_tab("single", 1, 0.1)
+                self._generate_tab("single", 1, default_structure_scale(1))
             with gr.Tab("Multi ID"):
-                self._generate_tab("multi", max(2, min(MULTI_ID_SLOTS, lim.max_identities)), 0.3)
+                self._generate_tab(
+                    "multi", max(2, min(MULTI_ID_SLOTS, lim.max_identities)), default_structure_scale(2)
+                )
             with gr.Tab("Identity bank"):
                 name, photos, mix, mix_scale, overwrite, save, table, victim, delete, status = (
                     self._bank_tab()

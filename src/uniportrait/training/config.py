@@ -18,11 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from uniportrait.errors import UniPortraitError
+from uniportrait.errors import ConfigError
+from uniportrait.settings import GUIDANCE_SCALE, STEPS
 
-
-class ConfigError(UniPortraitError):
-    """A training configuration is malformed (unknown key, wrong type, out-of-range value)."""
+__all__ = ["ConfigError"]  # re-exported: training configs raise the library's ConfigError
 
 
 @dataclass
@@ -182,8 +181,8 @@ class ValidationConfig:
     every: int | None = 5000
     prompts: list[str] = field(default_factory=list)
     num_samples: int = 2
-    num_inference_steps: int = 25
-    guidance_scale: float = 7.5
+    num_inference_steps: int = STEPS.default
+    guidance_scale: float = GUIDANCE_SCALE.default
     seed: int = 0
 
 

@@ -41,7 +41,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from uniportrait.errors import UniPortraitError
+from uniportrait.errors import CheckpointError, UniPortraitError
+from uniportrait.training.checkpoints import (
+    load_json_state,
+    newest_good,
+    save_json_state,
+    trim_metrics,
+    verify,
+    write_manifest,
+)
 from uniportrait.training.components import TextConditioner, load_components, set_trainable
 from uniportrait.training.config import ConfigError, TrainConfig
 from uniportrait.training.data import DataPosition, make_loader, open_portrait_dataset, step_seed
@@ -53,6 +61,8 @@ CHECKPOINTS = "checkpoints"
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE = "trainer_state.json"
 TRAINABLE_FILE = "trainable.safetensors"
+EMA_FILE = "ema.safetensors"
+CUSTOM_STATE_FILE = "custom_state.json"  # LR schedule, data position, EMA counters (not pickled)
 
 
 class EMA:
@@ -102,19 +112,31 @@ class EMA:
 
 
 def find_checkpoint(output_dir: str | Path, which: str = "latest") -> Path | None:
-    """A complete checkpoint folder: ``which`` = "latest" (newest under output_dir, or None) or a path."""
+    """A complete, intact checkpoint folder: ``which`` = "latest" (the newest under output_dir
+    whose files match their manifest, or None; damaged newer ones are reported and skipped) or
+    a path (which must verify)."""
     if which != "latest":
         path = Path(which)
-        if not (path / TRAINER_STATE).is_file():
-            raise UniPortraitError(f"{path} is not a complete training checkpoint (no {TRAINER_STATE})")
+        try:
+            verify(path)
+        except CheckpointError as err:
+            raise CheckpointError(f"{path} is not a complete, intact training checkpoint: {err}") from None
         return path
     root = Path(output_dir) / CHECKPOINTS
-    done = (
-        [p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if (p / TRAINER_STATE).is_file()]
+    candidates = sorted(
+        (
+            p
+            for p in root.glob(f"{CHECKPOINT_PREFIX}*")
+            if p.is_dir() and p.name[len(CHECKPOINT_PREFIX) :].isdigit()
+        )
         if root.is_dir()
-        else []
+        else [],
+        key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]),
     )
-    return max(done, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]), default=None)
+    good, problems = newest_good(candidates)
+    for problem in problems:
+        logger.warning("skipping a damaged checkpoint: %s", problem)
+    return good
 
 
 def _single_process_launch_warning() -> str | None:
@@ -284,11 +306,8 @@ class Trainer:
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.lr_scheduler = self._lr_scheduler(self.optimizer)
         self.ema = EMA(self.trained, cfg.train.ema_decay) if cfg.train.ema_decay else None
-        # Order matters: load_state restores custom objects by position.
-        acc.register_for_checkpointing(self.lr_scheduler)
-        acc.register_for_checkpointing(self.position)
-        if self.ema is not None:
-            acc.register_for_checkpointing(self.ema)
+        # The LR schedule, data position and EMA are saved by the hooks as JSON + safetensors,
+        # not registered with accelerate (which would pickle them, and unpickle at resume).
         acc.register_save_state_pre_hook(self._save_hook)
         acc.register_load_state_pre_hook(self._load_hook)
         self.global_step = 0
@@ -349,12 +368,24 @@ class Trainer:
     # -- checkpoints ----------------------------------------------------------------------------
 
     def _save_hook(self, models: list[nn.Module], weights: list[dict], output_dir: str) -> None:
-        """Save only the trained parameters (not the frozen UNet) with the accelerate state."""
+        """Save the trained parameters (not the frozen UNet), the LR schedule, the data position
+        and the EMA, as safetensors and JSON (nothing pickled), with the accelerate state."""
         from safetensors.torch import save_file
 
         if self.accelerator.is_main_process:
+            folder = Path(output_dir)
+            folder.mkdir(parents=True, exist_ok=True)
             tensors = {name: p.detach().cpu().contiguous() for name, p in self.trained.items()}
-            save_file(tensors, str(Path(output_dir) / TRAINABLE_FILE))
+            save_file(tensors, str(folder / TRAINABLE_FILE))
+            state: dict[str, Any] = {
+                "lr_scheduler": self.lr_scheduler.state_dict(),
+                "position": self.position.state_dict(),
+            }
+            if self.ema is not None:
+                ema = self.ema.state_dict()
+                state["ema"] = {"decay": ema["decay"], "updates": ema["updates"]}
+                save_file({k: v.contiguous() for k, v in ema["shadow"].items()}, str(folder / EMA_FILE))
+            save_json_state(folder / CUSTOM_STATE_FILE, state)
         weights.clear()  # accelerate must not write the whole model
 
     def _load_hook(self, models: list[nn.Module], input_dir: str) -> None:
@@ -373,6 +404,15 @@ class Trainer:
         with torch.no_grad():
             for name, param in self.trained.items():
                 param.copy_(state[name])
+        custom = load_json_state(Path(input_dir) / CUSTOM_STATE_FILE)
+        try:
+            self.lr_scheduler.load_state_dict(custom["lr_scheduler"])
+            self.position.load_state_dict(custom["position"])
+            if self.ema is not None:
+                shadow = load_file(str(Path(input_dir) / EMA_FILE))
+                self.ema.load_state_dict({**custom["ema"], "shadow": shadow})
+        except (KeyError, TypeError, ValueError, OSError) as exc:
+            raise CheckpointError(f"{input_dir}: the saved training state is malformed: {exc}") from None
         models.clear()  # loaded: accelerate must not try
 
     def _resume(self, which: str) -> Path | None:
@@ -380,13 +420,19 @@ class Trainer:
         if path is None:
             logger.info("no checkpoint in %s: starting from scratch", self.output_dir / CHECKPOINTS)
             return None
-        info = json.loads((path / TRAINER_STATE).read_text())
+        info = load_json_state(path / TRAINER_STATE)
         if info.get("stage") != self.cfg.stage:
             raise UniPortraitError(
                 f"{path} is a stage-{info.get('stage')} checkpoint; this run is stage {self.cfg.stage}"
             )
         self.accelerator.load_state(str(path / "state"))
         self.global_step = int(info["step"])
+        if self.accelerator.is_main_process:  # rows logged after this checkpoint come again
+            dropped = trim_metrics(self.output_dir / "metrics.jsonl", self.global_step)
+            if dropped:
+                logger.info(
+                    "metrics.jsonl: dropped %d row(s) logged after step %d", dropped, self.global_step
+                )
         logger.info(
             "resumed from %s (step %d, micro-batch %d)", path, self.global_step, self.position.micro_batches
         )
@@ -430,7 +476,10 @@ class Trainer:
                 "stage": self.cfg.stage,
                 "micro_batches": self.position.micro_batches,
             }
-            (path / TRAINER_STATE).write_text(json.dumps(state, indent=2) + "\n")
+            save_json_state(path / TRAINER_STATE, state)
+            write_manifest(
+                path, {"step": self.global_step, "stage": self.cfg.stage}
+            )  # last: marks it complete
             self._rotate_checkpoints()
             logger.info("saved checkpoint %s", path)
         acc.wait_for_everyone()
