@@ -2,6 +2,7 @@
 
     python benchmarks/photo_memory.py              # detection at most DETECT_MAX_SIDE px (the default)
     python benchmarks/photo_memory.py --full-size  # detection on the whole photo (what it was before)
+    python benchmarks/photo_memory.py --analyzer dlib  # another detector (default: the server's)
 
 Prints resident memory (MB) before, at the peak, and after the request (after the server's
 ``release_memory``), for a blank 3999×3999 PNG (about 55 KB, under the 16 MP upload limit).
@@ -33,13 +34,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--full-size", action="store_true", help="detect on the full-size photo")
     parser.add_argument("--side", type=int, default=3999)
+    parser.add_argument("--analyzer", default=None, help="face analyzer (default: the server's, MTCNN)")
     args = parser.parse_args()
 
     from uniportrait.errors import NoFaceError
     from uniportrait.faces import detect_faces, extract_faces, get_face_analyzer, load_image, sample_photo
     from uniportrait.server.jobs import release_memory
 
-    analyzer = get_face_analyzer("dlib")
+    analyzer = get_face_analyzer(args.analyzer) if args.analyzer else get_face_analyzer()
     extract_faces(load_image(sample_photo("ffhq-0100")), analyzer)  # models loaded, allocator warm
     buffer = io.BytesIO()
     PIL.Image.new("RGB", (args.side, args.side), "white").save(buffer, "PNG")
