@@ -144,7 +144,9 @@ def build_unet_and_adapter(device: torch.device, dtype: torch.dtype, seed: int =
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         unet = UNet2DConditionModel.from_config(SD15_UNET).eval()
-        adapter = UniPortraitAdapter(AdapterConfig.from_unet(unet, QFormerConfig(dim=768), lora_rank=128))
+        adapter = UniPortraitAdapter.from_sizes(
+            AdapterConfig.from_unet(unet, QFormerConfig(dim=768), lora_rank=128)
+        )
         for name, param in adapter.named_parameters():
             if name.endswith("up.weight"):  # zero-initialised; a trained LoRA is not
                 torch.nn.init.normal_(param, std=1e-3)
@@ -167,13 +169,13 @@ def id_tokens(n_ids: int, device, dtype, seed: int = 1) -> torch.Tensor | None:
 def bench_unet(args, device, dtype, timer: Timer) -> dict:
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    from uniportrait.models.attention import AttentionCall
+    from uniportrait.models.attention import AttachedProcessor, AttentionCall
     from uniportrait.models.fusion import fusable_layers, fuse_lora
 
     t0 = time.perf_counter()
     unet, adapter = build_unet_and_adapter(device, dtype)
     print(f"built the SD1.5 UNet and adapter in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    unet_bytes = nbytes(unet.parameters())  # before the processors become UNet submodules
+    unet_bytes = nbytes(unet.parameters())
     adapter_bytes = nbytes(adapter.parameters())
 
     g = torch.Generator().manual_seed(0)
@@ -196,15 +198,17 @@ def bench_unet(args, device, dtype, timer: Timer) -> dict:
             lora=LORA_SETS[n],
             latent_hw=(32, 32),
             fused=fused.get(LORA_SETS[n]),
+            shared_rows=1,  # as the pipeline says: row 0 is CFG's unconditional half
         )
     if args.unfused:
         for n in ID_COUNTS[1:]:
             configs[f"unfused-{n}"] = AttentionCall(
-                id_tokens=id_tokens(n, device, dtype), lora=LORA_SETS[n], latent_hw=(32, 32)
+                id_tokens=id_tokens(n, device, dtype), lora=LORA_SETS[n], latent_hw=(32, 32), shared_rows=1
             )
 
     plain = AttnProcessor2_0()
-    processors = dict(zip([layer.name for layer in adapter.config.layers], adapter.processors))
+    # What adapter.attach installs: handles to the adapter's processors.
+    processors = {layer.name: AttachedProcessor(p) for layer, p in zip(adapter.layers, adapter.processors)}
 
     def step(name: str) -> Callable[[], object]:
         call = configs[name]
@@ -269,7 +273,7 @@ def bench_identity(args, device, dtype, timer: Timer) -> dict:
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        backbone = IRBackbone(IRBackboneConfig.from_variant("ir101")).eval().to(device, dtype)
+        backbone = IRBackbone.from_sizes(IRBackboneConfig.from_variant("ir101")).eval().to(device, dtype)
         clip = CLIPVisionModelWithProjection(CLIPVisionConfig(**VIT_H)).eval().to(device, dtype)
     crop = torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     runs = [timer(lambda: encode_face_features(backbone, clip, crop)) for _ in range(1 + args.repeats)][1:]

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from conftest import assert_differ, assert_same, random_crop, random_pil, run_pipe
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from uniportrait.cli import main
 from uniportrait.convert import (
@@ -23,7 +24,9 @@ from uniportrait.identity import Identity
 from uniportrait.models.adapter import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
+    BACKBONE_FOLDER,
     BACKBONE_WEIGHTS,
+    MODEL_WEIGHTS,
     AdapterConfig,
     UniPortraitAdapter,
     read_adapter_files,
@@ -43,7 +46,8 @@ def _published_by_hand(pipe) -> dict[str, dict]:
     faceid_procs: dict[str, torch.Tensor] = {}
     router_procs: dict[str, torch.Tensor] = {}
     ip_procs: dict[str, torch.Tensor] = {}
-    for i, (name, proc) in enumerate(pipe.unet.attn_processors.items()):
+    for i, (name, handle) in enumerate(pipe.unet.attn_processors.items()):
+        proc = handle.processor
         for p in PROJ:
             single, multi = getattr(proc, f"to_{p}_lora"), getattr(proc, f"to_{p}_multi_id_lora")
             for part in ("down", "up"):
@@ -160,20 +164,18 @@ def test_convert_cli_round_trip(published_dir, published, reference_images, tmp_
     ours = tmp_path / "ours"
     args = ["convert", str(folder), str(ours), "--preset", "tiny", "--ip-adapter", str(ip_path)]
     assert main(args) == 0
-    assert sorted(p.name for p in ours.iterdir()) == sorted(
-        [ADAPTER_CONFIG, ADAPTER_WEIGHTS, BACKBONE_WEIGHTS]
-    )
+    assert sorted(p.name for p in ours.iterdir()) == sorted([ADAPTER_CONFIG, MODEL_WEIGHTS, BACKBONE_FOLDER])
     assert [p.name for p in tmp_path.iterdir()] == ["ours"]  # no temporary folder left behind
-    assert not any(k[0].isdigit() for k in load_file(str(ours / ADAPTER_WEIGHTS)))  # named keys
+    assert json.loads((ours / ADAPTER_CONFIG).read_text())["_class_name"] == "UniPortraitAdapter"
 
-    # Our folder, and the same files as an in-memory dict, give the same images.
+    # Our folder, the same files as an in-memory dict, and the first round's format give the same images.
     _assert_images_equal(_load(ours), reference_images)
-    as_dict = {
-        ADAPTER_CONFIG: json.loads((ours / ADAPTER_CONFIG).read_text()),
-        ADAPTER_WEIGHTS: load_file(str(ours / ADAPTER_WEIGHTS)),
-        BACKBONE_WEIGHTS: load_file(str(ours / BACKBONE_WEIGHTS)),
-    }
-    _assert_images_equal(_load(as_dict), reference_images)
+    _assert_images_equal(_load(_as_dict(ours)), reference_images)
+    adapter, backbone = read_adapter_files(ours)
+    first_round = write_first_round_folder(adapter, backbone, tmp_path / "v1")
+    assert not any(k[0].isdigit() for k in load_file(str(first_round / ADAPTER_WEIGHTS)))  # named keys
+    _assert_images_equal(_load(first_round), reference_images)
+    shutil.rmtree(tmp_path / "v1")
 
     # A non-empty destination is refused without --overwrite, and replaced with it.
     capsys.readouterr()
@@ -214,7 +216,9 @@ def test_convert_cli_sd15_reads_configs_only(tmp_path):
     # An adapter with the published Q-Former layout (12 × 64 heads, IR-101 widths) on the tiny UNet.
     qformer = QFormerConfig(dim=32, id_dim=512, structure_dim=448 + base["image_encoder"].config.hidden_size)
     torch.manual_seed(0)
-    adapter = UniPortraitAdapter(AdapterConfig.from_unet(base["unet"], qformer=qformer, lora_rank=4))
+    adapter = UniPortraitAdapter.from_sizes(
+        AdapterConfig.from_unet(base["unet"], qformer=qformer, lora_rank=4)
+    )
     src = tmp_path / "src"
     src.mkdir()
     for name, contents in named_to_published(adapter).items():
@@ -224,7 +228,7 @@ def test_convert_cli_sd15_reads_configs_only(tmp_path):
     assert main([*args, "--image-encoder", str(tmp_path / "encoder.json")]) == 0
     converted, backbone = read_adapter_files(out)
     assert backbone is None  # no backbone file given: converted without it
-    assert converted.config.to_dict() == adapter.config.to_dict()
+    assert converted.sizes.to_dict() == adapter.sizes.to_dict()
     want = adapter.state_dict()
     assert converted.state_dict().keys() == want.keys()
     assert all(torch.equal(v, want[k]) for k, v in converted.state_dict().items())
@@ -309,9 +313,60 @@ def test_published_strict(case, published):
         assert LAYER1 in str(err.value)  # the layer is named, not only its index
 
 
+def _as_dict(folder):
+    """A folder of our format as the in-memory dict that mirrors it."""
+    return {
+        ADAPTER_CONFIG: json.loads((folder / ADAPTER_CONFIG).read_text()),
+        MODEL_WEIGHTS: load_file(str(folder / MODEL_WEIGHTS)),
+        BACKBONE_FOLDER: {
+            ADAPTER_CONFIG: json.loads((folder / BACKBONE_FOLDER / ADAPTER_CONFIG).read_text()),
+            MODEL_WEIGHTS: load_file(str(folder / BACKBONE_FOLDER / MODEL_WEIGHTS)),
+        },
+    }
+
+
+def write_first_round_folder(adapter, backbone, folder):
+    """The first round's adapter folder: format/version config, named keys, backbone beside."""
+    folder.mkdir(parents=True)
+    config = {
+        "format": "uniportrait-adapter",
+        "version": 1,
+        "adapter": adapter.sizes.to_dict(),
+        "face_backbone": backbone.sizes.to_dict(),
+    }
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(config))
+    save_file(
+        {k: v.contiguous() for k, v in adapter.named_state_dict().items()}, str(folder / ADAPTER_WEIGHTS)
+    )
+    save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, str(folder / BACKBONE_WEIGHTS))
+    return folder
+
+
 @pytest.mark.parametrize("case", ["missing", "unexpected", "shape"])
 def test_our_format_strict(case, tiny_pipe, tmp_path):
     folder = tiny_pipe.adapter.save_pretrained(tmp_path / "ours", face_backbone=tiny_pipe.face_backbone)
+    files = _as_dict(folder)
+    weights = files[MODEL_WEIGHTS]
+    index = [spec.name for spec in tiny_pipe.adapter.layers].index(f"{LAYER1}.processor")
+    key = f"processors.{index}.to_k_faceid.weight"
+    if case == "missing":
+        del weights[key]
+    elif case == "unexpected":
+        weights[key.replace("to_k_faceid", "to_z_faceid")] = torch.zeros(2)
+        key = key.replace("to_k_faceid", "to_z_faceid")
+    else:
+        weights[key] = torch.zeros(1, 1)
+    with pytest.raises(CheckpointError, match=key.replace(".", r"\.")) as err:
+        _load(files)
+    assert LAYER1 in str(err.value)  # the layer is named, not only its index
+    save_file(weights, str(folder / MODEL_WEIGHTS))  # the same file on disk
+    with pytest.raises(CheckpointError, match=key.replace(".", r"\.")):
+        _load(folder)
+
+
+@pytest.mark.parametrize("case", ["missing", "unexpected", "shape"])
+def test_first_round_format_strict(case, tiny_pipe, tmp_path):
+    folder = write_first_round_folder(tiny_pipe.adapter, tiny_pipe.face_backbone, tmp_path / "v1")
     weights = load_file(str(folder / ADAPTER_WEIGHTS))
     key = f"attn_processors.{LAYER1}.to_k_faceid.weight"
     if case == "missing":
@@ -380,14 +435,15 @@ def test_adapter_save_load_bit_identical(tiny_pipe, tmp_path):
     tiny_pipe.adapter.save_pretrained(folder, face_backbone=tiny_pipe.face_backbone)  # overwrite in place
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
     adapter, backbone = read_adapter_files(folder)
-    assert adapter.config.to_dict() == tiny_pipe.adapter.config.to_dict()
+    assert adapter.sizes.to_dict() == tiny_pipe.adapter.sizes.to_dict()
+    assert UniPortraitAdapter.from_pretrained(folder).sizes == adapter.sizes  # diffusers' entry point
     for loaded, original in ((adapter, tiny_pipe.adapter), (backbone, tiny_pipe.face_backbone)):
         want = original.state_dict()
         got = loaded.state_dict()
         assert got.keys() == want.keys()
         for key, value in want.items():
             assert got[key].dtype == value.dtype and torch.equal(got[key], value), key
-    assert backbone.config.to_dict() == tiny_pipe.face_backbone.config.to_dict()
+    assert backbone.sizes.to_dict() == tiny_pipe.face_backbone.sizes.to_dict()
 
 
 def test_identity_save_load_exact(tiny_pipe, crops, tmp_path):
@@ -423,24 +479,58 @@ def test_identity_from_another_encoder_refused(tiny_pipe, crops, tmp_path):
 
 
 def test_pipeline_save_pretrained_round_trip(tmp_path):
+    """model_index.json: diffusers' DiffusionPipeline reads the folder; a swapped scheduler comes back."""
+    from diffusers import DiffusionPipeline, EulerAncestralDiscreteScheduler
+
     from uniportrait import UniPortraitPipeline
+    from uniportrait.errors import UniPortraitError
     from uniportrait.presets import build_tiny_pipeline
 
     pipe = build_tiny_pipeline(seed=5)
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
     folder = tmp_path / "saved"
     pipe.save_pretrained(folder)
     assert sorted(p.name for p in folder.iterdir()) == [
-        "image_encoder", "scheduler", "text_encoder", "tokenizer", "unet", "uniportrait", "vae",
+        "adapter", "face_backbone", "image_encoder", "model_index.json", "scheduler", "text_encoder",
+        "tokenizer", "unet", "uniportrait_pipeline.py", "vae",
     ]  # fmt: skip
-    loaded = UniPortraitPipeline.from_pretrained(folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    assert index["adapter"] == ["uniportrait.models.adapter", "UniPortraitAdapter"]
+    assert index["scheduler"] == ["diffusers", "EulerAncestralDiscreteScheduler"]
+    unet_keys = set(load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors")))
+    assert unet_keys == set(build_tiny_base(5)["unet"].state_dict())  # the UNet's own weights only
     crops = [random_crop(1), random_crop(2)]
-    for p in (pipe, loaded):
-        ids = [p.encode_identity(c) for c in crops]
-        p._test_out = run_pipe(p, identities=ids).images
-    assert_same(pipe._test_out, loaded._test_out, atol=1e-6)
-    # the original keeps working with its processors, and a non-empty target is refused
-    assert_same(pipe._test_out, run_pipe(pipe, identities=[pipe.encode_identity(c) for c in crops]).images)
-    from uniportrait.errors import UniPortraitError
-
+    ids = [pipe.encode_identity(c) for c in crops]
+    want = run_pipe(pipe, identities=ids).images
+    for loaded in (
+        UniPortraitPipeline.from_pretrained(folder),
+        DiffusionPipeline.from_pretrained(folder, trust_remote_code=True),
+    ):
+        assert type(loaded) is UniPortraitPipeline
+        assert type(loaded.scheduler) is EulerAncestralDiscreteScheduler
+        assert loaded.encoder_id == pipe.encoder_id  # identities encoded before saving still apply
+        loaded.set_progress_bar_config(disable=True)
+        assert_same(want, run_pipe(loaded, identities=ids).images, atol=1e-6)
+    # the original keeps working, and a non-empty target is refused
+    assert_same(want, run_pipe(pipe, identities=ids).images)
     with pytest.raises(UniPortraitError, match="not empty"):
         pipe.save_pretrained(folder)
+    # only the module we write is trusted
+    (folder / "uniportrait_pipeline.py").write_text("import os\n")
+    with pytest.raises(UniPortraitError, match="refusing"):
+        UniPortraitPipeline.from_pretrained(folder)
+
+
+def test_first_round_pipeline_folder_still_loads(tiny_pipe, tmp_path):
+    """The first round's save_pretrained layout: SD components + image_encoder + uniportrait/ (v1)."""
+    folder = tmp_path / "v1-pipeline"
+    for name in ("vae", "text_encoder", "tokenizer", "unet", "scheduler", "image_encoder"):
+        getattr(tiny_pipe, name).save_pretrained(folder / name)
+    write_first_round_folder(tiny_pipe.adapter, tiny_pipe.face_backbone, folder / "uniportrait")
+    loaded = UniPortraitPipeline.from_pretrained(folder)
+    loaded.set_progress_bar_config(disable=True)
+    crops = [random_crop(1), random_crop(2)]
+    want = run_pipe(tiny_pipe, identities=[tiny_pipe.encode_identity(c) for c in crops]).images
+    assert_same(
+        want, run_pipe(loaded, identities=[loaded.encode_identity(c) for c in crops]).images, atol=1e-6
+    )

@@ -38,9 +38,7 @@ def test_adapter_config_with_an_unknown_key_is_a_clean_error(tmp_path, capsys, t
 
     folder = tiny_pipe.adapter.save_pretrained(tmp_path / "adapter")
     config = json.loads((folder / "config.json").read_text())
-    {"top": config, "qformer": config["adapter"]["qformer"], "layer": config["adapter"]["layers"][0]}[where][
-        "surprise"
-    ] = 1
+    {"top": config, "qformer": config["qformer_config"], "layer": config["layers"][0]}[where]["surprise"] = 1
     (folder / "config.json").write_text(json.dumps(config))
     code = main(["generate", "--prompt", "p", "--id", str(sample_photo("ffhq-0100")), "--out", str(tmp_path / "o"),
                  "--preset", "tiny", "--steps", "1", "--width", "64", "--height", "64", "--adapter", str(folder)])  # fmt: skip

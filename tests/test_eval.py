@@ -333,7 +333,7 @@ def test_curricular_backend_on_a_given_backbone(composed, monkeypatch):
     from uniportrait.models.face_backbone import IRBackbone
     from uniportrait.presets.pipelines import tiny_backbone_config
 
-    backbone = IRBackbone(tiny_backbone_config()).eval()
+    backbone = IRBackbone.from_sizes(tiny_backbone_config()).eval()
     curricular = CurricularBackend(backbone=backbone)
     image = load_image(composed["ab.png"])
     faces = curricular.detect(image)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -27,7 +29,7 @@ SMALL_IR = {"blocks": (1, 1, 1, 1), "channels": (4, 8, 8, 16), "embedding_dim": 
 
 def _qformer(seed: int = 0, **overrides) -> IDQFormer:
     torch.manual_seed(seed)
-    return IDQFormer(QFormerConfig(**{**SMALL_Q, **overrides})).eval()
+    return IDQFormer.from_sizes(QFormerConfig(**{**SMALL_Q, **overrides})).eval()
 
 
 def _qinputs(b: int = 3, ti: int = 49, ts: int = 20, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,7 +39,7 @@ def _qinputs(b: int = 3, ti: int = 49, ts: int = 20, seed: int = 1) -> tuple[tor
 
 def _ir(seed: int = 0, **overrides) -> IRBackbone:
     torch.manual_seed(seed)
-    model = IRBackbone(IRBackboneConfig(**{**SMALL_IR, **overrides}))
+    model = IRBackbone.from_sizes(IRBackboneConfig(**{**SMALL_IR, **overrides}))
     # Non-trivial BatchNorm statistics so that eval-mode outputs exercise the buffers.
     with torch.no_grad():
         for m in model.modules():
@@ -78,7 +80,7 @@ def _expected_qformer_keys(depth: int) -> set[str]:
 
 def test_qformer_published_key_layout():
     with torch.device("meta"):
-        model = IDQFormer(QFormerConfig())
+        model = IDQFormer.from_sizes(QFormerConfig())
     state = model.state_dict()
     assert set(state) == _expected_qformer_keys(6)
     assert len(state) == 5 + 8 + 6 * (2 * 7 + 4)
@@ -169,7 +171,7 @@ def test_drop_structure_tokens():
 
 def test_drop_path_only_in_training():
     torch.manual_seed(0)
-    model = IDQFormer(QFormerConfig(**{**SMALL_Q, "depth": 1, "drop_path_rate": 0.5}))
+    model = IDQFormer.from_sizes(QFormerConfig(**{**SMALL_Q, "depth": 1, "drop_path_rate": 0.5}))
     intrinsic, structure = _qinputs(b=16)
 
     model.eval()
@@ -211,7 +213,7 @@ def test_qformer_save_load_round_trip(tmp_path):
     model = _qformer()
     model.save_pretrained(tmp_path / "qf")
     loaded = IDQFormer.from_pretrained(tmp_path / "qf").eval()
-    assert loaded.config == model.config
+    assert loaded.sizes == model.sizes
     intrinsic, structure = _qinputs()
     assert torch.equal(loaded(intrinsic, structure), model(intrinsic, structure))
 
@@ -241,7 +243,7 @@ def test_ir101_tface_layout():
     assert config == IRBackboneConfig()
     assert config.stage_ends == (2, 15, 45, 48)
     with torch.device("meta"):
-        model = IRBackbone(config)
+        model = IRBackbone.from_sizes(config)
     state = model.state_dict()
     bodies = {int(k.split(".")[1]) for k in state if k.startswith("body.")}
     assert bodies == set(range(49))
@@ -292,13 +294,41 @@ def test_ir_save_load_round_trip(tmp_path):
     model = _ir()
     model.save_pretrained(tmp_path / "ir")
     loaded = IRBackbone.from_pretrained(tmp_path / "ir").eval()
-    assert loaded.config == model.config
+    assert loaded.sizes == model.sizes
+    assert json.loads((tmp_path / "ir" / "config.json").read_text())["_class_name"] == "IRBackbone"
     for key, value in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[key], value), key
     faces = _faces()
     assert torch.equal(loaded(faces).embedding, model(faces).embedding)
     with pytest.raises(WeightsNotFoundError):
         IRBackbone.from_pretrained(tmp_path / "missing")
+
+
+def save_config_and_weights(model, config: dict, folder) -> None:
+    """The first round's folder: config.json (the dataclass's fields) + model.safetensors."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+
+
+def test_ir_reads_the_first_round_folder_format(tmp_path):
+    """config.json with the dataclass's fields + model.safetensors, as the first round wrote them."""
+    model = _ir()
+    save_config_and_weights(model, model.sizes.to_dict(), tmp_path / "old")
+    loaded = IRBackbone.from_pretrained(tmp_path / "old").eval()
+    faces = _faces()
+    assert torch.equal(loaded(faces).embedding, model(faces).embedding)
+    state = model.state_dict()
+    state.pop(next(iter(state)))
+    bad_folder = tmp_path / "bad"
+    from safetensors.torch import save_file
+
+    save_config_and_weights(model, model.sizes.to_dict(), bad_folder)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(bad_folder / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="missing"):
+        IRBackbone.from_pretrained(bad_folder)
 
 
 def test_ir_config_dict():
@@ -337,7 +367,9 @@ def test_strict_loading_names_offending_keys():
 
 
 def test_strict_loading_rejects_non_tensors_and_caps_names():
-    model = ImageProjection(ImageProjectionConfig(clip_embed_dim=8, cross_attention_dim=6, num_tokens=2))
+    model = ImageProjection.from_sizes(
+        ImageProjectionConfig(clip_embed_dim=8, cross_attention_dim=6, num_tokens=2)
+    )
     with pytest.raises(CheckpointError, match="not tensors"):
         load_state_dict_strict(model, {"proj.weight": [1.0]}, what="x")
     junk = {f"junk.{i}": torch.zeros(1) for i in range(9)}
@@ -350,7 +382,9 @@ def test_strict_loading_rejects_non_tensors_and_caps_names():
 
 def test_image_projection():
     torch.manual_seed(0)
-    model = ImageProjection(ImageProjectionConfig(clip_embed_dim=24, cross_attention_dim=12, num_tokens=4))
+    model = ImageProjection.from_sizes(
+        ImageProjectionConfig(clip_embed_dim=24, cross_attention_dim=12, num_tokens=4)
+    )
     assert set(model.state_dict()) == {"proj.weight", "proj.bias", "norm.weight", "norm.bias"}
     out = model(torch.randn(3, 24))
     assert out.shape == (3, 4, 12)

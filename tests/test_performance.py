@@ -212,7 +212,7 @@ def test_fused_memory_bound_sd15():
     with torch.device("meta"):
         unet = UNet2DConditionModel(**SD15_UNET)
         unet_bytes = sum(p.numel() * p.element_size() for p in unet.parameters())
-        adapter = UniPortraitAdapter(AdapterConfig.from_unet(unet, QFormerConfig(dim=768)))
+        adapter = UniPortraitAdapter.from_sizes(AdapterConfig.from_unet(unet, QFormerConfig(dim=768)))
         adapter.attach(unet)
     layers = [(proc, attn) for proc, attn in _all_layers(unet, adapter)]
     assert len(layers) == 32
@@ -226,5 +226,5 @@ def test_fused_memory_bound_sd15():
 
 
 def _all_layers(unet, adapter):
-    for spec, proc in zip(adapter.config.layers, adapter.processors):
+    for spec, proc in zip(adapter.layers, adapter.processors):
         yield proc, unet.get_submodule(spec.name.removesuffix(".processor"))

@@ -262,8 +262,8 @@ def test_multi_id_needs_router():
     config = dataclasses.replace(tiny_adapter_config(base["unet"], base["image_encoder"]), multi_id=False)
     pipe = UniPortraitPipeline(
         **base,
-        face_backbone=IRBackbone(tiny_backbone_config()).eval(),
-        adapter=UniPortraitAdapter(config).eval(),
+        face_backbone=IRBackbone.from_sizes(tiny_backbone_config()).eval(),
+        adapter=UniPortraitAdapter.from_sizes(config).eval(),
     )
     pipe.set_progress_bar_config(disable=True)
     ids = [pipe.encode_identity(random_crop(i)) for i in range(2)]

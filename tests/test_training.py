@@ -160,7 +160,7 @@ def test_stage1_overfits_a_fixed_batch(stage1):
     assert len(losses) == 30 and all(np.isfinite(losses))
     assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3])
     assert sum(b < a for a, b in zip(losses, losses[1:])) >= 25  # falls almost every step
-    assert result == out / "adapter" and (result / "adapter.safetensors").is_file()
+    assert result == out / "adapter" and (result / "diffusion_pytorch_model.safetensors").is_file()
 
 
 def test_stage1_trains_only_its_parameters(stage1):
@@ -225,7 +225,7 @@ def test_stage2_keeps_stage1_weights_and_loads_in_the_pipeline(stage1, stage2):
         uniportrait=published,
         image_encoder=encoder,
         face_backbone=backbone,
-        adapter_config=after.config,
+        adapter_config=after.sizes,
     )
     round_trip = again.adapter.named_state_dict()
     assert all(torch.equal(round_trip[k], v) for k, v in a_state.items())
@@ -256,8 +256,8 @@ def test_resume_is_exact(dataset, tmp_path):
     assert resumed.global_step == 2 and resumed.position.micro_batches == 4
     resumed.train()
 
-    a = load_file(str(straight / "adapter" / "adapter.safetensors"))
-    b = load_file(str(parts / "adapter" / "adapter.safetensors"))
+    a = load_file(str(straight / "adapter" / "diffusion_pytorch_model.safetensors"))
+    b = load_file(str(parts / "adapter" / "diffusion_pytorch_model.safetensors"))
     assert a.keys() == b.keys()
     worst = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert worst <= 1e-6, worst
@@ -275,7 +275,7 @@ def test_gradient_checkpointing_recomputes_the_same_routing(dataset, tmp_path):
         trainer = Trainer(_config(2, dataset, out, *overrides))
         assert trainer.components.unet.is_gradient_checkpointing == (flag == "true")
         trainer.train()
-        weights.append(load_file(str(out / "adapter" / "adapter.safetensors")))
+        weights.append(load_file(str(out / "adapter" / "diffusion_pytorch_model.safetensors")))
     plain, checkpointed = weights
     assert max(float((plain[k] - checkpointed[k]).abs().max()) for k in plain) <= 1e-6
 
@@ -292,7 +292,7 @@ def test_tiny_sdxl_unet_trains_stage1(dataset, tmp_path):
     assert code == 0
     losses = [m["loss"] for m in _metrics(out)]
     assert len(losses) == 3 and all(np.isfinite(losses))
-    config = json.loads((out / "adapter" / "config.json").read_text())["adapter"]
+    config = json.loads((out / "adapter" / "config.json").read_text())
     assert config["cross_attention_dim"] == 64
     names = [layer["name"] for layer in config["layers"]]
     assert any("transformer_blocks.1" in n for n in names)  # SDXL's 2 transformer layers per block

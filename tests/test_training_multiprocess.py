@@ -136,7 +136,7 @@ def _weights(out: Path, step: int) -> dict[str, dict]:
     ckpt = out / "checkpoints" / f"checkpoint-{step:08d}"
     return {
         "trained": load_file(ckpt / "state" / "trainable.safetensors"),
-        "ema": load_file(ckpt / "adapter" / "adapter.safetensors"),  # the averaged weights
+        "ema": load_file(ckpt / "adapter" / "diffusion_pytorch_model.safetensors"),  # the averaged weights
     }
 
 

@@ -188,7 +188,9 @@ def test_shipped_base_model_generates_through_uniportrait_pipeline(tmp_path):
         heads=2,
         dim_head=16,
     )
-    adapter = UniPortraitAdapter(AdapterConfig.from_unet(unet, qformer=qformer, lora_rank=4, multi_id=True))
+    adapter = UniPortraitAdapter.from_sizes(
+        AdapterConfig.from_unet(unet, qformer=qformer, lora_rank=4, multi_id=True)
+    )
     adapter.save_pretrained(tmp_path / "adapter", face_backbone=backbone)
     pipe = UniPortraitPipeline.from_pretrained(
         WORLD_ASSETS / "base", uniportrait=tmp_path / "adapter", image_encoder=WORLD_ASSETS / "image_encoder",

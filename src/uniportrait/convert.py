@@ -143,12 +143,12 @@ def load_published_adapter(
 ) -> UniPortraitAdapter:
     """Build an adapter for ``config`` and fill it strictly from published contents."""
     named = published_to_named(config, faceid, router, ip_adapter)
-    adapter = UniPortraitAdapter(config)
+    adapter = UniPortraitAdapter.from_sizes(config)
     adapter.load_named_state_dict(named, "published UniPortrait weights")
     return adapter.eval()
 
 
 def load_published_backbone(state: State, config: IRBackboneConfig | None = None) -> IRBackbone:
-    backbone = IRBackbone(config or IRBackboneConfig.from_variant("ir101"))
+    backbone = IRBackbone.from_sizes(config or IRBackboneConfig.from_variant("ir101"))
     load_tface_state_dict(backbone, state)
     return backbone.eval()

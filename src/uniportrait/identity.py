@@ -224,7 +224,17 @@ def backbone_pixels(crops: torch.Tensor, input_size: int) -> torch.Tensor:
 
 
 def module_device_dtype(module: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Where ``module`` computes and in which dtype.
+
+    Under accelerate's offloading the weights sit on ``meta``/CPU between calls; the device is
+    then the hooks' execution device (as diffusers' ``_execution_device`` finds it).
+    """
     param = next(module.parameters())
+    if param.device.type == "meta" or hasattr(module, "_hf_hook"):
+        for sub in module.modules():
+            device = getattr(getattr(sub, "_hf_hook", None), "execution_device", None)
+            if device is not None:
+                return torch.device(device), param.dtype
     return param.device, param.dtype
 
 

@@ -201,16 +201,23 @@ def _published_contents(uniportrait: Any) -> dict[str, Any] | None:
 
 
 def _our_files(uniportrait: Any) -> Any:
+    """A local folder (or the in-memory dict) of our adapter format; Hub files are fetched first."""
     if isinstance(uniportrait, Mapping) or Path(uniportrait).is_dir():
         return uniportrait
-    config = resolve_file(uniportrait, ADAPTER_CONFIG, "uniportrait")
-    resolve_file(uniportrait, ADAPTER_WEIGHTS, "uniportrait")
-    try:
-        from uniportrait.models.adapter import BACKBONE_WEIGHTS
+    from uniportrait.models.adapter import BACKBONE_FOLDER, BACKBONE_WEIGHTS, MODEL_WEIGHTS
 
-        resolve_file(uniportrait, BACKBONE_WEIGHTS, "uniportrait")
-    except WeightsNotFoundError:
-        pass
+    config = resolve_file(uniportrait, ADAPTER_CONFIG, "uniportrait")
+    optional = [f"{BACKBONE_FOLDER}/{ADAPTER_CONFIG}", f"{BACKBONE_FOLDER}/{MODEL_WEIGHTS}"]
+    try:
+        resolve_file(uniportrait, MODEL_WEIGHTS, "uniportrait")
+    except WeightsNotFoundError:  # the first round's layout
+        resolve_file(uniportrait, ADAPTER_WEIGHTS, "uniportrait")
+        optional = [BACKBONE_WEIGHTS]
+    for name in optional:
+        try:
+            resolve_file(uniportrait, name, "uniportrait")
+        except WeightsNotFoundError:
+            pass
     return config.parent
 
 
@@ -280,7 +287,7 @@ def _with_ip_adapter(adapter: UniPortraitAdapter, ip_contents: Mapping[str, Any]
         cross_attention_dim=dim,
         num_tokens=proj["proj.weight"].shape[0] // dim,
     )
-    config = dataclasses.replace(adapter.config, ip_adapter=True, image_proj=image_proj)
+    config = dataclasses.replace(adapter.sizes, ip_adapter=True, image_proj=image_proj)
     named = {
         k: v
         for k, v in adapter.named_state_dict().items()
@@ -288,7 +295,7 @@ def _with_ip_adapter(adapter: UniPortraitAdapter, ip_contents: Mapping[str, Any]
     }
     named.update({f"image_proj.{k}": v for k, v in proj.items()})
     named.update(_processor_keys(config, ip_contents.get("ip_adapter", {}), IP_ADAPTER_FILE))
-    new = UniPortraitAdapter(config)
+    new = UniPortraitAdapter.from_sizes(config)
     new.load_named_state_dict(named, "adapter + IP-Adapter weights")
     return new.eval()
 
@@ -345,7 +352,7 @@ def load_pipeline(
     Args:
         base_model: a diffusers SD folder or Hub id, or a dict with ``vae``, ``text_encoder``,
             ``tokenizer``, ``unet``, ``scheduler``.
-        uniportrait: our format (folder with ``config.json`` + ``adapter.safetensors``), the
+        uniportrait: our format (a folder written by ``UniPortraitAdapter.save_pretrained``), the
             published files (a folder or Hub repo holding ``uniportrait-faceid_sd15.bin``,
             ``uniportrait-router_sd15.bin``, ``glint360k_curricular_face_r101_backbone.bin``), or
             a dict mirroring either folder (file name → contents).

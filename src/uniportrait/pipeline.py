@@ -23,9 +23,25 @@ from typing import Any
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import DiffusionPipeline
+from diffusers import (
+    AutoencoderKL,
+    ControlNetModel,
+    DiffusionPipeline,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.loaders import StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin
+from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import (
+    rescale_noise_cfg,
+    retrieve_timesteps,
+)
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils.torch_utils import randn_tensor
+from transformers import CLIPImageProcessor, CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
 from uniportrait.errors import IdentityError, UniPortraitError
 from uniportrait.identity import (
@@ -38,7 +54,10 @@ from uniportrait.identity import (
     module_device_dtype,
     unconditional_features,
 )
-from uniportrait.models.attention import AttentionCall, RoutingRecorder, UniPortraitAttnProcessor
+from uniportrait.loaders import UniPortraitLoaderMixin
+from uniportrait.models.adapter import UniPortraitAdapter
+from uniportrait.models.attention import AttachedProcessor, AttentionCall, RoutingRecorder
+from uniportrait.models.face_backbone import IRBackbone
 from uniportrait.models.fusion import FusedLoRA, LoRAFusion, WeightsSignature
 from uniportrait.presets.registry import PresetDefaults
 from uniportrait.settings import (
@@ -74,7 +93,8 @@ class UniPortraitPipelineOutput:
     """Images, and (when asked) per-image routing maps (num_ids, H, W), float32 in [0, 1].
 
     ``nsfw_content_detected``: per image, whether the safety checker flagged (and blacked out)
-    it; None when the pipeline has no safety checker.
+    it; None when the pipeline has no safety checker. With ``return_dict=False`` the pipeline
+    returns ``(images, nsfw_content_detected)``, diffusers' convention.
     """
 
     images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
@@ -82,7 +102,35 @@ class UniPortraitPipelineOutput:
     nsfw_content_detected: list[bool] | None = None
 
 
-class UniPortraitPipeline(DiffusionPipeline):
+#: The module :meth:`UniPortraitPipeline.save_pretrained` writes beside ``model_index.json``.
+PIPELINE_MODULE = "uniportrait_pipeline"
+PIPELINE_MODULE_SOURCE = "from uniportrait.pipeline import UniPortraitPipeline  # noqa: F401\n"
+
+
+def is_saved_pipeline(folder: Path) -> bool:
+    """A folder written by :meth:`UniPortraitPipeline.save_pretrained`.
+
+    Raises:
+        UniPortraitError: the folder names our pipeline but its module is not the one we write
+            (it would run arbitrary code).
+    """
+    module = folder / f"{PIPELINE_MODULE}.py"
+    if not (folder / "model_index.json").is_file() or not module.is_file():
+        return False
+    if module.read_text() != PIPELINE_MODULE_SOURCE:
+        raise UniPortraitError(
+            f"{module} is not the module UniPortraitPipeline.save_pretrained writes; refusing to run it"
+        )
+    return True
+
+
+class ProcessorsReplacedError(UniPortraitError):
+    """The UNet's attention processors are not UniPortrait's (identities cannot be applied)."""
+
+
+class UniPortraitPipeline(
+    DiffusionPipeline, StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin, UniPortraitLoaderMixin
+):
     """Stable Diffusion with UniPortrait identity conditioning.
 
     Components: the usual SD ones (``vae``, ``text_encoder``, ``tokenizer``, ``unet``,
@@ -93,31 +141,41 @@ class UniPortraitPipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "text_encoder->image_encoder->face_backbone->unet->vae"
-    _optional_components = ["controlnet", "safety_checker", "feature_extractor"]
+    _optional_components = [
+        "controlnet", "safety_checker", "feature_extractor", "adapter", "face_backbone", "image_encoder",
+    ]  # fmt: skip
+    # The adapter's processors run inside the UNet's layers and read their weights directly:
+    # offloading keeps the adapter on the execution device (it is small next to the UNet).
+    _exclude_from_cpu_offload = ["adapter"]
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+
+    get_guidance_scale_embedding = StableDiffusionPipeline.get_guidance_scale_embedding
 
     def __init__(
         self,
-        vae,
-        text_encoder,
-        tokenizer,
-        unet,
-        scheduler,
-        image_encoder,
-        face_backbone,
-        adapter,
-        controlnet=None,
-        safety_checker=None,
-        feature_extractor=None,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        scheduler: KarrasDiffusionSchedulers,
+        image_encoder: CLIPVisionModelWithProjection | None = None,
+        face_backbone: IRBackbone | None = None,
+        adapter: UniPortraitAdapter | None = None,
+        controlnet: ControlNetModel | MultiControlNetModel | None = None,
+        safety_checker: StableDiffusionSafetyChecker | None = None,
+        feature_extractor: CLIPImageProcessor | None = None,
         encoder_id: str | None = None,
     ) -> None:
         super().__init__()
         if safety_checker is not None and feature_extractor is None:
-            from transformers import CLIPImageProcessor
-
             feature_extractor = CLIPImageProcessor()  # SD's: 224 px, CLIP normalisation
-        adapter.attach(unet)
-        if controlnet is not None:
-            controlnet.set_attn_processor(UniPortraitAttnProcessor.text_only())
+        if adapter is not None:
+            adapter.attach(unet)
+        if isinstance(controlnet, (list, tuple)):
+            controlnet = MultiControlNetModel(list(controlnet))
+        for net in _controlnets(controlnet):
+            if any(isinstance(p, AttachedProcessor) for p in net.attn_processors.values()):
+                net.set_default_attn_processor()  # the ControlNet sees the text only
         self.register_modules(
             vae=vae,
             text_encoder=text_encoder,
@@ -137,7 +195,10 @@ class UniPortraitPipeline(DiffusionPipeline):
             vae_scale_factor=self.vae_scale_factor, do_convert_rgb=True, do_normalize=False
         )
         # Identities remember which encoder made them; computed while weights are float32.
-        self.encoder_id = encoder_id or encoder_fingerprint(face_backbone, image_encoder)
+        if encoder_id is None and face_backbone is not None and image_encoder is not None:
+            encoder_id = encoder_fingerprint(face_backbone, image_encoder)
+        self.encoder_id = encoder_id
+        self.register_to_config(encoder_id=self.encoder_id)  # saved in model_index.json
         # Call defaults: the UNet's native size (as diffusers does); a preset sets its own.
         self.generation_defaults = PresetDefaults(
             side=int(unet.config.sample_size) * self.vae_scale_factor, steps=STEPS.default
@@ -155,54 +216,53 @@ class UniPortraitPipeline(DiffusionPipeline):
     def from_pretrained(
         cls, base_model, uniportrait=None, image_encoder=None, **kwargs
     ) -> UniPortraitPipeline:
-        """Load a pipeline; see :func:`uniportrait.loading.load_pipeline` for the arguments."""
+        """Load a pipeline.
+
+        A folder written by :meth:`save_pretrained` (``model_index.json``) loads through
+        diffusers' ``DiffusionPipeline.from_pretrained`` (``torch_dtype`` and its other options
+        apply). Otherwise see :func:`uniportrait.loading.load_pipeline` for the arguments.
+        """
+        folder = Path(base_model) if isinstance(base_model, (str, os.PathLike)) else None
+        if folder is not None and uniportrait is None and image_encoder is None and is_saved_pipeline(folder):
+            device = kwargs.pop("device", None)
+            # Only our own one-line module is trusted (see save_pretrained); anything else is refused.
+            pipe = super().from_pretrained(folder, trust_remote_code=True, **kwargs)
+            return pipe.to(device) if device is not None else pipe
         from uniportrait.loading import load_pipeline
 
         return load_pipeline(base_model, uniportrait=uniportrait, image_encoder=image_encoder, **kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
-        """Save the whole pipeline so that ``UniPortraitPipeline.from_pretrained(folder)`` reloads it.
+        """Save the whole pipeline in diffusers' layout, with ``model_index.json``.
 
-        The SD components and the image encoder (and ControlNet) go in diffusers' layout; the
-        adapter and face backbone in our format under ``uniportrait/``; the UNet is saved with
-        diffusers' own attention processors (its weights only). Written to a temporary folder and moved into place: a failure leaves nothing behind.
+        Every component goes in its folder through its own ``save_pretrained`` (the UNet with its
+        own weights only; the adapter and face backbone as diffusers models), plus
+        ``uniportrait_pipeline.py``, a one-line module naming our pipeline class, so that
+        ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` and
+        ``UniPortraitPipeline.from_pretrained(folder)`` both reload it. Written to a temporary
+        folder and moved into place: a failure leaves nothing behind.
         """
+        import json
         import shutil
         import tempfile
-
-        from uniportrait.loading import SAVED_ADAPTER
 
         target = Path(save_directory)
         if target.exists() and any(target.iterdir()):
             raise UniPortraitError(f"{target} exists and is not empty")
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        processors = self.unet.attn_processors
         try:
-            from diffusers.models.attention_processor import AttnProcessor2_0
-
-            self.unet.set_attn_processor(AttnProcessor2_0())
-            for name in (
-                "vae",
-                "text_encoder",
-                "tokenizer",
-                "unet",
-                "scheduler",
-                "image_encoder",
-                "controlnet",
-            ):
-                component = getattr(self, name, None)
-                if component is not None:
-                    component.save_pretrained(tmp / name, **kwargs)
-            self.adapter.save_pretrained(tmp / SAVED_ADAPTER, face_backbone=self.face_backbone)
+            super().save_pretrained(tmp, **kwargs)
+            (tmp / f"{PIPELINE_MODULE}.py").write_text(PIPELINE_MODULE_SOURCE)
+            index = json.loads((tmp / "model_index.json").read_text())
+            index["_class_name"] = [PIPELINE_MODULE, type(self).__name__]
+            (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
             if target.exists():
                 target.rmdir()
             os.replace(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        finally:
-            self.unet.set_attn_processor(processors)
 
     @classmethod
     def from_preset(cls, name: str = "tiny", **kwargs) -> UniPortraitPipeline:
@@ -228,6 +288,8 @@ class UniPortraitPipeline(DiffusionPipeline):
                 in [0, 1] summing to at most 1.
             name: optional label stored with the identity.
         """
+        if self.face_backbone is None or self.image_encoder is None:
+            raise UniPortraitError("no identity encoders: call pipe.load_uniportrait(...) first")
         intrinsic, structure = encode_face_features(
             self.face_backbone, self.image_encoder, faces_to_tensor(faces)
         )
@@ -310,21 +372,115 @@ class UniPortraitPipeline(DiffusionPipeline):
         with self._lora_fusion.use(self.unet, self.adapter, call.lora, call.lora_scale) as fused:
             yield fused
 
-    # -- text and images -----------------------------------------------------------------------
+    # -- text ------------------------------------------------------------------------------------
 
-    def encode_prompt(self, prompt: list[str], device: torch.device) -> torch.Tensor:
-        """(len(prompt), S, D) text-encoder hidden states, as diffusers' SD pipeline makes them."""
-        tokens = self.tokenizer(
+    def encode_prompt(
+        self,
+        prompt,
+        device,
+        num_images_per_prompt,
+        do_classifier_free_guidance,
+        negative_prompt=None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        lora_scale: float | None = None,
+        clip_skip: int | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """diffusers' ``StableDiffusionPipeline.encode_prompt``: same arguments, same result.
+
+        Returns ``(prompt_embeds, negative_prompt_embeds)``, each (B·num_images_per_prompt, S, D)
+        (the negative one None without classifier-free guidance). LoRA scaling of the text
+        encoder and textual inversion tokens are diffusers' own.
+        """
+        if clip_skip is not None and prompt_embeds is None and not hasattr(self.text_encoder, "text_model"):
+            # transformers >= 5 flattened CLIPTextModel; diffusers' clip_skip path expects
+            # `text_encoder.text_model`. Encode the prompt here, the rest stays diffusers'.
+            prompt_embeds = self._clip_skip_embeds(prompt, device, clip_skip)
+            clip_skip = None
+        return StableDiffusionPipeline.encode_prompt(
+            self,
+            prompt,
+            device,
+            num_images_per_prompt,
+            do_classifier_free_guidance,
+            negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            lora_scale=lora_scale,
+            clip_skip=clip_skip,
+        )
+
+    def _clip_skip_embeds(self, prompt, device, clip_skip: int) -> torch.Tensor:
+        """The text encoder's hidden states ``clip_skip`` layers before the last, final-normed: (B, S, D)."""
+        prompt = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompt = self.maybe_convert_prompt(prompt, self.tokenizer)  # textual inversion tokens
+        ids = self.tokenizer(
             prompt,
             padding="max_length",
             max_length=self.tokenizer.model_max_length,
             truncation=True,
             return_tensors="pt",
         )
-        use_mask = getattr(self.text_encoder.config, "use_attention_mask", False)
-        mask = tokens.attention_mask.to(device) if use_mask else None
-        embeds = self.text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
-        return embeds.to(dtype=self.text_encoder.dtype, device=device)
+        mask = (
+            ids.attention_mask.to(device)
+            if getattr(self.text_encoder.config, "use_attention_mask", False)
+            else None
+        )
+        hidden = self.text_encoder(ids.input_ids.to(device), attention_mask=mask, output_hidden_states=True)
+        return self.text_encoder.final_layer_norm(hidden.hidden_states[-(clip_skip + 1)])
+
+    # -- diffusers' memory features ------------------------------------------------------------
+
+    def set_attention_slice(self, slice_size: int | str | None) -> None:
+        """Attention slicing is refused: it would replace UniPortrait's attention processors.
+
+        Our processors already run on ``F.scaled_dot_product_attention`` (memory-efficient
+        kernels); ``enable_attention_slicing`` would silently drop identity conditioning, so it
+        raises instead. ``disable_attention_slicing`` is a no-op.
+        """
+        if slice_size is None:
+            return
+        raise ProcessorsReplacedError(
+            "attention slicing would replace UniPortrait's attention processors and drop identity "
+            "conditioning; they already use memory-efficient scaled_dot_product_attention. "
+            "For less memory use enable_vae_slicing(), enable_vae_tiling() or enable_model_cpu_offload()"
+        )
+
+    def set_use_memory_efficient_attention_xformers(self, valid: bool, attention_op=None) -> None:
+        """xFormers attention is refused (it would replace UniPortrait's processors); see
+        :meth:`set_attention_slice`."""
+        if valid:
+            raise ProcessorsReplacedError(
+                "xFormers attention would replace UniPortrait's attention processors and drop identity "
+                "conditioning; they already use PyTorch's memory-efficient scaled_dot_product_attention"
+            )
+
+    def enable_vae_slicing(self) -> None:
+        """Decode the batch one image at a time (less memory for large batches)."""
+        self.vae.enable_slicing()
+
+    def disable_vae_slicing(self) -> None:
+        self.vae.disable_slicing()
+
+    def enable_vae_tiling(self) -> None:
+        """Decode large images tile by tile (less memory, seams blended)."""
+        self.vae.enable_tiling()
+
+    def disable_vae_tiling(self) -> None:
+        self.vae.disable_tiling()
+
+    def check_processors(self) -> None:
+        """Raise :class:`ProcessorsReplacedError` unless the UNet runs the adapter's processors."""
+        if self.adapter is None:
+            raise UniPortraitError("no UniPortrait adapter: call pipe.load_uniportrait(...) first")
+        if not self.adapter.is_attached(self.unet):
+            raise ProcessorsReplacedError(
+                "the UNet's attention processors are no longer UniPortrait's (replaced by "
+                "set_attn_processor, fuse_qkv_projections, a LoRA loader or an attention backend?); "
+                "call pipe.adapter.attach(pipe.unet) to restore them"
+            )
+
+    # -- images --------------------------------------------------------------------------------
 
     @torch.no_grad()
     def encode_ip_image(self, image, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -357,23 +513,47 @@ class UniPortraitPipeline(DiffusionPipeline):
         num_images_per_prompt,
         latents,
         output_type,
+        prompt_embeds=None,
+        negative_prompt_embeds=None,
+        callback_on_step_end_tensor_inputs=None,
         **settings: Any,
     ) -> None:
         """Refuse anything outside the ranges of :mod:`uniportrait.settings`; ``settings``: the
         other scales by their argument names (``guidance_scale``, ``lora_scale``, ...)."""
+        if prompt is None and prompt_embeds is None:
+            raise SettingError("give prompt or prompt_embeds")
+        if prompt is not None and prompt_embeds is not None:
+            raise SettingError("give prompt or prompt_embeds, not both")
         # The ranges of uniportrait.settings (the CLI and the server use the same ones).
-        prompts = [prompt] if isinstance(prompt, str) else prompt
-        if not isinstance(prompts, list) or not prompts:
-            raise SettingError("prompt must be a non-empty string or list of strings")
         limits = self.generation_limits
-        for p in prompts:
-            check_prompt(p, "prompt", limits, required=False)
+        if prompt is not None:
+            prompts = [prompt] if isinstance(prompt, str) else prompt
+            if not isinstance(prompts, list) or not prompts:
+                raise SettingError("prompt must be a non-empty string or list of strings")
+            for p in prompts:
+                check_prompt(p, "prompt", limits, required=False)
+            n_prompts = len(prompts)
+        else:
+            if not isinstance(prompt_embeds, torch.Tensor) or prompt_embeds.ndim != 3:
+                raise SettingError("prompt_embeds must be a (batch, tokens, dim) tensor")
+            n_prompts = prompt_embeds.shape[0]
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise SettingError("give negative_prompt or negative_prompt_embeds, not both")
+        if negative_prompt_embeds is not None and (
+            prompt_embeds is None or negative_prompt_embeds.shape != prompt_embeds.shape
+        ):
+            raise SettingError("negative_prompt_embeds needs prompt_embeds of the same shape")
         if negative_prompt is not None:
             negs = [negative_prompt] if isinstance(negative_prompt, str) else negative_prompt
-            if not isinstance(negs, list) or len(negs) != len(prompts):
+            if not isinstance(negs, list) or len(negs) != n_prompts:
                 raise SettingError("negative_prompt must be a string or a list as long as prompt")
             for p in negs:
                 check_prompt(p, "negative_prompt", limits, required=False)
+        control_scale = settings.get("controlnet_conditioning_scale")
+        if isinstance(control_scale, (list, tuple)):  # one per net of a MultiControlNetModel
+            settings = {k: v for k, v in settings.items() if k != "controlnet_conditioning_scale"}
+            for value in control_scale:
+                CONTROLNET_SCALE.check(value, limits)
         check_settings(
             {
                 "num_inference_steps": num_inference_steps,
@@ -396,6 +576,8 @@ class UniPortraitPipeline(DiffusionPipeline):
                 f"num_inference_steps must be at most {train_steps} (the scheduler's training steps), "
                 f"got {num_inference_steps}"
             )
+        if (identities or ip_image is not None) and self.adapter is None:
+            raise UniPortraitError("no UniPortrait adapter: call pipe.load_uniportrait(...) first")
         for ident in identities:
             self.check_identity(ident)
         n_ids = len(identities)
@@ -411,46 +593,133 @@ class UniPortraitPipeline(DiffusionPipeline):
             raise UniPortraitError("an image prompt needs IP-Adapter weights (ip_adapter=...)")
         if control_image is not None and self.controlnet is None:
             raise UniPortraitError("control_image was given but the pipeline has no controlnet")
+        if isinstance(self.controlnet, MultiControlNetModel) and control_image is not None:
+            if not isinstance(control_image, (list, tuple)) or len(control_image) != len(
+                self.controlnet.nets
+            ):
+                raise UniPortraitError(
+                    f"with {len(self.controlnet.nets)} ControlNets, control_image must be a list of as many images"
+                )
         if latents is not None:
             expected = (4, height // self.vae_scale_factor, width // self.vae_scale_factor)
             if tuple(latents.shape[-3:]) != (self.unet.config.in_channels,) + expected[1:]:
                 raise UniPortraitError(f"latents must have shape (batch, C, {expected[1]}, {expected[2]})")
         if output_type not in ("pil", "np", "pt", "latent"):
             raise UniPortraitError('output_type must be "pil", "np", "pt" or "latent"')
+        unknown = [
+            k for k in callback_on_step_end_tensor_inputs or () if k not in self._callback_tensor_inputs
+        ]
+        if unknown:
+            raise UniPortraitError(
+                f"callback_on_step_end_tensor_inputs must be among {self._callback_tensor_inputs}, got {unknown}"
+            )
+
+    def check_schedule(self, timesteps, sigmas) -> None:
+        """Custom ``timesteps``/``sigmas``: one of them, and only for schedulers that take them."""
+        if timesteps is not None and sigmas is not None:
+            raise UniPortraitError("give timesteps or sigmas, not both")
+        accepted = inspect.signature(self.scheduler.set_timesteps).parameters
+        for name, value in (("timesteps", timesteps), ("sigmas", sigmas)):
+            if value is not None and name not in accepted:
+                raise UniPortraitError(
+                    f"{type(self.scheduler).__name__} does not take custom {name}; "
+                    "use a scheduler that does (e.g. EulerDiscreteScheduler)"
+                )
+
+    # -- diffusers' call-state properties (of the latest call) -----------------------------------
+
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def guidance_rescale(self) -> float:
+        return self._guidance_rescale
+
+    @property
+    def clip_skip(self) -> int | None:
+        return self._clip_skip
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self._guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None
+
+    @property
+    def cross_attention_kwargs(self) -> dict | None:
+        return self._cross_attention_kwargs
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        """Set ``pipe._interrupt = True`` (e.g. from ``callback_on_step_end``) to skip the
+        remaining steps, as in diffusers. Like the other properties here it belongs to the
+        pipeline object, so it also stops concurrent calls; a server stops one call by raising
+        from its callback instead."""
+        return getattr(self, "_interrupt", False)
 
     # -- generation ----------------------------------------------------------------------------
 
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str | list[str],
-        identities: Sequence[Identity] | None = None,
+        prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int | None = None,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        guidance_scale: float = GUIDANCE_SCALE.default,
         negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = NUM_IMAGES.default,
+        eta: float = ETA.default,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        guidance_rescale: float = 0.0,
+        clip_skip: int | None = None,
+        callback_on_step_end: Callable[[UniPortraitPipeline, int, torch.Tensor, dict], dict]
+        | PipelineCallback
+        | MultiPipelineCallbacks
+        | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+        *,
+        identities: Sequence[Identity] | None = None,
         faceid_scale: float = FACEID_SCALE.default,
         face_structure_scale: float | None = None,
         ip_image: PIL.Image.Image | None = None,
         ip_scale: float = IP_SCALE.default,
         faceid_masks: Any = None,
         control_image: Any = None,
-        controlnet_conditioning_scale: float = CONTROLNET_SCALE.default,
-        num_inference_steps: int | None = None,
-        guidance_scale: float = GUIDANCE_SCALE.default,
-        height: int | None = None,
-        width: int | None = None,
-        num_images_per_prompt: int = NUM_IMAGES.default,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: torch.Tensor | None = None,
-        eta: float = ETA.default,
-        output_type: str = "pil",
+        controlnet_conditioning_scale: float | list[float] = CONTROLNET_SCALE.default,
         return_routing_maps: bool = False,
         lora_scale: float = LORA_SCALE.default,
-        callback_on_step_end: Callable[[UniPortraitPipeline, int, torch.Tensor, dict], dict] | None = None,
-        return_dict: bool = True,
     ) -> UniPortraitPipelineOutput | tuple:
         """Generate images of the given identities.
 
+        The arguments up to ``callback_on_step_end_tensor_inputs`` are diffusers'
+        ``StableDiffusionPipeline`` ones, with the same names, order and meaning; UniPortrait's
+        own follow, keyword-only.
+
         Args:
-            prompt: text prompt(s); free-form, no special tokens.
+            prompt / prompt_embeds, negative_prompt / negative_prompt_embeds: the text, or
+                its encoder states (B, S, D) as :meth:`encode_prompt` returns them.
+            timesteps, sigmas: custom schedules (diffusers' ``retrieve_timesteps``).
+            cross_attention_kwargs: passed to the UNet's attention, merged with ours (e.g.
+                ``{"scale": 0.7}`` for a LoRA loaded with :meth:`load_lora_weights`).
+            guidance_rescale, clip_skip: as in diffusers.
+            callback_on_step_end: called as ``f(pipe, step, timestep, callback_kwargs)`` after
+                every step with the tensors named in ``callback_on_step_end_tensor_inputs``
+                (default ``["latents"]``); returned tensors replace them; an exception it raises
+                stops the generation (e.g. a server's time limit); ``pipe._interrupt = True``
+                skips the remaining steps.
+            return_dict: False → ``(images, nsfw_content_detected)``, as diffusers.
             identities: :class:`Identity` objects (from :meth:`encode_identity`); one uses the
                 single-ID LoRA, two or more the multi-ID LoRA and the router.
             faceid_scale: weight of identity attention (0 ignores the identities' tokens).
@@ -460,16 +729,16 @@ class UniPortraitPipeline(DiffusionPipeline):
                 (``pipe.generation_defaults``; the UNet's native size for other pipelines).
             ip_image, ip_scale: optional IP-Adapter image prompt (style/scene).
             faceid_masks: (N, H, W) masks that replace the router (soft, normalised per pixel).
-            control_image, controlnet_conditioning_scale: optional ControlNet input; the
-                ControlNet sees only the text.
+            control_image, controlnet_conditioning_scale: optional ControlNet input (a list,
+                one per net, with a ``MultiControlNetModel``); the ControlNets see only the text.
             return_routing_maps: also return each image's routing maps (N, H, W), averaged over
                 layers and steps.
-            callback_on_step_end: called as ``f(pipe, step, timestep, {"latents": latents})`` after
-                every step; a returned ``"latents"`` replaces them, and an exception it raises
-                stops the generation (e.g. a server's time limit).
-            Others: as in diffusers' StableDiffusionPipeline.
+            lora_scale: weight of UniPortrait's identity LoRA.
         """
         identities = list(identities or [])
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        tensor_inputs = list(callback_on_step_end_tensor_inputs or ["latents"])
         # 0. Default size and steps (the preset's)
         defaults = self.generation_defaults
         height = defaults.side if height is None else height
@@ -479,28 +748,47 @@ class UniPortraitPipeline(DiffusionPipeline):
         self.check_inputs(
             prompt, identities, negative_prompt, faceid_scale, face_structure_scale, ip_image, ip_scale,
             faceid_masks, control_image, num_inference_steps, height, width, num_images_per_prompt,
-            latents, output_type, guidance_scale=guidance_scale, lora_scale=lora_scale, eta=eta,
+            latents, output_type, prompt_embeds, negative_prompt_embeds, tensor_inputs,
+            guidance_scale=guidance_scale, lora_scale=lora_scale, eta=eta,
             controlnet_conditioning_scale=controlnet_conditioning_scale,
         )  # fmt: skip
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        self.check_schedule(timesteps, sigmas)
         n_ids = len(identities)
+        uses_adapter = (n_ids and faceid_scale != 0.0) or (ip_image is not None and ip_scale != 0.0)
+        if uses_adapter:
+            self.check_processors()
         if face_structure_scale is None:
             face_structure_scale = default_structure_scale(n_ids)
+        self._guidance_scale = guidance_scale
+        self._guidance_rescale = guidance_rescale
+        self._clip_skip = clip_skip
+        self._cross_attention_kwargs = cross_attention_kwargs
+        self._interrupt = False
 
         # 2. Define call parameters
+        n_prompts = (
+            (1 if isinstance(prompt, str) else len(prompt)) if prompt is not None else len(prompt_embeds)
+        )
         device = self._execution_device
-        batch = len(prompts) * num_images_per_prompt
-        do_cfg = guidance_scale > 1.0
+        batch = n_prompts * num_images_per_prompt
+        # Local, not the property: concurrent calls share the pipeline's attributes.
+        do_cfg = guidance_scale > 1.0 and self.unet.config.time_cond_proj_dim is None
 
-        # 3. Encode the prompt (diffusers order: each prompt repeated num_images_per_prompt times)
-        prompt_embeds = self.encode_prompt(prompts, device).repeat_interleave(num_images_per_prompt, dim=0)
-        if do_cfg:
-            negatives = [""] * len(prompts) if negative_prompt is None else negative_prompt
-            negatives = [negatives] if isinstance(negatives, str) else list(negatives)
-            negative_embeds = self.encode_prompt(negatives, device).repeat_interleave(
-                num_images_per_prompt, 0
-            )
-            prompt_embeds = torch.cat([negative_embeds, prompt_embeds])
+        # 3. Encode the prompt (diffusers' own: each prompt repeated num_images_per_prompt times)
+        text_lora_scale = (cross_attention_kwargs or {}).get("scale")
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt,
+            device,
+            num_images_per_prompt,
+            do_cfg,
+            negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            lora_scale=text_lora_scale,
+            clip_skip=clip_skip,
+        )
+        if do_cfg:  # one UNet batch: the negative half first
+            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
         dtype = prompt_embeds.dtype
 
         # 4. Identity tokens (B, N, T, D) and image-prompt tokens (B, 4, D)
@@ -524,7 +812,9 @@ class UniPortraitPipeline(DiffusionPipeline):
 
         # 5. Prepare timesteps (a private scheduler copy: calls may run concurrently)
         scheduler = self.scheduler.__class__.from_config(self.scheduler.config)
-        scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps, num_inference_steps = retrieve_timesteps(
+            scheduler, num_inference_steps, device, timesteps, sigmas
+        )
 
         # 6. Prepare latents
         latent_hw = (height // self.vae_scale_factor, width // self.vae_scale_factor)
@@ -534,17 +824,18 @@ class UniPortraitPipeline(DiffusionPipeline):
         else:
             latents = latents.to(device, dtype)
         latents = latents * scheduler.init_noise_sigma
+        control = self._prepare_control(control_image, height, width, batch, device, do_cfg)
+        control_scale = controlnet_conditioning_scale
+        if isinstance(self.controlnet, MultiControlNetModel) and not isinstance(control_scale, (list, tuple)):
+            control_scale = [control_scale] * len(self.controlnet.nets)
+        timestep_cond = None
+        if self.unet.config.time_cond_proj_dim is not None:  # guidance-distilled UNets (LCM)
+            guidance = torch.tensor(guidance_scale - 1).repeat(batch)
+            timestep_cond = self.get_guidance_scale_embedding(
+                guidance, embedding_dim=self.unet.config.time_cond_proj_dim
+            ).to(device=device, dtype=latents.dtype)
 
-        control = None
-        if control_image is not None:
-            control = self.control_image_processor.preprocess(control_image, height=height, width=width)
-            control = control.to(device, self.controlnet.dtype).repeat_interleave(
-                batch // control.shape[0] if batch % control.shape[0] == 0 else batch, dim=0
-            )
-            if do_cfg:
-                control = torch.cat([control] * 2)
-
-        # 7. The per-call attention settings
+        # 7. The per-call attention settings, merged with the caller's cross_attention_kwargs
         masks = None
         if faceid_masks is not None:
             masks = torch.as_tensor(np.asarray(faceid_masks), dtype=torch.float32)[None].to(device)
@@ -562,13 +853,19 @@ class UniPortraitPipeline(DiffusionPipeline):
             lora_scale=float(lora_scale),
             latent_hw=latent_hw,
             routing_recorder=recorder,
+            # The unconditional half of CFG gives every identity the same tokens.
+            shared_rows=batch if do_cfg else 0,
         )
+        attention_kwargs = {**(cross_attention_kwargs or {}), "uniportrait": call}
         extra_step_kwargs = self._extra_step_kwargs(scheduler, generator, eta)
+        self._num_timesteps = len(timesteps)
 
         # 8. Denoising loop, with the LoRA set fused into the projections (read-only, shared)
-        with self._fused_lora(call) as fused, self.progress_bar(total=len(scheduler.timesteps)) as progress:
+        with self._fused_lora(call) as fused, self.progress_bar(total=len(timesteps)) as progress:
             call.fused = fused
-            for step, t in enumerate(scheduler.timesteps):
+            for step, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
                 model_input = torch.cat([latents] * 2) if do_cfg else latents
                 model_input = scheduler.scale_model_input(model_input, t)
                 residuals = {}
@@ -578,7 +875,7 @@ class UniPortraitPipeline(DiffusionPipeline):
                         t,
                         encoder_hidden_states=prompt_embeds,
                         controlnet_cond=control,
-                        conditioning_scale=float(controlnet_conditioning_scale),
+                        conditioning_scale=control_scale,
                         return_dict=False,
                     )
                     residuals = {
@@ -589,17 +886,24 @@ class UniPortraitPipeline(DiffusionPipeline):
                     model_input,
                     t,
                     encoder_hidden_states=prompt_embeds,
-                    cross_attention_kwargs={"uniportrait": call},
+                    timestep_cond=timestep_cond,
+                    cross_attention_kwargs=attention_kwargs,
                     return_dict=False,
                     **residuals,
                 )[0]
                 if do_cfg:
                     noise_uncond, noise_text = noise_pred.chunk(2)
                     noise_pred = noise_uncond + guidance_scale * (noise_text - noise_uncond)
+                    if guidance_rescale > 0.0:
+                        noise_pred = rescale_noise_cfg(
+                            noise_pred, noise_text, guidance_rescale=guidance_rescale
+                        )
                 latents = scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
                 if callback_on_step_end is not None:
-                    outputs = callback_on_step_end(self, step, t, {"latents": latents}) or {}
-                    latents = outputs.get("latents", latents)
+                    prompt_embeds, negative_prompt_embeds, latents = self._step_callback(
+                        callback_on_step_end, tensor_inputs, step, t, do_cfg,
+                        prompt_embeds, negative_prompt_embeds, latents,
+                    )  # fmt: skip
                 progress.update()
 
         # 9. Decode (and the safety checker, when there is one)
@@ -615,12 +919,46 @@ class UniPortraitPipeline(DiffusionPipeline):
             images = self.image_processor.postprocess(decoded, output_type=output_type, do_denormalize=keep)
         self.maybe_free_model_hooks()
 
+        if not return_dict:
+            return images, flagged
         routing = None
         if return_routing_maps:
             routing = self._routing_maps(recorder, masks, batch, n_ids, (height, width), do_cfg)
-        if not return_dict:
-            return images, routing
         return UniPortraitPipelineOutput(images=images, routing_maps=routing, nsfw_content_detected=flagged)
+
+    def _step_callback(
+        self, callback, tensor_inputs, step, t, do_cfg, prompt_embeds, negative_prompt_embeds, latents
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """diffusers' ``callback_on_step_end`` contract. With CFG, ``prompt_embeds`` holds the
+        negative half first (as the UNet sees it); the callback gets the two halves by name."""
+        n = len(latents)
+        positive = prompt_embeds[n:] if do_cfg else prompt_embeds
+        negative = prompt_embeds[:n] if do_cfg else negative_prompt_embeds
+        available = {"latents": latents, "prompt_embeds": positive, "negative_prompt_embeds": negative}
+        outputs = callback(self, step, t, {k: available[k] for k in tensor_inputs}) or {}
+        latents = outputs.pop("latents", latents)
+        positive = outputs.pop("prompt_embeds", positive)
+        negative = outputs.pop("negative_prompt_embeds", negative)
+        if do_cfg:
+            prompt_embeds = torch.cat([negative, positive])
+        else:
+            prompt_embeds, negative_prompt_embeds = positive, negative
+        return prompt_embeds, negative_prompt_embeds, latents
+
+    def _prepare_control(self, control_image, height, width, batch, device, do_cfg):
+        """ControlNet condition(s) (B[×2], 3, H, W): one tensor, or a list for several nets."""
+        if control_image is None:
+            return None
+        nets = _controlnets(self.controlnet)
+        images = control_image if isinstance(self.controlnet, MultiControlNetModel) else [control_image]
+        prepared = []
+        for net, image in zip(nets, images):
+            cond = self.control_image_processor.preprocess(image, height=height, width=width)
+            cond = cond.to(device, net.dtype).repeat_interleave(
+                batch // cond.shape[0] if batch % cond.shape[0] == 0 else batch, dim=0
+            )
+            prepared.append(torch.cat([cond] * 2) if do_cfg else cond)
+        return prepared if isinstance(self.controlnet, MultiControlNetModel) else prepared[0]
 
     def run_safety_checker(self, image: torch.Tensor, device) -> tuple[torch.Tensor, list[bool] | None]:
         """diffusers' safety checker on decoded images (B, 3, H, W) in [-1, 1]; flagged ones become 0."""
@@ -659,3 +997,10 @@ class UniPortraitPipeline(DiffusionPipeline):
             maps = torch.full((batch, n_ids, 1, 1), 1.0 / n_ids)
         maps = torch.nn.functional.interpolate(maps.float().cpu(), size=size, mode="nearest")
         return list(maps)
+
+
+def _controlnets(controlnet) -> list:
+    """The ControlNets of ``controlnet`` (none, one, or a ``MultiControlNetModel``'s nets)."""
+    if controlnet is None:
+        return []
+    return list(controlnet.nets) if isinstance(controlnet, MultiControlNetModel) else [controlnet]

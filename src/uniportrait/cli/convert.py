@@ -34,7 +34,7 @@ def register(subparsers) -> None:
         help="convert the published UniPortrait .bin files to our format (or back, with --export)",
         description="Convert a folder holding the published files (uniportrait-faceid_sd15.bin, "
         "uniportrait-router_sd15.bin, glint360k_curricular_face_r101_backbone.bin) into our format "
-        "(config.json + adapter.safetensors + face_backbone.safetensors). With --export, convert our "
+        "(diffusers' config.json + diffusion_pytorch_model.safetensors + face_backbone/). With --export, convert our "
         "format back into the published .bin files.",
     )
     parser.add_argument("src", metavar="SRC", help="folder to read")

@@ -1,5 +1,7 @@
-"""Shared helpers for model configs and weights: strict state-dict loading, config dicts,
-and the ``config.json`` + ``model.safetensors`` directory format.
+"""Shared helpers for model configs and weights: strict state-dict loading and config dicts.
+
+The first round's single-model folder (``config.json`` with the dataclass's fields +
+``model.safetensors``) is read by :class:`~uniportrait.models._mixins.SizedModelMixin`.
 
 Nothing here loads silently: every mismatch between a checkpoint and a module is reported
 by name as a :class:`~uniportrait.errors.CheckpointError`.
@@ -8,17 +10,14 @@ by name as a :class:`~uniportrait.errors.CheckpointError`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from uniportrait.errors import CheckpointError, ConfigError, WeightsNotFoundError
+from uniportrait.errors import CheckpointError, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -110,57 +109,3 @@ def config_from_dict(cls: type[ConfigT], d: Mapping[str, Any]) -> ConfigT:
         raise
     except (TypeError, ValueError) as exc:  # a value of the wrong type or out of range
         raise ConfigError(f"{cls.__name__}: {exc}") from None
-
-
-def save_config_and_weights(module: nn.Module, config: Mapping[str, Any], directory: str | Path) -> Path:
-    """Write ``config.json`` and ``model.safetensors`` for ``module`` into ``directory``."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / CONFIG_NAME).write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
-    tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
-    logger.info("saved %s to %s", type(module).__name__, directory)
-    return directory
-
-
-def read_config_and_weights(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Read what :func:`save_config_and_weights` wrote: (config dict, CPU state dict).
-
-    Raises:
-        WeightsNotFoundError: the directory or one of its two files is missing.
-        CheckpointError: ``config.json`` is not a JSON object.
-    """
-    directory = Path(directory)
-    config_path, weights_path = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise WeightsNotFoundError(f"{path} not found (expected {CONFIG_NAME} and {WEIGHTS_NAME})")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{config_path} is not valid JSON: {exc}") from exc
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{config_path} must hold a JSON object")
-    return config, load_file(str(weights_path))
-
-
-class ConfigWeightsMixin:
-    """``save_pretrained``/``from_pretrained`` in the ``config.json`` + ``model.safetensors`` format.
-
-    For modules built as ``cls(config)`` from a config dataclass with ``to_dict``/``from_dict``;
-    subclasses name that dataclass in ``config_class``.
-    """
-
-    config_class: type
-
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``config.json`` + ``model.safetensors`` into ``directory``."""
-        return save_config_and_weights(self, self.config.to_dict(), directory)  # type: ignore[attr-defined]
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path):
-        """Load what :meth:`save_pretrained` wrote (strict keys and shapes)."""
-        config, state = read_config_and_weights(directory)
-        model = cls(cls.config_class.from_dict(config))  # type: ignore[call-arg]
-        load_state_dict_strict(model, state, what=str(directory))
-        return model

@@ -103,6 +103,9 @@ class AttentionCall:
         fused: the active LoRA set already fused into the projection weights
             (:class:`~uniportrait.models.fusion.FusedLoRA`, inference only); processors it
             covers use those weights instead of adding the LoRA, the others add it as usual.
+        shared_rows: how many leading rows of ``id_tokens`` give every identity the same tokens
+            (the unconditional half of CFG), when the caller knows it; None → found from the
+            tokens (a host sync per call). Such rows skip the router.
 
     Under ``torch.no_grad`` the call also keeps what every step would recompute identically
     (identity keys/values, resized masks); it belongs to one call, so do not change its
@@ -123,6 +126,7 @@ class AttentionCall:
     generator: torch.Generator | None = None
     router_logits: list | None = field(default=None, repr=False)
     fused: FusedLoRA | None = field(default=None, repr=False)
+    shared_rows: int | None = None
     _memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
@@ -422,11 +426,12 @@ class UniPortraitAttnProcessor(nn.Module):
         # call over all N·T tokens with a mask keeping, per position, its identity's block.
         # Rows whose identities all carry the same tokens (the unconditional half of CFG) get the
         # same output whatever the routing, so the router runs on the other rows only.
-        shared = (
-            0
-            if call.router_logits is not None
-            else call.memo("shared_rows", (tokens,), lambda: _shared_rows(tokens))
-        )
+        if call.router_logits is not None:
+            shared = 0
+        elif call.shared_rows is not None:
+            shared = call.shared_rows
+        else:
+            shared = call.memo("shared_rows", (tokens,), lambda: _shared_rows(tokens))
         index = torch.zeros(batch, num_q, dtype=torch.long, device=query.device)  # (B, L)
         if shared < batch:
             routed = call.memo(
@@ -510,6 +515,34 @@ class UniPortraitAttnProcessor(nn.Module):
         soft = torch.softmax((logits + gumbel) / call.gumbel_tau, dim=-1)
         hard = torch.zeros_like(soft).scatter_(-1, soft.argmax(dim=-1, keepdim=True), 1.0)
         return (hard - soft.detach() + soft).transpose(1, 2), logits  # straight-through
+
+
+class AttachedProcessor:
+    """What :meth:`UniPortraitAdapter.attach` installs on a UNet attention layer.
+
+    A plain callable holding a reference to the adapter's processor, so that the processor is
+    *not* registered as a submodule of the UNet: the UNet's ``state_dict`` stays exactly its own
+    (``ControlNetModel.from_unet``, ``save_pretrained`` and offloading see the base model), and
+    the adapter's weights live in the adapter only. The signature names ``uniportrait`` so
+    diffusers' ``Attention`` passes the per-call settings through ``cross_attention_kwargs``.
+    """
+
+    def __init__(self, processor: UniPortraitAttnProcessor) -> None:
+        self.processor = processor
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        uniportrait: AttentionCall | None = None,
+    ) -> torch.Tensor:
+        return self.processor(attn, hidden_states, encoder_hidden_states, attention_mask, temb, uniportrait)
+
+    def __repr__(self) -> str:
+        return f"AttachedProcessor({type(self.processor).__name__})"
 
 
 def _normalised(call: AttentionCall, hw: tuple[int, int], batch: int) -> torch.Tensor:

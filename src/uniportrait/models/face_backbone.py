@@ -19,15 +19,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from diffusers.configuration_utils import register_to_config
+
+# DiffusionPipeline.from_pretrained looks up the base class in the component's module by name.
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401, E402
 from torch import nn
 
 from uniportrait.errors import ConfigError
-from uniportrait.models._loading import (
-    ConfigWeightsMixin,
-    config_from_dict,
-    load_state_dict_strict,
-)
-from uniportrait.models._mixins import DeviceDtypeMixin
+from uniportrait.models._loading import config_from_dict, load_state_dict_strict
+from uniportrait.models._mixins import SizedModelMixin
 
 logger = logging.getLogger(__name__)
 
@@ -134,14 +134,25 @@ class BasicBlockIR(nn.Module):
         return self.res_layer(x) + self.shortcut_layer(x)
 
 
-class IRBackbone(ConfigWeightsMixin, DeviceDtypeMixin, nn.Module):
-    """IR face-recognition backbone (TFace ``Backbone`` layout)."""
+class IRBackbone(SizedModelMixin):
+    """IR face-recognition backbone (TFace ``Backbone`` layout); sizes: :class:`IRBackboneConfig`.
 
-    config_class = IRBackboneConfig
+    Build with ``IRBackbone(blocks=..., channels=...)`` or ``IRBackbone.from_sizes(config)``.
+    """
 
-    def __init__(self, config: IRBackboneConfig | None = None) -> None:
+    sizes_class = IRBackboneConfig
+
+    @register_to_config
+    def __init__(
+        self,
+        blocks: tuple[int, ...] = IRBackboneConfig.blocks,
+        channels: tuple[int, ...] = IRBackboneConfig.channels,
+        input_size: int = IRBackboneConfig.input_size,
+        embedding_dim: int = IRBackboneConfig.embedding_dim,
+    ) -> None:
         super().__init__()
-        self.config = config = config or IRBackboneConfig()
+        self._init_sizes()
+        config = self.sizes
         c0, c3 = config.channels[0], config.channels[-1]
         self.input_layer = nn.Sequential(
             nn.Conv2d(3, c0, 3, 1, 1, bias=False),
@@ -174,11 +185,11 @@ class IRBackbone(ConfigWeightsMixin, DeviceDtypeMixin, nn.Module):
         Returns:
             :class:`IRBackboneOutput` with the embedding (B, E) and the 4 stage maps.
         """
-        size = self.config.input_size
+        size = self.sizes.input_size
         if x.ndim != 4 or x.shape[1] != 3 or x.shape[2:] != (size, size):
             raise ValueError(f"expected faces of shape (B, 3, {size}, {size}), got {tuple(x.shape)}")
         x = self.input_layer(x.to(self.input_layer[0].weight.dtype))  # (B, c0, S, S)
-        ends = set(self.config.stage_ends)
+        ends = set(self.sizes.stage_ends)
         stages = []
         for i, unit in enumerate(self.body):
             x = unit(x)

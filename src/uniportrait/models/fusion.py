@@ -69,9 +69,9 @@ def fusable_layers(unet: nn.Module, adapter: nn.Module) -> list[tuple[UniPortrai
     if hasattr(unet, "_hf_hook"):
         return []
     layers = []
-    for spec, processor in zip(adapter.config.layers, adapter.processors):
+    for spec, processor in zip(adapter.layers, adapter.processors):
         attn = unet.get_submodule(spec.name.removesuffix(PROCESSOR_SUFFIX))
-        if getattr(attn, "processor", None) is not processor:
+        if getattr(getattr(attn, "processor", None), "processor", None) is not processor:
             continue
         linears = _linears(attn)
         if all(type(m) is nn.Linear and not hasattr(m, "_hf_hook") and not m.weight.is_meta for m in linears):

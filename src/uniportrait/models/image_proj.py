@@ -12,13 +12,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 from uniportrait.errors import ConfigError
-from uniportrait.models._loading import (
-    ConfigWeightsMixin,
-    config_from_dict,
-)
+from uniportrait.models._loading import config_from_dict
+from uniportrait.models._mixins import SizedModelMixin
 
 logger = logging.getLogger(__name__)
 
@@ -51,20 +50,27 @@ class ImageProjectionConfig:
         return config_from_dict(cls, d)
 
 
-class ImageProjection(ConfigWeightsMixin, nn.Module):
+class ImageProjection(SizedModelMixin):
     """Linear map of a CLIP image embedding to ``num_tokens`` tokens, then LayerNorm per token."""
 
-    config_class = ImageProjectionConfig
+    sizes_class = ImageProjectionConfig
 
-    def __init__(self, config: ImageProjectionConfig | None = None) -> None:
+    @register_to_config
+    def __init__(
+        self,
+        clip_embed_dim: int = ImageProjectionConfig.clip_embed_dim,
+        cross_attention_dim: int = ImageProjectionConfig.cross_attention_dim,
+        num_tokens: int = ImageProjectionConfig.num_tokens,
+    ) -> None:
         super().__init__()
-        self.config = config = config or ImageProjectionConfig()
+        self._init_sizes()
+        config = self.sizes
         self.proj = nn.Linear(config.clip_embed_dim, config.num_tokens * config.cross_attention_dim)
         self.norm = nn.LayerNorm(config.cross_attention_dim)
 
     def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
         """(B, clip_embed_dim) CLIP image embeddings → (B, num_tokens, cross_attention_dim) tokens."""
-        cfg = self.config
+        cfg = self.sizes
         if image_embeds.ndim != 2 or image_embeds.shape[-1] != cfg.clip_embed_dim:
             raise ConfigError(
                 f"image_embeds must be (B, {cfg.clip_embed_dim}), got {tuple(image_embeds.shape)}"

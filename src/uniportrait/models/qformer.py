@@ -20,13 +20,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 from uniportrait.errors import ConfigError
-from uniportrait.models._loading import (
-    ConfigWeightsMixin,
-    config_from_dict,
-)
+from uniportrait.models._loading import config_from_dict
+from uniportrait.models._mixins import SizedModelMixin
 
 logger = logging.getLogger(__name__)
 
@@ -190,7 +189,7 @@ def _mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
 
 
-class IDQFormer(ConfigWeightsMixin, nn.Module):
+class IDQFormer(SizedModelMixin):
     """ID embedding Q-Former: (intrinsic, structure) face features → ``num_queries`` tokens.
 
     Parameter names follow the published layout: ``latents``, ``proj_id.{0,2}``,
@@ -198,11 +197,26 @@ class IDQFormer(ConfigWeightsMixin, nn.Module):
     2: feed-forward}``, ``proj_out``, ``norm_out``.
     """
 
-    config_class = QFormerConfig
+    sizes_class = QFormerConfig
 
-    def __init__(self, config: QFormerConfig | None = None) -> None:
+    @register_to_config
+    def __init__(
+        self,
+        dim: int = QFormerConfig.dim,
+        id_dim: int = QFormerConfig.id_dim,
+        structure_dim: int = QFormerConfig.structure_dim,
+        num_queries: int = QFormerConfig.num_queries,
+        depth: int = QFormerConfig.depth,
+        heads: int = QFormerConfig.heads,
+        dim_head: int = QFormerConfig.dim_head,
+        ff_mult: int = QFormerConfig.ff_mult,
+        id_hidden_mult: int = QFormerConfig.id_hidden_mult,
+        structure_hidden_mult: int = QFormerConfig.structure_hidden_mult,
+        drop_path_rate: float = QFormerConfig.drop_path_rate,
+    ) -> None:
         super().__init__()
-        self.config = config = config or QFormerConfig()
+        self._init_sizes()  # self.sizes: the QFormerConfig (drop_path_rate may be changed for training)
+        config = self.sizes
         dim = config.dim
         self.latents = nn.Parameter(torch.randn(1, config.num_queries, dim) * dim**-0.5)  # (1, Q, dim)
         self.proj_id = _mlp(config.id_dim, config.id_hidden_mult * config.id_dim, dim)
@@ -242,7 +256,7 @@ class IDQFormer(ConfigWeightsMixin, nn.Module):
         Returns:
             (B, num_queries, dim) identity tokens.
         """
-        cfg = self.config
+        cfg = self.sizes
         if intrinsic.ndim != 3 or intrinsic.shape[-1] != cfg.id_dim:
             raise ValueError(f"intrinsic must be (B, T, {cfg.id_dim}), got {tuple(intrinsic.shape)}")
         if structure.ndim != 3 or structure.shape[-1] != cfg.structure_dim:

@@ -84,9 +84,9 @@ def build_tiny_pipeline(
     base = build_tiny_base(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
-        backbone = IRBackbone(tiny_backbone_config(sizes)).eval()
+        backbone = IRBackbone.from_sizes(tiny_backbone_config(sizes)).eval()
         _randomise_batchnorm(backbone)
-        adapter = UniPortraitAdapter(
+        adapter = UniPortraitAdapter.from_sizes(
             tiny_adapter_config(base["unet"], base["image_encoder"], sizes, ip_adapter)
         )
         for name, param in adapter.named_parameters():
@@ -158,10 +158,13 @@ def build_sd15_pipeline(
     from pathlib import Path
 
     from uniportrait.loading import load_pipeline
-    from uniportrait.models.adapter import BACKBONE_WEIGHTS, is_adapter_folder
+    from uniportrait.models.adapter import BACKBONE_FOLDER, BACKBONE_WEIGHTS, is_adapter_folder
 
     ours = Path(uniportrait).is_dir() and is_adapter_folder(Path(uniportrait))
-    if ours and face_backbone is None and not (Path(uniportrait) / BACKBONE_WEIGHTS).is_file():
+    has_backbone = ours and (
+        (Path(uniportrait) / BACKBONE_WEIGHTS).is_file() or (Path(uniportrait) / BACKBONE_FOLDER).is_dir()
+    )
+    if ours and face_backbone is None and not has_backbone:
         face_backbone = SD15_UNIPORTRAIT
     preflight_sd15(base_model, vae, uniportrait, image_encoder, ip_adapter, face_backbone, safety_checker)
     pipe = load_pipeline(
@@ -197,10 +200,10 @@ def preflight_sd15(
     ]
     from pathlib import Path
 
-    from uniportrait.models.adapter import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_adapter_folder
+    from uniportrait.models.adapter import ADAPTER_CONFIG, is_adapter_folder
 
-    if Path(uniportrait).is_dir() and is_adapter_folder(Path(uniportrait)):
-        wanted += [(uniportrait, ADAPTER_CONFIG), (uniportrait, ADAPTER_WEIGHTS)]
+    if Path(uniportrait).is_dir() and is_adapter_folder(Path(uniportrait)):  # its files are there
+        wanted += [(uniportrait, ADAPTER_CONFIG)]
     else:
         wanted += [(uniportrait, FACEID_FILE), (uniportrait, ROUTER_FILE), (uniportrait, BACKBONE_FILE)]
     if isinstance(face_backbone, str):

@@ -107,7 +107,7 @@ def load_components(cfg: TrainConfig) -> Components:
         adapter = new_adapter(cfg, unet, image_encoder, backbone)
     if backbone is None:
         raise ConfigError("no face backbone: set model.face_backbone (or use an init_adapter that has one)")
-    adapter.qformer.config.drop_path_rate = cfg.data.drop_path_rate
+    adapter.qformer.sizes.drop_path_rate = cfg.data.drop_path_rate
     if cfg.stage == 2:
         adapter = _with_multi_id(adapter)
         if m.init_multi_lora_from_single:
@@ -159,7 +159,7 @@ def new_adapter(cfg: TrainConfig, unet: nn.Module, image_encoder: nn.Module, bac
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
-        adapter = UniPortraitAdapter(config)
+        adapter = UniPortraitAdapter.from_sizes(config)
     if cfg.model.init_faceid_from_unet:
         with torch.no_grad():
             for layer, proc in zip(config.layers, adapter.processors):
@@ -179,8 +179,8 @@ def _with_multi_id(adapter: UniPortraitAdapter) -> UniPortraitAdapter:
     if adapter.config.multi_id:
         return adapter
     logger.info("adding the router and the multi-ID LoRA set to the stage-I adapter")
-    config = dataclasses.replace(adapter.config, multi_id=True)
-    new = UniPortraitAdapter(config)
+    config = dataclasses.replace(adapter.sizes, multi_id=True)
+    new = UniPortraitAdapter.from_sizes(config)
     named = new.named_state_dict()
     named.update(adapter.named_state_dict())
     new.load_named_state_dict(named, "stage-I adapter")
@@ -283,7 +283,7 @@ def _tiny_components(preset: str) -> tuple[dict[str, Any], IRBackbone]:
         parts.update(build_tiny_sdxl_parts(base["tokenizer"]))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(1)  # the tiny pipeline preset's backbone for seed 0
-        backbone = IRBackbone(tiny_backbone_config(TinyAdapterSizes())).eval()
+        backbone = IRBackbone.from_sizes(tiny_backbone_config(TinyAdapterSizes())).eval()
         _randomise_batchnorm(backbone)
     return parts, backbone
 

@@ -10,7 +10,7 @@ Layout of ``output_dir``::
     logs/                                tracker files (TensorBoard)
     validation/step-<step>/*.png         validation images (always written, also when logged)
     checkpoints/checkpoint-<step>/
-        adapter/                         config.json + adapter.safetensors (+ face_backbone.safetensors)
+        adapter/                         config.json + diffusion_pytorch_model.safetensors (+ face_backbone/)
         state/                           accelerate state: trained parameters, optimizer, LR
                                          schedule, RNG states, data position, EMA
         trainer_state.json               step, stage (written last: marks the checkpoint complete)
@@ -254,7 +254,7 @@ class Trainer:
                 # nn.Module.to: diffusers' ModelMixin.to warns on every dtype cast; these frozen
                 # copies are cast on purpose (none of their modules needs float32).
                 nn.Module.to(module, dtype=self.weight_dtype)
-        c.adapter.to(self.device, dtype=torch.float32)
+        nn.Module.to(c.adapter, self.device, dtype=torch.float32)  # ModelMixin.to warns on casts
         c.adapter.attach(c.unet)  # after the cast: the processors stay float32
         if cfg.train.gradient_checkpointing:
             c.unet.enable_gradient_checkpointing()
@@ -451,7 +451,7 @@ class Trainer:
                 yield
 
     def save_adapter(self, directory: Path) -> Path:
-        """Write the adapter (EMA weights if enabled) as ``config.json`` + ``adapter.safetensors``."""
+        """Write the adapter (EMA weights if enabled) as ``config.json`` + ``diffusion_pytorch_model.safetensors``."""
         c = self.components
         backbone = c.face_backbone if self.cfg.checkpoint.save_face_backbone else None
         with self.averaged_weights():

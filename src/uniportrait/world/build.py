@@ -6,7 +6,7 @@ from its last save. The final weights are exported in fp16 to the shipped folder
 
     base/            diffusers SD layout: unet/, vae/, text_encoder/, tokenizer/, scheduler/
     image_encoder/   CLIP vision tower (transformers CLIPVisionModelWithProjection)
-    face_backbone/   IR backbone, our format (config.json + model.safetensors)
+    face_backbone/   IR backbone, a diffusers model (config.json + diffusion_pytorch_model.safetensors)
     oracles/         detector/, face/, person/, scene/ (evaluation only; never used to generate)
 """
 

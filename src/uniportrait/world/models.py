@@ -114,7 +114,7 @@ def make_unet(sizes: WorldSizes = WorldSizes()):
 def make_backbone(sizes: WorldSizes = WorldSizes()):
     from uniportrait.models.face_backbone import IRBackbone, IRBackboneConfig
 
-    return IRBackbone(
+    return IRBackbone.from_sizes(
         IRBackboneConfig(
             blocks=sizes.backbone_blocks,
             channels=sizes.backbone_channels,
