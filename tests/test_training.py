@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from uniportrait.cli import main
 from uniportrait.training.config import TINY_BASE, ConfigError, load_config
-from uniportrait.training.data import BatchSchedule, PortraitDataset
+from uniportrait.training.data import BatchSchedule, PortraitDataset, collate
 from uniportrait.training.losses import routing_loss
 from uniportrait.training.prepare import PrepareOptions, prepare_dataset
 from uniportrait.training.samples import make_sample_source
@@ -41,10 +41,17 @@ def _metrics(out) -> list[dict]:
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("train_*.yaml")))
+@pytest.mark.parametrize(
+    "name",
+    sorted(
+        str(p.relative_to(CONFIGS)) for p in [*CONFIGS.glob("train_*.yaml"), *CONFIGS.glob("world/*.yaml")]
+    ),
+)
 def test_shipped_configs_are_valid(name):
     cfg = load_config(CONFIGS / name)
     assert cfg.stage == (2 if "stage2" in name else 1)
+    if name == "world/stage2.yaml":
+        assert cfg.data.size == (128, 64)  # group pictures keep their width
 
 
 def test_train_command_reports_config_errors(tmp_path, capsys):
@@ -118,6 +125,50 @@ def test_dataset_items(dataset):
     always = PortraitDataset(dataset, resolution=64, id_augment=1.0)
     swapped = always[(0, 1)]
     assert not torch.equal(swapped["id_crops"], swapped["crops"])  # another photo of that person
+
+
+def _two_faces_wide():
+    """A 128×64 picture with a face in each outer quarter (masks (2, 64, 128))."""
+    from PIL import Image
+
+    masks = np.zeros((2, 64, 128), bool)
+    masks[0, 16:48, 6:38], masks[1, 16:48, 90:122] = True, True
+    image = Image.fromarray(np.where(masks.any(0)[..., None], 200, 40).astype(np.uint8).repeat(3, -1))
+    crops = torch.zeros(2, 224, 224, 3, dtype=torch.uint8)
+    row = {"caption": "two people", "width": 128, "height": 64}
+    return image, masks, crops, row
+
+
+def test_crop_keeps_faces_whole_or_drops_them():
+    from uniportrait.training.data import make_item
+
+    image, masks, crops, row = _two_faces_wide()
+    # A centre square would cut both faces; the crop keeps one whole and marks the other cut.
+    item = make_item(image, masks, crops, crops, row, 64, 0)
+    assert item["pixels"].shape == (3, 64, 64)
+    assert item["faces_whole"].tolist() in ([True, False], [False, True])
+    kept = int(item["faces_whole"].int().argmax())
+    assert item["masks"][kept].sum() == masks[kept].sum()  # the whole face, unscaled
+    assert not item["masks"][1 - kept].any()  # the cut face's mask is cleared
+    # A wide training size holds both.
+    item = make_item(image, masks, crops, crops, row, (128, 64), 0)
+    assert item["pixels"].shape == (3, 64, 128) and item["faces_whole"].all()
+    assert torch.equal(item["masks"], torch.from_numpy(masks))
+
+
+def test_trainer_blanks_the_identity_of_a_cut_face(dataset, tmp_path):
+    cfg = _config(2, dataset, tmp_path, "data.id_drop=0", "data.structure_drop_all=0")
+    trainer = Trainer(cfg)
+    batch = collate([trainer.dataset[(0, 5)], trainer.dataset[(1, 6)]])
+    batch["faces_whole"][:] = True
+    full = trainer.prepare_inputs(batch, seed=3)
+    batch["faces_whole"][0, 1] = False
+    cut = trainer.prepare_inputs(batch, seed=3)
+    blank = trainer.uncond_intrinsic.to(cut["intrinsic"].dtype)
+    assert torch.equal(cut["intrinsic"][0, 1], blank.reshape(cut["intrinsic"][0, 1].shape))
+    assert not torch.equal(full["intrinsic"][0, 1], cut["intrinsic"][0, 1])
+    assert torch.equal(full["intrinsic"][0, 0], cut["intrinsic"][0, 0])  # the other faces keep theirs
+    assert torch.equal(full["intrinsic"][1], cut["intrinsic"][1])
 
 
 # -- the two stages ------------------------------------------------------------------------------

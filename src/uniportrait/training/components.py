@@ -397,13 +397,14 @@ class TextConditioner:
         pooled: torch.Tensor | None,
         original_sizes: list[tuple[int, int]],
         crops_top_left: list[tuple[int, int]],
-        resolution: int,
+        size: tuple[int, int],
     ) -> dict[str, torch.Tensor] | None:
-        """SDXL's ``added_cond_kwargs`` (``text_embeds``, ``time_ids`` (B, 6)), or None."""
+        """SDXL's ``added_cond_kwargs`` (``text_embeds``, ``time_ids`` (B, 6): original (h, w),
+        crop (top, left), target (h, w) = the training ``size`` (width, height)), or None."""
         if not self.text_time:
             return None
         time_ids = torch.tensor(
-            [[*o, *c, resolution, resolution] for o, c in zip(original_sizes, crops_top_left)],
+            [[*o, *c, size[1], size[0]] for o, c in zip(original_sizes, crops_top_left)],
             dtype=pooled.dtype,
             device=pooled.device,
         )

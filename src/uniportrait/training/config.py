@@ -68,7 +68,11 @@ class DataConfig:
 
     Attributes:
         path: the dataset folder (with ``index.jsonl``).
-        resolution: training images are resized (shorter side) and centre-cropped to this.
+        resolution: training image height, and width unless ``width`` is set; images are
+            resized to cover the size and cropped where the crop keeps the most faces whole
+            (see :func:`uniportrait.training.data.make_item`).
+        width: training image width (None: ``resolution``, square), e.g. 128 with resolution
+            64 for the identity world's group pictures.
         min_faces, max_faces: which images a stage uses, by number of faces; None → stage
             default (stage I: exactly 1; stage II: 2–4).
         num_workers: DataLoader worker processes.
@@ -85,6 +89,7 @@ class DataConfig:
 
     path: str | None = None
     resolution: int = 512
+    width: int | None = None
     min_faces: int | None = None
     max_faces: int | None = None
     num_workers: int = 2
@@ -95,6 +100,11 @@ class DataConfig:
     structure_drop_tokens: float = 0.33
     token_drop_ratio: float = 0.5
     drop_path_rate: float = 0.1
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) of training images."""
+        return (self.resolution if self.width is None else self.width), self.resolution
 
 
 @dataclass
@@ -261,8 +271,8 @@ class TrainConfig:
             raise ConfigError("train.gumbel_tau must be positive")
         if t.ema_decay is not None and not 0.0 < t.ema_decay < 1.0:
             raise ConfigError("train.ema_decay must be in (0, 1)")
-        if self.data.resolution % 8:
-            raise ConfigError("data.resolution must be a multiple of 8")
+        if self.data.resolution % 8 or (self.data.width or 8) % 8:
+            raise ConfigError("data.resolution and data.width must be multiples of 8")
         if self.checkpoint.every < 1:
             raise ConfigError("checkpoint.every must be at least 1")
         if self.checkpoint.keep_last is not None and self.checkpoint.keep_last < 1:

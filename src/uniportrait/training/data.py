@@ -47,8 +47,10 @@ class PortraitDataset(torch.utils.data.Dataset):
     """Samples of a prepared dataset with ``min_faces``–``max_faces`` faces.
 
     An item is a dict:
-        pixels: (3, R, R) float32 in [-1, 1] (shorter side resized to R, centre crop)
-        masks: (N, R, R) bool face masks after the same resize and crop
+        pixels: (3, H, W) float32 in [-1, 1], the training size (``resolution``: R → R×R, or
+            (W, H)); resized to cover it and cropped to keep faces whole (:func:`make_item`)
+        masks: (N, H, W) bool face masks after the same resize and crop (cleared for cut faces)
+        faces_whole: (N,) bool, False for a face the crop cuts (its tokens are dropped)
         crops: (N, 224, 224, 3) uint8 aligned faces (structure branch and, usually, intrinsic)
         id_crops: (N, 224, 224, 3) uint8 faces for the intrinsic branch (another photo of the
             same person with probability ``id_augment``)
@@ -61,7 +63,7 @@ class PortraitDataset(torch.utils.data.Dataset):
     def __init__(
         self,
         root: str | Path,
-        resolution: int,
+        resolution: int | tuple[int, int],
         min_faces: int = 1,
         max_faces: int = 1,
         id_augment: float = 0.0,
@@ -77,7 +79,7 @@ class PortraitDataset(torch.utils.data.Dataset):
             raise DatasetError(
                 f"{self.root} has no image with {min_faces}–{max_faces} faces ({len(rows)} images in total)"
             )
-        self.resolution = int(resolution)
+        self.resolution = training_size(resolution)
         self.id_augment = float(id_augment)
         # label -> [(row, face)] over the whole dataset, for the ID augmentation
         self.by_label: dict[str, list[tuple[int, int]]] = defaultdict(list)
@@ -132,30 +134,70 @@ class PortraitDataset(torch.utils.data.Dataset):
         ]
 
 
+def training_size(resolution: int | tuple[int, int]) -> tuple[int, int]:
+    """``(width, height)`` of training images from an int (square) or a (width, height) pair."""
+    if isinstance(resolution, int):
+        return resolution, resolution
+    width, height = resolution
+    return int(width), int(height)
+
+
+def _crop_offset(extents: list[tuple[float, float]], length: int, window: int) -> int:
+    """Where a ``window`` along an axis of ``length`` keeps the most faces (their ``(start, end)``
+    extents) whole; ties go to the offset nearest the centre."""
+    centre = (length - window) // 2
+    if length <= window or not extents:
+        return max(0, centre)
+    candidates = {centre}
+    for start, end in extents:
+        candidates.update((int(np.floor(start)), int(np.ceil(end)) - window))
+    candidates = {min(max(0, c), length - window) for c in candidates}
+
+    def score(offset: int) -> tuple[int, int]:
+        whole = sum(offset <= start and end <= offset + window for start, end in extents)
+        return whole, -abs(offset - centre)
+
+    return max(sorted(candidates), key=score)
+
+
 def make_item(
     image: Image.Image,
     masks: np.ndarray,
     crops: torch.Tensor,
     id_crops: torch.Tensor,
     row: dict[str, Any],
-    resolution: int,
+    resolution: int | tuple[int, int],
     index: int,
 ) -> dict[str, Any]:
     """A training item (see :class:`PortraitDataset`) from a stored image, its face masks
-    (N, H, W) bool and crops (N, 224, 224, 3) uint8: resize the shorter side to ``resolution``
-    and centre-crop, masks alike."""
-    r = resolution
-    scale = r / min(image.width, image.height)
-    size = (max(r, round(image.width * scale)), max(r, round(image.height * scale)))
-    left, top = (size[0] - r) // 2, (size[1] - r) // 2
-    image = image.resize(size, Image.Resampling.BICUBIC).crop((left, top, left + r, top + r))
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+    (N, H, W) bool and crops (N, 224, 224, 3) uint8.
+
+    The image is resized to cover the training size (``resolution``: an int, square, or
+    ``(width, height)``) and cropped where the crop keeps the most faces whole (the centre when
+    all fit). A face the crop still cuts is marked ``faces_whole[n] = False`` and its mask is
+    cleared, so the trainer drops its identity tokens: no tokens of a face the image lacks.
+    """
+    width, height = training_size(resolution)
+    scale = max(width / image.width, height / image.height)
+    size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
     mask = torch.from_numpy(masks).float()[:, None]  # (N, 1, H, W)
-    mask = torch.nn.functional.interpolate(mask, size=(size[1], size[0]), mode="nearest")
-    mask = mask[:, 0, top : top + r, left : left + r] > 0.5  # (N, R, R)
+    mask = torch.nn.functional.interpolate(mask, size=(size[1], size[0]), mode="nearest")[:, 0] > 0.5
+    spans = []  # per face: ((x0, x1), (y0, y1)) in resized pixels
+    for m in mask:
+        ys, xs = torch.nonzero(m, as_tuple=True)
+        if len(xs):
+            spans.append(((xs.min().item(), xs.max().item() + 1), (ys.min().item(), ys.max().item() + 1)))
+    left = _crop_offset([s[0] for s in spans], size[0], width)
+    top = _crop_offset([s[1] for s in spans], size[1], height)
+    image = image.resize(size, Image.Resampling.BICUBIC).crop((left, top, left + width, top + height))
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+    cropped = mask[:, top : top + height, left : left + width]  # (N, H', W')
+    whole = cropped.flatten(1).sum(1) == mask.flatten(1).sum(1)  # (N,)
+    cropped = cropped & whole[:, None, None]
     return {
         "pixels": pixels,
-        "masks": mask,
+        "masks": cropped,
+        "faces_whole": whole,
         "crops": crops,
         "id_crops": id_crops,
         "caption": row["caption"] or "",
@@ -334,7 +376,7 @@ class ShardedPortraitDataset(torch.utils.data.Dataset):
     def __init__(
         self,
         root: str | Path,
-        resolution: int,
+        resolution: int | tuple[int, int],
         min_faces: int = 1,
         max_faces: int = 1,
         id_augment: float = 0.0,
@@ -354,7 +396,7 @@ class ShardedPortraitDataset(torch.utils.data.Dataset):
             raise DatasetError(
                 f"{self.root} has no sample with {min_faces}–{max_faces} faces ({self.info['images']} in total)"
             )
-        self.resolution = int(resolution)
+        self.resolution = training_size(resolution)
         self.id_augment = float(id_augment)
 
     def __len__(self) -> int:
@@ -500,7 +542,11 @@ class ShardSchedule:
 
 
 def open_portrait_dataset(
-    root: str | Path, resolution: int, min_faces: int, max_faces: int, id_augment: float = 0.0
+    root: str | Path,
+    resolution: int | tuple[int, int],
+    min_faces: int,
+    max_faces: int,
+    id_augment: float = 0.0,
 ) -> PortraitDataset | ShardedPortraitDataset:
     """A dataset folder (``prepare-data``) or a WebDataset shard folder (``data pack``)."""
     from uniportrait.training.shards import is_webdataset

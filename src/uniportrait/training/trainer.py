@@ -269,7 +269,7 @@ class Trainer:
         lo, hi = cfg.face_range
         self.dataset = open_portrait_dataset(
             cfg.data.path,
-            cfg.data.resolution,
+            cfg.data.size,
             lo,
             hi,
             id_augment=cfg.data.id_augment if cfg.stage == 1 else 0.0,
@@ -525,9 +525,7 @@ class Trainer:
         # Text
         captions = ["" if drop else caption for caption, drop in zip(batch["caption"], text_drop.tolist())]
         text_states, pooled = self.text(captions, dev)
-        added = self.text.added_cond(
-            pooled, batch["original_size"], batch["crop_top_left"], cfg.data.resolution
-        )
+        added = self.text.added_cond(pooled, batch["original_size"], batch["crop_top_left"], cfg.data.size)
 
         # Identities: structure from the target face, intrinsic possibly from another photo
         def to01(x: torch.Tensor) -> torch.Tensor:  # (R, 224, 224, 3) uint8 → (R, 3, 224, 224)
@@ -541,9 +539,11 @@ class Trainer:
             intrinsic[other] = encode_face_features(c.face_backbone, c.image_encoder, to01(id_flat[other]))[0]
         intrinsic = intrinsic.to(dev).view(b, n, *intrinsic.shape[1:])
         structure = structure.to(dev).view(b, n, *structure.shape[1:])
+        # a sample's identities dropped (CFG), or a face the crop cut: the unconditional features
         dropped = id_drop.to(dev)
-        intrinsic[dropped] = self.uncond_intrinsic.to(intrinsic.dtype)
-        structure[dropped] = self.uncond_structure.to(structure.dtype)
+        blank = dropped[:, None] | ~batch["faces_whole"].to(dev)  # (B, N)
+        intrinsic[blank] = self.uncond_intrinsic.to(intrinsic.dtype)
+        structure[blank] = self.uncond_structure.to(structure.dtype)
         scale = (~drop_all).float().to(dev)  # (B, N)
         keep = None
         if drop_tokens.any():
@@ -735,8 +735,8 @@ class Trainer:
                         identities=identities,
                         num_inference_steps=v.num_inference_steps,
                         guidance_scale=v.guidance_scale,
-                        height=self.cfg.data.resolution,
-                        width=self.cfg.data.resolution,
+                        height=self.cfg.data.size[1],
+                        width=self.cfg.data.size[0],
                         generator=generator,
                         return_routing_maps=len(identities) >= 2,
                     )
