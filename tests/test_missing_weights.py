@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import pytest
 
@@ -73,3 +74,75 @@ def test_cli_takes_local_paths_for_every_sd15_part(tmp_path, capsys, empty_cache
         == 2
     )
     assert "use them with --preset sd15" in capsys.readouterr().err
+
+
+def _fake_snapshot_download(calls):
+    """A stand-in for huggingface_hub.snapshot_download that writes into the Hub cache layout
+    (refs/main → snapshots/<rev>/...), so the loaders' own cache lookup then finds the files."""
+    import huggingface_hub.constants
+
+    def fetch(repo_id, allow_patterns=None, **kwargs):
+        calls.append((repo_id, allow_patterns))
+        root = Path(huggingface_hub.constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
+        rev = "0" * 40
+        (root / "refs").mkdir(parents=True, exist_ok=True)
+        (root / "refs" / "main").write_text(rev)
+        for pattern in allow_patterns or ["*"]:
+            folder = pattern.removesuffix("*").rstrip("/")
+            name = pattern if not pattern.endswith("*") else f"{folder}/config.json".lstrip("/")
+            for file in {name, name.replace("config.json", "vocab.json")}:
+                (root / "snapshots" / rev / file).parent.mkdir(parents=True, exist_ok=True)
+                (root / "snapshots" / rev / file).write_text("{}")
+        return str(root / "snapshots" / rev)
+
+    return fetch
+
+
+def test_download_fetches_exactly_what_is_missing_then_nothing(empty_cache, monkeypatch, capsys, tmp_path):
+    import huggingface_hub
+
+    from uniportrait.cli import main
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", _fake_snapshot_download(calls))
+    local_vae = tmp_path / "my-vae"
+    local_vae.mkdir()
+    (local_vae / "config.json").write_text("{}")
+    assert main(["download", "--dry-run", "--vae", str(local_vae)]) == 0
+    dry = capsys.readouterr().out
+    assert "hf download Junjie96/UniPortrait" in dry and "sd-vae-ft-mse" not in dry and calls == []
+
+    assert main(["download", "--vae", str(local_vae)]) == 0
+    assert "downloaded" in capsys.readouterr().out
+    fetched = dict(calls)
+    assert set(fetched) == {"SG161222/Realistic_Vision_V5.1_noVAE", "h94/IP-Adapter", "Junjie96/UniPortrait"}
+    assert fetched["SG161222/Realistic_Vision_V5.1_noVAE"] == ["text_encoder/*", "tokenizer/*", "unet/*"]
+    assert sorted(fetched["Junjie96/UniPortrait"]) == [
+        "glint360k_curricular_face_r101_backbone.bin",
+        "uniportrait-faceid_sd15.bin",
+        "uniportrait-router_sd15.bin",
+    ]
+    calls.clear()
+    assert main(["download", "--vae", str(local_vae)]) == 0  # all cached now: nothing fetched
+    assert "nothing to download" in capsys.readouterr().out and calls == []
+
+
+def test_download_offline_or_failing_is_one_clear_error(empty_cache, monkeypatch, capsys):
+    import huggingface_hub
+
+    from uniportrait.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["download"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "HF_HUB_OFFLINE is set" in err and "hf download Junjie96/UniPortrait" in err and "\n" not in err
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+
+    def refuse(repo_id, **kwargs):
+        raise OSError(f"401 Client Error for {repo_id}\nmore detail")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
+    assert main(["download"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "could not download" in err and "401 Client Error" in err and "\n" not in err

@@ -118,6 +118,44 @@ def _randomise_batchnorm(module: torch.nn.Module) -> None:
             m.running_var.uniform_(0.5, 1.5)
 
 
+# -- world: the identity world (docs/world.md) ---------------------------------------------------
+
+
+def build_world_pipeline(adapter=None, device=None, torch_dtype=None):
+    """The identity world's shipped models: its SD base, CLIP vision tower and face backbone
+    (``uniportrait/assets/world``), with ``adapter`` (a folder in our format, e.g. from
+    ``uniportrait train --config configs/world/stage1.yaml``) or the shipped world adapter.
+    Its photos are world pictures, read with the ``"world"`` face analyzer.
+
+    Raises:
+        WeightsNotFoundError: no adapter given and none shipped yet.
+    """
+    from pathlib import Path
+
+    from uniportrait.models.adapter import BACKBONE_FOLDER, BACKBONE_WEIGHTS
+    from uniportrait.pipeline import UniPortraitPipeline
+    from uniportrait.world.build import WORLD_ASSETS
+
+    shipped = WORLD_ASSETS / "adapter"
+    if adapter is None and not shipped.is_dir():
+        raise WeightsNotFoundError(
+            "the world preset has no trained adapter shipped yet: train one "
+            "(uniportrait train --config configs/world/stage1.yaml) and pass it with --adapter DIR"
+        )
+    folder = Path(adapter) if adapter is not None else shipped
+    own = (folder / BACKBONE_WEIGHTS).is_file() or (folder / BACKBONE_FOLDER).is_dir()
+    pipe = UniPortraitPipeline.from_pretrained(
+        WORLD_ASSETS / "base",
+        uniportrait=folder,
+        image_encoder=WORLD_ASSETS / "image_encoder",
+        face_backbone=None if own else WORLD_ASSETS / "face_backbone",
+        torch_dtype=torch_dtype or torch.float32,
+        device=device,
+    )
+    pipe.generation_defaults = get_preset("world").defaults
+    return pipe
+
+
 # -- sd15: the published setup -----------------------------------------------------------------
 
 SD15_BASE = "SG161222/Realistic_Vision_V5.1_noVAE"
@@ -184,12 +222,20 @@ def build_sd15_pipeline(
     return pipe
 
 
-def preflight_sd15(
-    base_model, vae, uniportrait, image_encoder, ip_adapter, face_backbone=None, safety_checker=None
-) -> None:
-    """Check that every file of the published setup is at hand; one error listing what is not."""
+def sd15_files(
+    base_model=SD15_BASE,
+    vae=SD15_VAE,
+    uniportrait=SD15_UNIPORTRAIT,
+    image_encoder=SD15_IMAGE_ENCODER,
+    ip_adapter=SD15_IP_ADAPTER,
+    face_backbone=None,
+    safety_checker=None,
+) -> list[tuple[str, str | None]]:
+    """``(spec, file)`` of every part the published setup reads (a folder by its config file)."""
+    from pathlib import Path
+
     from uniportrait.convert import BACKBONE_FILE, FACEID_FILE, ROUTER_FILE
-    from uniportrait.loading import resolve_file
+    from uniportrait.models.adapter import ADAPTER_CONFIG, is_adapter_folder
 
     wanted = [
         (base_model, "unet/config.json"),
@@ -198,10 +244,6 @@ def preflight_sd15(
         (vae, "config.json"),
         (image_encoder, "config.json"),
     ]
-    from pathlib import Path
-
-    from uniportrait.models.adapter import ADAPTER_CONFIG, is_adapter_folder
-
     if Path(uniportrait).is_dir() and is_adapter_folder(Path(uniportrait)):  # its files are there
         wanted += [(uniportrait, ADAPTER_CONFIG)]
     else:
@@ -212,12 +254,29 @@ def preflight_sd15(
         wanted.append((safety_checker, "config.json"))
     if ip_adapter:
         wanted.append((ip_adapter, None))
-    missing: list[tuple[str, str | None]] = []
+    return wanted
+
+
+def missing_files(wanted: list[tuple[str, str | None]]) -> list[tuple[str, str | None]]:
+    """The entries of ``wanted`` that are neither local files nor in the Hub cache (instant)."""
+    from uniportrait.loading import resolve_file
+
+    missing = []
     for spec, filename in wanted:
         try:
-            resolve_file(spec, filename, "sd15", download=False)  # disk and cache only: instant
+            resolve_file(spec, filename, "sd15", download=False)
         except WeightsNotFoundError:
             missing.append((spec, filename))
+    return missing
+
+
+def preflight_sd15(
+    base_model, vae, uniportrait, image_encoder, ip_adapter, face_backbone=None, safety_checker=None
+) -> None:
+    """Check that every file of the published setup is at hand; one error listing what is not."""
+    missing = missing_files(
+        sd15_files(base_model, vae, uniportrait, image_encoder, ip_adapter, face_backbone, safety_checker)
+    )
     if not missing:
         return
     from uniportrait.loading import _cache_dir, hub_offline, hub_reachable
@@ -228,44 +287,98 @@ def preflight_sd15(
     why = "HF_HUB_OFFLINE is set" if hub_offline() else "the Hub cannot be reached"
     raise WeightsNotFoundError(
         f"the sd15 preset needs the published weights; missing: {names}. {why}, so nothing was "
-        f"downloaded. Fetch them into the cache {_cache_dir()} on a connected machine with: "
+        f"downloaded. Fetch them into the cache {_cache_dir()} on a connected machine with "
+        "`uniportrait download`, or: "
         + "; ".join(download_commands(missing))
         + " — or pass local paths (Python: build_sd15_pipeline(base_model=..., vae=..., ...))."
     )
 
 
-def download_commands(missing: list[tuple[str, str | None]]) -> list[str]:
-    """``hf download`` commands (huggingface_hub's CLI) that fetch exactly what is missing."""
+def download_plan(missing: list[tuple[str, str | None]]) -> dict[str, list[str] | None]:
+    """Per Hub repository, the file patterns that fetch exactly ``missing`` (None: its top level).
+
+    A folder (named by its ``config.json`` / ``vocab.json``) is fetched whole; local paths are
+    skipped (nothing to download).
+    """
     from pathlib import Path
 
     from uniportrait.loading import split_hub_spec
 
-    by_repo: dict[str, list[str]] = {}
+    plan: dict[str, list[str] | None] = {}
     for spec, filename in missing:
         if Path(spec).exists() or spec.startswith(("/", ".")):
-            continue  # a local path: nothing to download
+            continue
         repo, sub = split_hub_spec(spec)
-        files = by_repo.setdefault(repo, [])
+        if filename is None and sub is None:
+            plan[repo] = None
+            continue
         if filename is None:
-            files.append(sub or "")
+            pattern = sub
         elif filename.endswith(("config.json", "vocab.json")):  # a diffusers/transformers folder
             folder = "/".join(p for p in (sub, filename.rpartition("/")[0]) if p)
-            files.append(f'--include "{folder}/*"' if folder else "")
+            pattern = f"{folder}/*" if folder else "*"
         else:
-            files.append("/".join(p for p in (sub, filename) if p))
+            pattern = "/".join(p for p in (sub, filename) if p)
+        if repo in plan and plan[repo] is None:
+            continue
+        plan.setdefault(repo, [])
+        if pattern not in plan[repo]:
+            plan[repo].append(pattern)
+    return {repo: None if pats is None or "*" in pats else sorted(pats) for repo, pats in plan.items()}
+
+
+def download_commands(missing: list[tuple[str, str | None]]) -> list[str]:
+    """``hf download`` commands (huggingface_hub's CLI) that fetch exactly what is missing."""
     commands = []
-    for repo, files in by_repo.items():
-        wanted = sorted(set(files))
-        if "" in wanted:  # the whole repository's top level
+    for repo, patterns in download_plan(missing).items():
+        if patterns is None:
             commands.append(f"hf download {repo}")
             continue
-        plain = [f for f in wanted if not f.startswith("--include")]
-        includes = [f.split('"')[1] for f in wanted if f.startswith("--include")]
+        plain = [p for p in patterns if not p.endswith("*")]
+        folders = [p for p in patterns if p.endswith("*")]
         if plain:
             commands.append(f"hf download {repo} {' '.join(plain)}")
-        if includes:
-            commands.append(f"hf download {repo} --include {' '.join(repr(i) for i in includes)}")
+        if folders:
+            commands.append(f"hf download {repo} --include {' '.join(repr(f) for f in folders)}")
     return commands
+
+
+def download_sd15(wanted: list[tuple[str, str | None]] | None = None) -> list[str]:
+    """Fetch what the published setup lacks into the Hub cache the loaders read.
+
+    huggingface_hub's ``snapshot_download`` does the work: progress bars, and an interrupted
+    download resumes. Returns the repositories fetched.
+
+    Raises:
+        WeightsNotFoundError: offline (``HF_HUB_OFFLINE``), a failed download, or files still
+            missing afterwards.
+    """
+    from uniportrait.loading import _cache_dir, hub_offline
+
+    wanted = sd15_files() if wanted is None else wanted
+    missing = missing_files(wanted)
+    plan = download_plan(missing)
+    if not plan:
+        return []
+    if hub_offline():
+        raise WeightsNotFoundError(
+            "HF_HUB_OFFLINE is set, so nothing can be downloaded; unset it, or on a connected "
+            f"machine run: {'; '.join(download_commands(missing))} (cache: {_cache_dir()})"
+        )
+    from huggingface_hub import snapshot_download
+
+    for repo, patterns in plan.items():
+        logger.info("downloading %s%s", repo, f" ({', '.join(patterns)})" if patterns else "")
+        try:
+            snapshot_download(repo, allow_patterns=patterns)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise WeightsNotFoundError(f"could not download {repo}: {first}") from None
+    still = missing_files(wanted)
+    if still:
+        names = ", ".join(f"{spec}{'/' + f if f else ''}" for spec, f in still)
+        raise WeightsNotFoundError(f"downloaded, but still missing: {names}")
+    return list(plan)
 
 
 def load_preset(name: str = "tiny", **kwargs):
