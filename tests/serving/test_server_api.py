@@ -41,7 +41,13 @@ def test_healthz_and_docs(client):
     assert health["status"] == "ok" and health["queue"]["capacity"] == 10
     spec = client.get("/openapi.json").json()
     assert {"/v1/generate", "/v1/identities", "/v1/identities/{name}", "/healthz"} <= set(spec["paths"])
-    assert client.get("/docs").status_code == 200
+    page = client.get("/docs")
+    assert page.status_code == 200
+    assert "/docs-assets/swagger-ui-bundle.js" in page.text and "cdn." not in page.text  # works offline
+    script = client.get("/docs-assets/swagger-ui-bundle.js")
+    assert script.status_code == 200 and len(script.content) > 100_000
+    assert client.get("/docs-assets/swagger-ui.css").status_code == 200
+    assert client.get("/redoc").status_code == 404  # no packaged assets: not served
 
 
 def test_generate_one_identity(client, photos):

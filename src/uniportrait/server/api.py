@@ -136,7 +136,11 @@ def create_app(pipe, config: ServerConfig | None = None, service: PortraitServic
     """The app around one shared ``pipe``. ``config.api_key`` (or ``$UNIPORTRAIT_API_KEY`` via the
     command line) protects ``/v1`` and the UI."""
     config = config or ServerConfig()
-    service = service or PortraitService(pipe, config.limits, IdentityBank(config.home))
+    if service is None:
+        from uniportrait.presets.registry import get_preset
+
+        analyzer = get_preset(config.preset).face_analyzer  # e.g. the world's detector for world photos
+        service = PortraitService(pipe, config.limits, IdentityBank(config.home), analyzer_name=analyzer)
     queue = WorkQueue(config.workers, config.queue_size)
     temp = TempFolder(config.temp_dir, config.temp_ttl_s) if config.ui else None  # the UI's files
 
@@ -157,7 +161,10 @@ def create_app(pipe, config: ServerConfig | None = None, service: PortraitServic
         version=__version__,
         description="Identity-preserving generation of one or several people. Web UI at [/ui](/ui).",
         lifespan=lifespan,
+        docs_url=None,  # served from local assets below (FastAPI's own page loads them from a CDN)
+        redoc_url=None,
     )
+    _add_docs(app)
     app.state.service, app.state.queue, app.state.config = service, queue, config
     app.state.key_guard = KeyGuard()
     if hasattr(pipe, "generation_limits"):  # the pipeline must accept what the server accepts
@@ -379,3 +386,29 @@ def mount_ui(
         max_file_size=config.limits.max_upload_bytes,
         show_error=True,
     )
+
+
+def _add_docs(app: FastAPI) -> None:
+    """``/docs`` (Swagger UI) with its JavaScript and CSS served by this server, from the
+    ``swagger-ui-bundle`` package (the ``serve`` extra), so the page works offline. Without the
+    package there is no ``/docs``; the schema is always at ``/openapi.json``. ReDoc has no
+    packaged assets, so ``/redoc`` is not served."""
+    try:
+        from swagger_ui_bundle import swagger_ui_path
+    except ImportError:
+        logger.info("swagger-ui-bundle is not installed: no /docs page (the schema is at /openapi.json)")
+        return
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.staticfiles import StaticFiles
+
+    app.mount("/docs-assets", StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def _docs():
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url,
+            title=f"{app.title} API",
+            swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs-assets/swagger-ui.css",
+            swagger_favicon_url="/docs-assets/favicon-32x32.png",
+        )
