@@ -166,12 +166,11 @@ def test_shipped_oracles_measure_renders():
     assert set(attrs) == set(PERSON_ATTRIBUTES)
 
 
-@shipped
-def test_shipped_base_model_generates_through_uniportrait_pipeline(tmp_path):
+def _random_world_adapter(folder):
+    """An untrained adapter for the shipped world base model (with the world's face backbone)."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPVisionModelWithProjection
 
-    from uniportrait import UniPortraitPipeline
     from uniportrait.models.adapter import AdapterConfig, UniPortraitAdapter
     from uniportrait.models.face_backbone import IRBackbone
     from uniportrait.models.qformer import QFormerConfig
@@ -191,9 +190,17 @@ def test_shipped_base_model_generates_through_uniportrait_pipeline(tmp_path):
     adapter = UniPortraitAdapter.from_sizes(
         AdapterConfig.from_unet(unet, qformer=qformer, lora_rank=4, multi_id=True)
     )
-    adapter.save_pretrained(tmp_path / "adapter", face_backbone=backbone)
+    adapter.save_pretrained(folder, face_backbone=backbone)
+    return folder
+
+
+@shipped
+def test_shipped_base_model_generates_through_uniportrait_pipeline(tmp_path):
+    from uniportrait import UniPortraitPipeline
+
+    adapter = _random_world_adapter(tmp_path / "adapter")
     pipe = UniPortraitPipeline.from_pretrained(
-        WORLD_ASSETS / "base", uniportrait=tmp_path / "adapter", image_encoder=WORLD_ASSETS / "image_encoder",
+        WORLD_ASSETS / "base", uniportrait=adapter, image_encoder=WORLD_ASSETS / "image_encoder",
         torch_dtype=torch.float32,
     )  # fmt: skip
     out = pipe(
@@ -206,6 +213,17 @@ def test_shipped_base_model_generates_through_uniportrait_pipeline(tmp_path):
     )
     image = np.asarray(out.images[0])
     assert image.shape == (64, 64, 3) and np.isfinite(image).all()
+
+
+@shipped
+def test_world_preset_needs_an_adapter_until_one_is_shipped(tmp_path, capsys):
+    if (WORLD_ASSETS / "adapter").is_dir():
+        pytest.skip("a world adapter is shipped")
+    from uniportrait.cli import main
+
+    assert main(["generate", "--preset", "world", "--prompt", "a person", "--out", str(tmp_path / "o")]) == 2
+    assert "no trained adapter" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # nothing left behind
 
 
 @shipped

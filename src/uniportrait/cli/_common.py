@@ -115,9 +115,13 @@ def load_pipeline_from_args(args: argparse.Namespace):
         )
     if given and adapter is not None and "--uniportrait" in given:
         raise UniPortraitError("give the UniPortrait weights once: --adapter or --uniportrait")
-    if getattr(args, "safety_checker", False) and args.preset == "tiny":
+    if getattr(args, "safety_checker", False) and args.preset != "sd15":
         raise UniPortraitError("--safety-checker needs real weights: use it with --preset sd15")
-    if args.preset == "tiny":
+    if args.preset == "world":
+        kwargs["adapter"] = adapter
+        kwargs["device"] = args.device
+        kwargs["torch_dtype"] = getattr(torch, args.dtype) if args.dtype else None
+    elif args.preset == "tiny":
         kwargs["seed"] = args.seed_model
         kwargs["adapter"] = adapter
         kwargs["device"] = args.device

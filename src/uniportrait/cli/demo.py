@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     from uniportrait.presets.registry import get_preset
 
     preset = get_preset(args.preset)
-    tiny = not preset.needs_weights
+    tiny = preset.name == "tiny"
     steps = preset.defaults.steps if args.steps is None else args.steps
     size = preset.defaults.side
     pipe = load_pipeline_from_args(args)

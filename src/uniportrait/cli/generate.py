@@ -121,6 +121,11 @@ class GenerationRequest:
     height: int = 512
     num_images: int = NUM_IMAGES.default
 
+    @property
+    def has_photos(self) -> bool:
+        """Whether any person or mix is given as photos (else only stored names)."""
+        return bool(self.mixes) or any(kind == "photos" for kind, _ in self.identity_specs)
+
     def validate(self, limits: GenerationLimits | None = None) -> None:
         """The ranges and limits of :mod:`uniportrait.settings`, named as command-line options."""
         limits = limits or GenerationLimits()
@@ -195,15 +200,17 @@ def read_faces(request: GenerationRequest, analyzer=None) -> dict[str, object]:
     return {p: aligned_face(p, analyzer) for p in dict.fromkeys(paths)}
 
 
-def build_identities(pipe, request: GenerationRequest, bank, faces: dict | None = None) -> list:
-    """Photos are encoded from their aligned faces (:func:`read_faces`, read now if not given);
-    stored names are read from the bank (no encoding)."""
+def build_identities(
+    pipe, request: GenerationRequest, bank, faces: dict | None = None, analyzer=None
+) -> list:
+    """Photos are encoded from their aligned faces (:func:`read_faces`, read now if not given,
+    with ``analyzer``: default MTCNN); stored names are read from the bank (no encoding)."""
     from uniportrait.faces import DEFAULT_ANALYZER, aligner_id
     from uniportrait.identity import check_mix_scales
     from uniportrait.photos import identity_from_crops
 
-    faces = read_faces(request) if faces is None else faces
-    aligner = aligner_id(DEFAULT_ANALYZER)  # read_faces' analyzer
+    faces = read_faces(request, analyzer) if faces is None else faces
+    aligner = aligner_id(analyzer or DEFAULT_ANALYZER)  # read_faces' analyzer
     identities = []
     for k, (kind, value) in enumerate(request.identity_specs, start=1):
         mixes = [
@@ -324,9 +331,10 @@ def run(args: argparse.Namespace) -> int:
     out = check_output_folder(args.out)
     run_folder = None
     try:
-        faces = read_faces(request)  # bad photos fail before the model loads
+        analyzer = preset_face_analyzer(args.preset) if request.has_photos else None
+        faces = read_faces(request, analyzer)  # bad photos fail before the model loads
         pipe = load_pipeline_from_args(args)
-        identities = build_identities(pipe, request, bank, faces)
+        identities = build_identities(pipe, request, bank, faces, analyzer)
         run_folder = new_run_folder(out)
         check = _generate(args, pipe, request, identities, bank, run_folder)
     except BaseException:
@@ -335,6 +343,14 @@ def run(args: argparse.Namespace) -> int:
     if check is not None and not check.passed:
         raise FaceCheckFailed(f"face check failed in every attempt; the best images are in {run_folder}")
     return 0
+
+
+def preset_face_analyzer(preset: str):
+    """The face analyzer a preset's photos are read with (``Preset.face_analyzer``)."""
+    from uniportrait.faces import get_face_analyzer
+    from uniportrait.presets.registry import get_preset
+
+    return get_face_analyzer(get_preset(preset).face_analyzer)
 
 
 class FaceCheckFailed(UniPortraitError):

@@ -6,6 +6,8 @@ import argparse
 
 
 def register(subparsers) -> None:
+    from uniportrait.world.build import STAGES  # standard library only
+
     parser = subparsers.add_parser(
         "world",
         help="the identity world: build its models, render datasets, measure",
@@ -22,7 +24,9 @@ def register(subparsers) -> None:
         "--out", default=None, help="where to export the weights (default: the shipped assets folder)"
     )
     build.add_argument(
-        "--stages", default=None, help="comma-separated subset: render,vae,clip,unet,crops,backbone,oracles"
+        "--stages",
+        default=None,
+        help=f"comma-separated subset of {','.join(STAGES)}",
     )
     build.add_argument(
         "--scale",
@@ -53,15 +57,23 @@ def register(subparsers) -> None:
         "--out", default="outputs/world-report", help="report folder (default outputs/world-report)"
     )
     report.add_argument("--quick", action="store_true", help="fewer pictures and one seed")
+    from uniportrait.settings import GUIDANCE_SCALE
+
+    report.add_argument(
+        GUIDANCE_SCALE.option,
+        type=float,
+        default=GUIDANCE_SCALE.default,
+        help=f"{GUIDANCE_SCALE.help} of the base-model measurements (default {GUIDANCE_SCALE.default})",
+    )
     report.set_defaults(func=_report)
 
 
 def _build(args: argparse.Namespace) -> int:
     from uniportrait.errors import UniPortraitError
-    from uniportrait.world.build import WORLD_ASSETS, BuildPlan, run_build
+    from uniportrait.world.build import STAGES, WORLD_ASSETS, BuildPlan, run_build
 
     stages = args.stages.split(",") if args.stages else None
-    known = {"render", "vae", "clip", "unet", "crops", "backbone", "oracles"}
+    known = set(STAGES)
     if stages and not set(stages) <= known:
         raise UniPortraitError(
             f"unknown stage(s) {', '.join(sorted(set(stages) - known))}; known: {', '.join(sorted(known))}"
@@ -129,7 +141,10 @@ def _report(args: argparse.Namespace) -> int:
         raise UniPortraitError(
             f"world report: {assets} holds no world weights (base/model_index.json is missing)"
         )
+    from uniportrait.settings import GUIDANCE_SCALE
+
+    guidance = GUIDANCE_SCALE.check(args.guidance_scale, style="cli")
     check_output_folder(args.out)
-    report = run_report(Path(args.work), assets, Path(args.out), quick=args.quick)
+    report = run_report(Path(args.work), assets, Path(args.out), quick=args.quick, guidance=guidance)
     print(json.dumps(report, indent=2))
     return 0

@@ -71,7 +71,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-ANALYZER_NAMES: tuple[str, ...] = ("mtcnn", "dlib", "dlib-cnn", "insightface")
+ANALYZER_NAMES: tuple[str, ...] = ("mtcnn", "dlib", "dlib-cnn", "insightface", "world")
 DEFAULT_ANALYZER = "mtcnn"
 ALIGNMENT = "norm_crop"  # align_face: insightface's norm_crop
 PAD_FRACTION = 0.25
@@ -92,7 +92,8 @@ SAMPLE_PHOTOS: tuple[str, ...] = (
 def get_face_analyzer(name: str = DEFAULT_ANALYZER, **kwargs: Any) -> FaceAnalyzer:
     """A face analyzer by name: ``"mtcnn"`` (the default: MTCNN with its real five points, weights
     shipped), ``"dlib"`` (HOG detector, derived mouth corners), ``"dlib-cnn"`` (dlib's CNN detector),
-    or ``"insightface"`` (optional extra; models never downloaded).
+    ``"insightface"`` (optional extra; models never downloaded), or ``"world"`` (the identity
+    world's face detector, for world pictures: ``docs/world.md``).
 
     Keyword arguments go to :class:`~uniportrait.faces.mtcnn.MTCNNFaceAnalyzer`,
     :class:`~uniportrait.faces.dlib_backend.DlibFaceAnalyzer` or
@@ -111,6 +112,10 @@ def get_face_analyzer(name: str = DEFAULT_ANALYZER, **kwargs: Any) -> FaceAnalyz
         from uniportrait.faces.insightface_backend import InsightFaceAnalyzer
 
         return InsightFaceAnalyzer(**kwargs)
+    if name == "world":
+        from uniportrait.world.faces import WorldFaceAnalyzer
+
+        return WorldFaceAnalyzer(**kwargs)
     raise UniPortraitError(f"unknown face analyzer {name!r}; choose one of {', '.join(ANALYZER_NAMES)}")
 
 

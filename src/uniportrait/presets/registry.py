@@ -36,7 +36,8 @@ class Preset:
     builder: str
     defaults: PresetDefaults
     summary: str
-    needs_weights: bool = True  # False: builds offline (random weights)
+    needs_weights: bool = True  # False: builds offline (random or shipped weights)
+    face_analyzer: str = "mtcnn"  # what finds and aligns faces in its photos (uniportrait.faces)
 
     def build_function(self) -> Callable:
         module, func = self.builder.split(":")
@@ -61,6 +62,14 @@ PRESETS: Mapping[str, Preset] = MappingProxyType(
                 "uniportrait.presets.pipelines:build_sd15_pipeline",
                 PresetDefaults(side=512, steps=STEPS.default),  # as published: 512 px, 25 DDIM steps
                 "the published weights (Realistic Vision 5.1 + UniPortrait)",
+            ),
+            Preset(
+                "world",
+                "uniportrait.presets.pipelines:build_world_pipeline",
+                PresetDefaults(side=64, steps=STEPS.default),  # 64 px portraits, 25 DDIM steps
+                "offline, the identity world's trained models (docs/world.md); pictures of world people",
+                needs_weights=False,
+                face_analyzer="world",
             ),
         )
     }

@@ -111,11 +111,19 @@ def invalid(message: str) -> ServiceError:
 class PortraitService:
     """The shared pipeline, face analyzer and identity bank, behind checks and limits."""
 
-    def __init__(self, pipe, limits: Limits | None = None, bank: IdentityBank | None = None, analyzer=None):
+    def __init__(
+        self,
+        pipe,
+        limits: Limits | None = None,
+        bank: IdentityBank | None = None,
+        analyzer=None,
+        analyzer_name: str = "mtcnn",
+    ):
         self.pipe = pipe
         self.limits = limits or Limits()
         self.bank = bank or IdentityBank()
         self._analyzer = analyzer
+        self._analyzer_name = analyzer_name  # used when no analyzer is given (the preset's)
         self._analyzer_lock = threading.Lock()
         self._bank_lock = threading.Lock()
 
@@ -125,7 +133,7 @@ class PortraitService:
             if self._analyzer is None:
                 from uniportrait.faces import get_face_analyzer
 
-                self._analyzer = get_face_analyzer()
+                self._analyzer = get_face_analyzer(self._analyzer_name)
             return self._analyzer
 
     # -- checks (cheap: run before a request is queued) ----------------------------------------

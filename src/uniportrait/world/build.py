@@ -8,6 +8,7 @@ from its last save. The final weights are exported in fp16 to the shipped folder
     image_encoder/   CLIP vision tower (transformers CLIPVisionModelWithProjection)
     face_backbone/   IR backbone, a diffusers model (config.json + diffusion_pytorch_model.safetensors)
     oracles/         detector/, face/, person/, scene/ (evaluation only; never used to generate)
+    face_detector/   the generator side's face detector (``get_face_analyzer("world")``)
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class BuildPlan:
     groups_val: int = 600
     val_identities: int = 200
     vae_steps: int = 1200
+    vae_decoder_steps: int = 2000
     clip_steps: int = 400
     unet_steps: int = 2000
     backbone_steps: int = 500
@@ -42,6 +44,7 @@ class BuildPlan:
     face_oracle_steps: int = 600
     person_oracle_steps: int = 500
     scene_oracle_steps: int = 300
+    face_detector_steps: int = 500
 
     def scaled(self, scale: float) -> BuildPlan:
         values = {k: max(2, int(v * scale)) for k, v in asdict(self).items()}
@@ -50,6 +53,7 @@ class BuildPlan:
         return BuildPlan(**values)
 
 
+STAGES = ("render", "vae", "vae_decoder", "clip", "unet", "crops", "backbone", "oracles", "face_detector")
 GROUP_COUNTS = (2, 3, 2, 3, 4)  # people per group picture, cycled
 
 
@@ -104,6 +108,12 @@ def _train_oracles(data: Path, folder: Path, plan: BuildPlan) -> None:
     train_all(data, folder, plan)
 
 
+def _train_face_detector(data: Path, folder: Path, plan: BuildPlan) -> None:
+    from uniportrait.world.train_oracles import train_face_detector
+
+    train_face_detector(data, folder, plan.face_detector_steps)
+
+
 def run_build(
     work: str | Path, out: str | Path = WORLD_ASSETS, plan: BuildPlan = BuildPlan(), stages=None
 ) -> Path:
@@ -119,6 +129,12 @@ def run_build(
         "vae": (
             lambda: train_base.train_vae(data, work / "vae", steps=plan.vae_steps, batch=16),
             work / "vae" / "vae",
+        ),
+        "vae_decoder": (
+            lambda: train_base.finetune_vae_decoder(
+                data, work / "vae", work / "vae_decoder", steps=plan.vae_decoder_steps
+            ),
+            work / "vae_decoder" / "vae",
         ),
         "clip": (
             lambda: train_base.train_clip(data, work / "clip", steps=plan.clip_steps, batch=96),
@@ -138,7 +154,12 @@ def run_build(
             work / "backbone" / "face_backbone",
         ),
         "oracles": (lambda: _train_oracles(data, work / "oracles", plan), work / "oracles" / "done"),
+        "face_detector": (
+            lambda: _train_face_detector(data, work / "face_detector", plan),
+            work / "face_detector" / "face_detector",
+        ),
     }
+    assert tuple(steps) == STAGES
     for name, (fn, done) in steps.items():
         if stages and name not in stages:
             continue
@@ -163,9 +184,11 @@ def export(work: Path, out: Path) -> None:
     from uniportrait.models.face_backbone import IRBackbone
     from uniportrait.presets.tiny import published_ddim_scheduler
 
+    vae = work / "vae_decoder" / "vae"  # the decoder fine-tuned on faces, when that stage ran
+    vae = vae if vae.exists() else work / "vae" / "vae"
     needed = [
         work / "unet" / "unet",
-        work / "vae" / "vae",
+        vae,
         work / "clip" / "text_encoder",
         work / "backbone" / "face_backbone",
     ]
@@ -177,7 +200,7 @@ def export(work: Path, out: Path) -> None:
     # a whole diffusers SD pipeline folder (model_index.json + parts), readable by
     # DiffusionPipeline.from_pretrained as well as by our loaders
     StableDiffusionPipeline(
-        vae=AutoencoderKL.from_pretrained(work / "vae" / "vae").to(torch.float16),
+        vae=AutoencoderKL.from_pretrained(vae).to(torch.float16),
         text_encoder=CLIPTextModel.from_pretrained(work / "clip" / "text_encoder").to(torch.float16),
         tokenizer=CLIPTokenizer.from_pretrained(work / "clip" / "tokenizer"),
         unet=UNet2DConditionModel.from_pretrained(work / "unet" / "unet").to(torch.float16),
@@ -194,6 +217,12 @@ def export(work: Path, out: Path) -> None:
     )
     if (work / "oracles" / "done").exists():
         shutil.copytree(work / "oracles" / "export", tmp / "oracles")
+    if (work / "face_detector" / "face_detector").exists():
+        from uniportrait.world.oracles import FaceDetector
+
+        FaceDetector.from_pretrained(work / "face_detector" / "face_detector").half().save_pretrained(
+            tmp / "face_detector"
+        )
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

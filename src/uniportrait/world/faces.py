@@ -75,3 +75,32 @@ def load_crops(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Crops and their identities as class indices 0..K-1."""
     with np.load(path) as f:
         return f["crops"], np.unique(f["labels"], return_inverse=True)[1].astype(np.int64)
+
+
+class WorldFaceAnalyzer:
+    """The face analyzer of world pictures (``get_face_analyzer("world")``): boxes and the five
+    landmarks from the world's own face detector (``assets/world/face_detector``), the part that
+    plays MTCNN for the world preset. It is trained like the detector oracle but separately (other
+    seed, shorter), so the oracle that measures generations is never part of making them."""
+
+    name = "world"
+    min_face_px = 8
+
+    def __init__(self, folder: str | Path | None = None, threshold: float = 0.35) -> None:
+        from uniportrait.errors import WeightsNotFoundError
+        from uniportrait.world.build import WORLD_ASSETS
+        from uniportrait.world.oracles import FaceDetector
+
+        folder = Path(folder or WORLD_ASSETS / "face_detector")
+        if not (folder / "config.json").is_file():
+            raise WeightsNotFoundError(
+                f"world face detector: {folder} holds no trained detector (run `uniportrait world build`)"
+            )
+        self.detector = FaceDetector.from_pretrained(folder).float().eval()
+        self.threshold = threshold
+
+    def detect(self, image) -> list:
+        """Faces of one picture (PIL image or (H, W, 3) uint8 array), largest first."""
+        from uniportrait.world.oracles import detect_faces
+
+        return detect_faces(self.detector, image, self.threshold)

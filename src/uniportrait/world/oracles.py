@@ -286,13 +286,7 @@ class WorldOracles:
     # face analyzer interface
     def detect(self, image) -> list:
         """Faces of one picture (PIL image or (H, W, 3) uint8 array), largest first."""
-        from uniportrait.faces.types import Face, sort_faces
-
-        array = np.asarray(image.convert("RGB")) if hasattr(image, "convert") else np.asarray(image)
-        array = _pad16(array)
-        boxes, points, scores = self.models["detector"].detect(array[None], self.threshold)[0]
-        faces = [Face(tuple(b), float(s), p) for b, p, s in zip(boxes, points, scores)]
-        return sort_faces(faces)
+        return detect_faces(self.models["detector"], image, self.threshold)
 
     def embed(self, image, face) -> np.ndarray:
         return self.describe(
@@ -333,6 +327,16 @@ class WorldOracles:
 
         out = self.models["scene"](to_pixels(images))
         return {name: logits.argmax(1).numpy() for name, logits in out.items()}
+
+
+def detect_faces(detector: FaceDetector, image, threshold: float) -> list:
+    """:class:`~uniportrait.faces.types.Face` objects of one picture (PIL or (H, W, 3) uint8),
+    largest first."""
+    from uniportrait.faces.types import Face, sort_faces
+
+    array = np.asarray(image.convert("RGB")) if hasattr(image, "convert") else np.asarray(image)
+    boxes, points, scores = detector.detect(_pad16(array)[None], threshold)[0]
+    return sort_faces([Face(tuple(b), float(s), p) for b, p, s in zip(boxes, points, scores)])
 
 
 def _pad16(array: np.ndarray) -> np.ndarray:

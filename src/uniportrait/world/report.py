@@ -346,8 +346,10 @@ def base_pipeline(base_dir: Path):
     return pipe
 
 
-def base_report(pipe, oracles, singles: int = 200, groups: int = 60, seeds=(0, 1, 2)) -> dict:
-    out: dict = {}
+def base_report(
+    pipe, oracles, singles: int = 200, groups: int = 60, seeds=(0, 1, 2), guidance: float = 7.5
+) -> dict:
+    out: dict = {"guidance": guidance}
     for n, count in ((1, singles), (2, groups)):
         specs, captions = held_out_specs(count, n, seed=5)
         refs = reference_embeddings(oracles, specs)
@@ -356,10 +358,25 @@ def base_report(pipe, oracles, singles: int = 200, groups: int = 60, seeds=(0, 1
         out[f"renders_{key}"] = measure_pictures(oracles, renders, specs, refs)
         runs = []
         for seed in seeds:
-            images = generate(pipe, captions, seed, size=(specs[0].width, specs[0].height))
+            images = generate(pipe, captions, seed, guidance=guidance, size=(specs[0].width, specs[0].height))
             runs.append(measure_pictures(oracles, images, specs, refs))
         out[f"base_{key}"] = summarise_runs(runs)
     return out
+
+
+GUIDANCE_SWEEP = (1.5, 2.0, 3.0, 4.5, 7.5)
+
+
+def guidance_sweep(pipe, oracles, scales=GUIDANCE_SWEEP, singles: int = 200, seed: int = 0) -> list[dict]:
+    """One-face rate and prompt following of portraits (held-out captions, one seed) per CFG scale."""
+    specs, captions = held_out_specs(singles, 1, seed=5)
+    refs = reference_embeddings(oracles, specs)
+    rows = []
+    for scale in scales:
+        m = measure_pictures(oracles, generate(pipe, captions, seed, guidance=scale), specs, refs)
+        rows.append({"guidance": scale, **{k: m[k] for k in ("exact_face_count_rate", "prompt_following")}})
+        logger.info("guidance %.1f: %s", scale, json.dumps(rows[-1]))
+    return rows
 
 
 def summarise_runs(runs: list[dict]) -> dict:
@@ -398,7 +415,7 @@ def contact_sheet(
     return path
 
 
-def run_report(work: Path, assets: Path, out: Path, quick: bool = False) -> dict:
+def run_report(work: Path, assets: Path, out: Path, quick: bool = False, guidance: float = 7.5) -> dict:
     """Measure everything; write ``out/report.json`` and the contact sheets."""
     from diffusers import AutoencoderKL
 
@@ -418,13 +435,18 @@ def run_report(work: Path, assets: Path, out: Path, quick: bool = False) -> dict
     )
     logger.info("vae: %s", json.dumps(report["vae"]))
     pipe = base_pipeline(assets / "base")
-    report["base_model"] = base_report(pipe, oracles, *((40, 12, (0,)) if quick else (200, 60, (0, 1, 2))))
+    sizes = (40, 12, (0,)) if quick else (200, 60, (0, 1, 2))
+    report["base_model"] = base_report(pipe, oracles, *sizes, guidance=guidance)
+    report["guidance_sweep"] = guidance_sweep(pipe, oracles, singles=sizes[0])
     specs, captions = held_out_specs(24, 1, seed=11)
-    images = generate(pipe, captions, seed=0)
+    images = generate(pipe, captions, seed=0, guidance=guidance)
     contact_sheet(images, captions, out / "base_singles.png")
     specs, captions = held_out_specs(12, 2, seed=12)
     contact_sheet(
-        generate(pipe, captions, seed=0, size=(128, 64)), captions, out / "base_groups.png", columns=4
+        generate(pipe, captions, seed=0, guidance=guidance, size=(128, 64)),
+        captions,
+        out / "base_groups.png",
+        columns=4,
     )
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report

@@ -70,6 +70,56 @@ def train_vae(data_dir: Path, out: Path, steps: int = 3000, batch: int = 32, lr:
     return vae
 
 
+def finetune_vae_decoder(
+    data_dir: Path,
+    vae_dir: Path,
+    out: Path,
+    steps: int = 2000,
+    batch: int = 16,
+    lr: float = 3e-4,
+    face_weight: float = 4.0,
+    seed: int = 0,
+):
+    """Fine-tune the VAE's decoder only, with the reconstruction loss weighted up on heads.
+
+    The encoder (and so the latent space, its scaling factor and every latent the UNet was
+    trained on) stays as it is: this is SD's "ft-MSE" decoder fine-tuning, aimed at identity
+    detail — pixels inside the ground-truth head masks count ``1 + face_weight`` times.
+    Portraits and whole group pictures alternate (the decoder is fully convolutional).
+    """
+    from diffusers import AutoencoderKL
+
+    s, g = load_set(data_dir / "singles_train.npz"), load_set(data_dir / "groups_train.npz")
+    sets = [(s["images"], s["masks"].any(1)), (g["images"], g["masks"].any(1))]
+    vae = AutoencoderKL.from_pretrained(vae_dir / "vae")
+    vae.requires_grad_(False)
+    decoder = [vae.decoder, vae.post_quant_conv]
+    for part in decoder:
+        part.requires_grad_(True)
+    params = [p for part in decoder for p in part.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(seed)
+
+    def step(i: int) -> dict[str, float]:
+        images, masks = sets[i % 2]
+        n = batch if i % 2 == 0 else batch // 2  # group pictures are twice as wide
+        idx = torch.randint(len(images), (n,), generator=gen).numpy()
+        x = to_pixels(images[idx])
+        weight = 1.0 + face_weight * torch.from_numpy(masks[idx]).float()[:, None]  # (n, 1, H, W)
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.sample(generator=gen)
+        rec = vae.decode(z).sample
+        err = rec - x
+        loss = ((err.abs() + err.pow(2)) * weight).mean() / weight.mean()
+        loss.backward()
+        mse = err.detach().pow(2).mean()
+        return {"loss": loss.item(), "psnr": (10 * torch.log10(4.0 / mse)).item()}
+
+    run_loop(out / "run", {"vae": vae}, opt, step, steps, lr, "VAE decoder", warmup=50)
+    vae.save_pretrained(out / "vae")
+    return vae
+
+
 # -- tokenizer + CLIP -----------------------------------------------------------------------------
 
 

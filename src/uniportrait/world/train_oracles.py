@@ -161,6 +161,16 @@ def train_scene_oracle(sets: list[dict], out: Path, steps: int, batch: int = 32,
     return model.eval()
 
 
+def train_face_detector(data_dir: Path, out: Path, steps: int) -> None:
+    """The generator side's face detector (the world's MTCNN, for ``WorldFaceAnalyzer``): the
+    detector recipe, another seed, written to ``out/face_detector``."""
+    singles, groups = load_set(data_dir / "singles_train.npz"), load_set(data_dir / "groups_train.npz")
+    for data in (singles, groups):
+        data.pop("masks")
+    model = train_detector([singles, groups], out, steps, seed=7)
+    model.save_pretrained(out / "face_detector")
+
+
 def train_all(data_dir: Path, folder: Path, plan) -> None:
     """Train the four oracles and write them to ``folder/export/`` (fp16), then ``folder/done``."""
     folder.mkdir(parents=True, exist_ok=True)
