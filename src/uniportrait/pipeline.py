@@ -56,7 +56,7 @@ from uniportrait.identity import (
 )
 from uniportrait.loaders import UniPortraitLoaderMixin
 from uniportrait.models.adapter import UniPortraitAdapter
-from uniportrait.models.attention import AttachedProcessor, AttentionCall, RoutingRecorder
+from uniportrait.models.attention import AttachedProcessor, AttentionCall, RoutingRecorder, StyleSharing
 from uniportrait.models.face_backbone import IRBackbone
 from uniportrait.models.fusion import FusedLoRA, LoRAFusion, WeightsSignature
 from uniportrait.presets.registry import PresetDefaults
@@ -71,6 +71,7 @@ from uniportrait.settings import (
     NUM_IMAGES,
     SINGLE_ID_STRUCTURE_SCALE,
     STEPS,
+    STYLE_SCALE,
     GenerationLimits,
     SettingError,
     check_prompt,
@@ -700,6 +701,9 @@ class UniPortraitPipeline(
         controlnet_conditioning_scale: float | list[float] = CONTROLNET_SCALE.default,
         return_routing_maps: bool = False,
         lora_scale: float = LORA_SCALE.default,
+        style_image: PIL.Image.Image | None = None,
+        style_prompt: str = "",
+        style_scale: float = STYLE_SCALE.default,
     ) -> UniPortraitPipelineOutput | tuple:
         """Generate images of the given identities.
 
@@ -734,6 +738,12 @@ class UniPortraitPipeline(
             return_routing_maps: also return each image's routing maps (N, H, W), averaged over
                 layers and steps.
             lora_scale: weight of UniPortrait's identity LoRA.
+            style_image, style_prompt, style_scale: StyleAligned — generate in the style of
+                ``style_image`` (described by ``style_prompt``): it is DDIM-inverted and denoised
+                alongside the images, which share its self-attention (AdaIN of queries and keys,
+                its keys weighted by ``style_scale``). DDIM-family schedulers; not with
+                ControlNet. A ``callback_on_step_end`` then also sees the reference's latents
+                (the last row).
         """
         identities = list(identities or [])
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
@@ -753,6 +763,8 @@ class UniPortraitPipeline(
             controlnet_conditioning_scale=controlnet_conditioning_scale,
         )  # fmt: skip
         self.check_schedule(timesteps, sigmas)
+        if style_image is not None:
+            self.check_style(style_image, style_prompt, style_scale, control_image)
         n_ids = len(identities)
         uses_adapter = (n_ids and faceid_scale != 0.0) or (ip_image is not None and ip_scale != 0.0)
         if uses_adapter:
@@ -787,6 +799,13 @@ class UniPortraitPipeline(
             lora_scale=text_lora_scale,
             clip_skip=clip_skip,
         )
+        rows = batch  # the UNet's rows per CFG half: the images, then the style reference
+        if style_image is not None:
+            style_embeds, style_negative = self.encode_prompt(style_prompt, device, 1, do_cfg, "")
+            prompt_embeds = torch.cat([prompt_embeds, style_embeds.to(prompt_embeds.dtype)])
+            if do_cfg:
+                negative_prompt_embeds = torch.cat([negative_prompt_embeds, style_negative])
+            rows = batch + 1
         if do_cfg:  # one UNet batch: the negative half first
             prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
         dtype = prompt_embeds.dtype
@@ -798,16 +817,20 @@ class UniPortraitPipeline(
                 [self.identity_tokens(i, face_structure_scale) for i in identities]
             )  # (N, T, D)
             id_tokens = cond[None].expand(batch, -1, -1, -1)
-            if do_cfg:
+            if do_cfg or rows > batch:
                 uncond = self.unconditional_identity_tokens(face_structure_scale)[None, None]
-                id_tokens = torch.cat([uncond.expand(batch, n_ids, -1, -1), id_tokens])
+                uncond = uncond.expand(-1, n_ids, -1, -1).to(id_tokens)
+            if rows > batch:  # the style reference carries no identity
+                id_tokens = torch.cat([id_tokens, uncond])
+            if do_cfg:
+                id_tokens = torch.cat([uncond.expand(rows, -1, -1, -1), id_tokens])
             id_tokens = id_tokens.to(device, dtype)
         ip_tokens = None
         if ip_image is not None and ip_scale != 0.0:
             ip_cond, ip_uncond = self.encode_ip_image(ip_image, device)
-            ip_tokens = ip_cond.expand(batch, -1, -1)
+            ip_tokens = ip_cond.expand(rows, -1, -1)
             if do_cfg:
-                ip_tokens = torch.cat([ip_uncond.expand(batch, -1, -1), ip_tokens])
+                ip_tokens = torch.cat([ip_uncond.expand(rows, -1, -1), ip_tokens])
             ip_tokens = ip_tokens.to(device, dtype)
 
         # 5. Prepare timesteps (a private scheduler copy: calls may run concurrently)
@@ -824,6 +847,12 @@ class UniPortraitPipeline(
         else:
             latents = latents.to(device, dtype)
         latents = latents * scheduler.init_noise_sigma
+        reference = None  # StyleAligned: the style image's latents at each timestep
+        if style_image is not None:
+            reference = self.invert_style_image(
+                style_image, style_embeds, scheduler, timesteps, (height, width), dtype
+            )
+            latents = torch.cat([latents, reference[0]])
         control = self._prepare_control(control_image, height, width, batch, device, do_cfg)
         control_scale = controlnet_conditioning_scale
         if isinstance(self.controlnet, MultiControlNetModel) and not isinstance(control_scale, (list, tuple)):
@@ -854,7 +883,8 @@ class UniPortraitPipeline(
             latent_hw=latent_hw,
             routing_recorder=recorder,
             # The unconditional half of CFG gives every identity the same tokens.
-            shared_rows=batch if do_cfg else 0,
+            shared_rows=rows if do_cfg else 0,
+            style=None if style_image is None else StyleSharing(2 if do_cfg else 1, float(style_scale)),
         )
         attention_kwargs = {**(cross_attention_kwargs or {}), "uniportrait": call}
         extra_step_kwargs = self._extra_step_kwargs(scheduler, generator, eta)
@@ -866,6 +896,8 @@ class UniPortraitPipeline(
             for step, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
+                if reference is not None:  # the reference follows its inverted trajectory
+                    latents = torch.cat([latents[:batch], reference[step]])
                 model_input = torch.cat([latents] * 2) if do_cfg else latents
                 model_input = scheduler.scale_model_input(model_input, t)
                 residuals = {}
@@ -907,6 +939,7 @@ class UniPortraitPipeline(
                 progress.update()
 
         # 9. Decode (and the safety checker, when there is one)
+        latents = latents[:batch]  # without the style reference
         flagged = None
         if output_type == "latent":
             images = latents
@@ -923,8 +956,49 @@ class UniPortraitPipeline(
             return images, flagged
         routing = None
         if return_routing_maps:
-            routing = self._routing_maps(recorder, masks, batch, n_ids, (height, width), do_cfg)
+            routing = self._routing_maps(recorder, masks, rows, n_ids, (height, width), do_cfg)[:batch]
         return UniPortraitPipelineOutput(images=images, routing_maps=routing, nsfw_content_detected=flagged)
+
+    def check_style(self, style_image, style_prompt, style_scale, control_image) -> None:
+        """StyleAligned's arguments (see :meth:`__call__`)."""
+        if not isinstance(style_image, PIL.Image.Image):
+            raise SettingError(f"style_image must be a PIL image, got {type(style_image).__name__}")
+        if not isinstance(style_prompt, str):
+            raise SettingError("style_prompt must be a string")
+        STYLE_SCALE.check(style_scale)
+        if control_image is not None:
+            raise SettingError("style_image and control_image cannot be combined")
+        if not hasattr(self.scheduler, "alphas_cumprod") or self.scheduler.init_noise_sigma != 1.0:
+            raise SettingError(
+                f"style_image needs a DDIM-family scheduler (DDIM, DDPM, PNDM); this pipeline has "
+                f"{type(self.scheduler).__name__}"
+            )
+
+    @torch.no_grad()
+    def invert_style_image(
+        self, image: PIL.Image.Image, prompt_embeds: torch.Tensor, scheduler, timesteps, size, dtype
+    ) -> list[torch.Tensor]:
+        """DDIM inversion of ``image`` (resized to ``size`` = (height, width)) under
+        ``prompt_embeds`` (1, S, D), no guidance and no identity: its latents (1, C, h, w) at
+        each of ``timesteps`` (the call's, in their order)."""
+        device = self._execution_device
+        h, w = size
+        pixels = self.image_processor.preprocess(image.convert("RGB"), height=h, width=w)
+        pixels = pixels.to(device, self.vae.dtype)
+        latent = self.vae.encode(pixels).latent_dist.mean * self.vae.config.scaling_factor
+        latent = latent.to(dtype)
+        alphas = scheduler.alphas_cumprod.to(device)
+        step = scheduler.config.num_train_timesteps // len(timesteps)
+        trajectory = []
+        for t in reversed(timesteps):  # clean → noisy
+            previous = int(t) - step
+            a_prev = alphas[previous] if previous >= 0 else alphas.new_tensor(1.0)
+            a_t = alphas[int(t)]
+            eps = self.unet(latent, t, encoder_hidden_states=prompt_embeds.to(dtype)).sample
+            clean = (latent - (1 - a_prev).sqrt() * eps) / a_prev.sqrt()
+            latent = (a_t.sqrt() * clean + (1 - a_t).sqrt() * eps).to(dtype)
+            trajectory.append(latent)
+        return trajectory[::-1]  # in the call's order: noisiest first
 
     def _step_callback(
         self, callback, tensor_inputs, step, t, do_cfg, prompt_embeds, negative_prompt_embeds, latents

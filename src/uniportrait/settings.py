@@ -191,6 +191,14 @@ NUM_IMAGES = Setting("num_images_per_prompt", "num_images", 1, None, 1, "images 
                      integer=True, limit="max_images")  # fmt: skip
 SEED = Setting("seed", "seed", 0, 2**63 - 1, None, "random seed", integer=True)
 MIX_SCALE = Setting("mix_scale", "mix_scale", 0.0, 1.0, 0.0, "weight of a face blended into an identity")
+STYLE_SCALE = Setting(
+    "style_scale",
+    "style_scale",
+    0.0,
+    2.0,
+    1.0,
+    "weight of the style image in shared attention (StyleAligned)",
+)
 
 #: Every setting, by its pipeline argument name.
 SETTINGS: Mapping[str, Setting] = MappingProxyType(
@@ -210,6 +218,7 @@ SETTINGS: Mapping[str, Setting] = MappingProxyType(
             NUM_IMAGES,
             SEED,
             MIX_SCALE,
+            STYLE_SCALE,
         )  # fmt: skip
     }
 )

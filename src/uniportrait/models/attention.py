@@ -80,6 +80,49 @@ class RoutingRecorder:
         return None if self.maps is None else self.maps / self.count
 
 
+@dataclass(frozen=True)
+class StyleSharing:
+    """StyleAligned's shared self-attention, for one call (Hertz et al., 2024).
+
+    The batch is ``groups`` equal blocks of consecutive rows (the halves of classifier-free
+    guidance); the last row of each block is the style reference. In every self-attention layer
+    each row's queries and keys are AdaIN-normalised to the reference's statistics (per head and
+    channel, over positions), and each row attends to its own positions and to the reference's;
+    ``scale`` weighs the reference's keys (``log scale`` added to their logits). The reference
+    row's own output is unchanged.
+    """
+
+    groups: int
+    scale: float = 1.0
+
+    def share(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(B, H, L, d) each → query, keys (B, H, 2L, d), values (B, H, 2L, d), logit bias or None."""
+        b, _, length, _ = key.shape
+        if b % self.groups:
+            raise ValueError(f"StyleSharing: batch {b} is not {self.groups} equal blocks")
+        block = b // self.groups
+        ref = (
+            torch.arange(self.groups, device=key.device).repeat_interleave(block) * block + block - 1
+        )  # (B,)
+        query = _adain(query, query[ref])
+        key = _adain(key, key[ref])
+        keys = torch.cat([key, key[ref]], dim=2)
+        values = torch.cat([value, value[ref]], dim=2)
+        bias = None
+        if self.scale != 1.0:
+            bias = torch.zeros(1, 1, 1, 2 * length, device=key.device, dtype=query.dtype)
+            bias[..., length:] = math.log(self.scale) if self.scale > 0 else float("-inf")
+        return query, keys, values, bias
+
+
+def _adain(x: torch.Tensor, ref: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """``x`` with the mean and standard deviation of ``ref`` over positions: (B, H, L, d)."""
+    mean, std = x.mean(2, keepdim=True), x.std(2, keepdim=True) + eps
+    return (x - mean) / std * (ref.std(2, keepdim=True) + eps) + ref.mean(2, keepdim=True)
+
+
 @dataclass
 class AttentionCall:
     """Per-call settings for every processor, passed through ``cross_attention_kwargs``.
@@ -106,6 +149,7 @@ class AttentionCall:
         shared_rows: how many leading rows of ``id_tokens`` give every identity the same tokens
             (the unconditional half of CFG), when the caller knows it; None → found from the
             tokens (a host sync per call). Such rows skip the router.
+        style: StyleAligned's shared self-attention (:class:`StyleSharing`), or None.
 
     Under ``torch.no_grad`` the call also keeps what every step would recompute identically
     (identity keys/values, resized masks); it belongs to one call, so do not change its
@@ -127,6 +171,7 @@ class AttentionCall:
     router_logits: list | None = field(default=None, repr=False)
     fused: FusedLoRA | None = field(default=None, repr=False)
     shared_rows: int | None = None
+    style: StyleSharing | None = None
     _memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
@@ -331,6 +376,8 @@ class UniPortraitAttnProcessor(nn.Module):
             query = attn.norm_q(query)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
+        if not self.cross and call is not None and call.style is not None and attention_mask is None:
+            query, key, value, attention_mask = call.style.share(query, key, value)
 
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, scale=attn.scale)
         if self.cross and call is not None:
