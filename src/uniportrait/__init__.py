@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "UniPortraitPipeline": "uniportrait.pipeline",
     "UniPortraitPipelineOutput": "uniportrait.pipeline",
+    "UniPortraitXLPipeline": "uniportrait.pipeline_xl",
     "Identity": "uniportrait.identity",
     "load_preset": "uniportrait.presets",
     "UniPortraitError": "uniportrait.errors",

@@ -106,6 +106,8 @@ class UniPortraitPipelineOutput:
 #: The module :meth:`UniPortraitPipeline.save_pretrained` writes beside ``model_index.json``.
 PIPELINE_MODULE = "uniportrait_pipeline"
 PIPELINE_MODULE_SOURCE = "from uniportrait.pipeline import UniPortraitPipeline  # noqa: F401\n"
+#: ... for :class:`~uniportrait.pipeline_xl.UniPortraitXLPipeline`.
+PIPELINE_XL_MODULE_SOURCE = "from uniportrait.pipeline_xl import UniPortraitXLPipeline  # noqa: F401\n"
 
 
 def is_saved_pipeline(folder: Path) -> bool:
@@ -118,7 +120,7 @@ def is_saved_pipeline(folder: Path) -> bool:
     module = folder / f"{PIPELINE_MODULE}.py"
     if not (folder / "model_index.json").is_file() or not module.is_file():
         return False
-    if module.read_text() != PIPELINE_MODULE_SOURCE:
+    if module.read_text() not in (PIPELINE_MODULE_SOURCE, PIPELINE_XL_MODULE_SOURCE):
         raise UniPortraitError(
             f"{module} is not the module UniPortraitPipeline.save_pretrained writes; refusing to run it"
         )
@@ -151,6 +153,7 @@ class UniPortraitPipeline(
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
     get_guidance_scale_embedding = StableDiffusionPipeline.get_guidance_scale_embedding
+    sdxl = False  # the text conditioning this class computes (UniPortraitXLPipeline: True)
 
     def __init__(
         self,
@@ -168,6 +171,9 @@ class UniPortraitPipeline(
         encoder_id: str | None = None,
     ) -> None:
         super().__init__()
+        xl = getattr(unet.config, "addition_embed_type", None) == "text_time"
+        if xl and not getattr(self, "sdxl", False):
+            raise UniPortraitError("this UNet is SDXL-layout (text_time): use UniPortraitXLPipeline")
         if safety_checker is not None and feature_extractor is None:
             feature_extractor = CLIPImageProcessor()  # SD's: 224 px, CLIP normalisation
         if adapter is not None:
@@ -254,7 +260,8 @@ class UniPortraitPipeline(
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
             super().save_pretrained(tmp, **kwargs)
-            (tmp / f"{PIPELINE_MODULE}.py").write_text(PIPELINE_MODULE_SOURCE)
+            source = PIPELINE_XL_MODULE_SOURCE if self.sdxl else PIPELINE_MODULE_SOURCE
+            (tmp / f"{PIPELINE_MODULE}.py").write_text(source)
             index = json.loads((tmp / "model_index.json").read_text())
             index["_class_name"] = [PIPELINE_MODULE, type(self).__name__]
             (tmp / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
@@ -745,6 +752,52 @@ class UniPortraitPipeline(
                 ControlNet. A ``callback_on_step_end`` then also sees the reference's latents
                 (the last row).
         """
+        return self._generate(**{k: v for k, v in locals().items() if k != "self"})
+
+    @torch.no_grad()
+    def _generate(
+        self,
+        prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int | None = None,
+        timesteps: list[int] | None = None,
+        sigmas: list[float] | None = None,
+        guidance_scale: float = GUIDANCE_SCALE.default,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = NUM_IMAGES.default,
+        eta: float = ETA.default,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        guidance_rescale: float = 0.0,
+        clip_skip: int | None = None,
+        callback_on_step_end: Callable[[UniPortraitPipeline, int, torch.Tensor, dict], dict]
+        | PipelineCallback
+        | MultiPipelineCallbacks
+        | None = None,
+        callback_on_step_end_tensor_inputs: list[str] | None = None,
+        *,
+        identities: Sequence[Identity] | None = None,
+        faceid_scale: float = FACEID_SCALE.default,
+        face_structure_scale: float | None = None,
+        ip_image: PIL.Image.Image | None = None,
+        ip_scale: float = IP_SCALE.default,
+        faceid_masks: Any = None,
+        control_image: Any = None,
+        controlnet_conditioning_scale: float | list[float] = CONTROLNET_SCALE.default,
+        return_routing_maps: bool = False,
+        lora_scale: float = LORA_SCALE.default,
+        style_image: PIL.Image.Image | None = None,
+        style_prompt: str = "",
+        style_scale: float = STYLE_SCALE.default,
+        xl: Any = None,
+    ) -> UniPortraitPipelineOutput | tuple:
+        """The body of :meth:`__call__` (``xl``: the SDXL pipeline's own text arguments)."""
         identities = list(identities or [])
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
@@ -788,27 +841,36 @@ class UniPortraitPipeline(
 
         # 3. Encode the prompt (diffusers' own: each prompt repeated num_images_per_prompt times)
         text_lora_scale = (cross_attention_kwargs or {}).get("scale")
-        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+        prompt_embeds, negative_prompt_embeds, pooled, negative_pooled = self._encode_text(
             prompt,
             device,
             num_images_per_prompt,
             do_cfg,
             negative_prompt,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            lora_scale=text_lora_scale,
-            clip_skip=clip_skip,
+            prompt_embeds,
+            negative_prompt_embeds,
+            text_lora_scale,
+            clip_skip,
+            xl,
         )
         rows = batch  # the UNet's rows per CFG half: the images, then the style reference
         if style_image is not None:
-            style_embeds, style_negative = self.encode_prompt(style_prompt, device, 1, do_cfg, "")
+            style_embeds, style_negative, style_pooled, style_neg_pooled = self._encode_text(
+                style_prompt, device, 1, do_cfg, "", None, None, None, None, xl
+            )
             prompt_embeds = torch.cat([prompt_embeds, style_embeds.to(prompt_embeds.dtype)])
             if do_cfg:
                 negative_prompt_embeds = torch.cat([negative_prompt_embeds, style_negative])
+            if pooled is not None:
+                pooled = torch.cat([pooled, style_pooled])
+                negative_pooled = torch.cat([negative_pooled, style_neg_pooled]) if do_cfg else None
             rows = batch + 1
         if do_cfg:  # one UNet batch: the negative half first
             prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
+            pooled = None if pooled is None else torch.cat([negative_pooled, pooled])
         dtype = prompt_embeds.dtype
+        # SDXL's pooled text and size conditioning for the UNet (None for SD1.5)
+        added = self._added_cond(pooled, (height, width), xl, dtype)
 
         # 4. Identity tokens (B, N, T, D) and image-prompt tokens (B, 4, D)
         id_tokens = None
@@ -850,7 +912,13 @@ class UniPortraitPipeline(
         reference = None  # StyleAligned: the style image's latents at each timestep
         if style_image is not None:
             reference = self.invert_style_image(
-                style_image, style_embeds, scheduler, timesteps, (height, width), dtype
+                style_image,
+                style_embeds,
+                scheduler,
+                timesteps,
+                (height, width),
+                dtype,
+                added=None if added is None else {k: v[-1:] for k, v in added.items()},
             )
             latents = torch.cat([latents, reference[0]])
         control = self._prepare_control(control_image, height, width, batch, device, do_cfg)
@@ -908,6 +976,7 @@ class UniPortraitPipeline(
                         encoder_hidden_states=prompt_embeds,
                         controlnet_cond=control,
                         conditioning_scale=control_scale,
+                        added_cond_kwargs=added,
                         return_dict=False,
                     )
                     residuals = {
@@ -920,6 +989,7 @@ class UniPortraitPipeline(
                     encoder_hidden_states=prompt_embeds,
                     timestep_cond=timestep_cond,
                     cross_attention_kwargs=attention_kwargs,
+                    added_cond_kwargs=added,
                     return_dict=False,
                     **residuals,
                 )[0]
@@ -959,6 +1029,38 @@ class UniPortraitPipeline(
             routing = self._routing_maps(recorder, masks, rows, n_ids, (height, width), do_cfg)[:batch]
         return UniPortraitPipelineOutput(images=images, routing_maps=routing, nsfw_content_detected=flagged)
 
+    def _encode_text(
+        self,
+        prompt,
+        device,
+        num_images_per_prompt: int,
+        do_cfg: bool,
+        negative_prompt,
+        prompt_embeds,
+        negative_prompt_embeds,
+        lora_scale,
+        clip_skip,
+        xl,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """(prompt_embeds, negative_prompt_embeds, pooled, negative pooled): SD1.5 has no pooled
+        text conditioning (the SDXL pipeline overrides this)."""
+        embeds, negative = self.encode_prompt(
+            prompt,
+            device,
+            num_images_per_prompt,
+            do_cfg,
+            negative_prompt,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            lora_scale=lora_scale,
+            clip_skip=clip_skip,
+        )
+        return embeds, negative, None, None
+
+    def _added_cond(self, pooled, size, xl, dtype) -> dict[str, torch.Tensor] | None:
+        """The UNet's ``added_cond_kwargs`` (SDXL's pooled text and time ids); None for SD1.5."""
+        return None
+
     def check_style(self, style_image, style_prompt, style_scale, control_image) -> None:
         """StyleAligned's arguments (see :meth:`__call__`)."""
         if not isinstance(style_image, PIL.Image.Image):
@@ -976,7 +1078,14 @@ class UniPortraitPipeline(
 
     @torch.no_grad()
     def invert_style_image(
-        self, image: PIL.Image.Image, prompt_embeds: torch.Tensor, scheduler, timesteps, size, dtype
+        self,
+        image: PIL.Image.Image,
+        prompt_embeds: torch.Tensor,
+        scheduler,
+        timesteps,
+        size,
+        dtype,
+        added: dict[str, torch.Tensor] | None = None,
     ) -> list[torch.Tensor]:
         """DDIM inversion of ``image`` (resized to ``size`` = (height, width)) under
         ``prompt_embeds`` (1, S, D), no guidance and no identity: its latents (1, C, h, w) at
@@ -994,7 +1103,9 @@ class UniPortraitPipeline(
             previous = int(t) - step
             a_prev = alphas[previous] if previous >= 0 else alphas.new_tensor(1.0)
             a_t = alphas[int(t)]
-            eps = self.unet(latent, t, encoder_hidden_states=prompt_embeds.to(dtype)).sample
+            eps = self.unet(
+                latent, t, encoder_hidden_states=prompt_embeds.to(dtype), added_cond_kwargs=added
+            ).sample
             clean = (latent - (1 - a_prev).sqrt() * eps) / a_prev.sqrt()
             latent = (a_t.sqrt() * clean + (1 - a_t).sqrt() * eps).to(dtype)
             trajectory.append(latent)
