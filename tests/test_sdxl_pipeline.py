@@ -18,8 +18,8 @@ from uniportrait.presets.tiny import build_tiny_base
 from uniportrait.training.components import build_tiny_sdxl_parts
 
 
-@pytest.fixture(scope="module")
-def parts():
+def _parts():
+    """Fresh tiny SDXL components (a pipeline attaches its adapter to the UNet it is given)."""
     base = build_tiny_base(0)
     xl = build_tiny_sdxl_parts(base["tokenizer"])
     return {
@@ -32,6 +32,11 @@ def parts():
         "scheduler": base["scheduler"],
         "image_encoder": base["image_encoder"],
     }
+
+
+@pytest.fixture
+def parts():
+    return _parts()
 
 
 def _random_xl_adapter(parts):
@@ -55,7 +60,8 @@ def _run(pipe, prompt="two people at the beach", **kwargs):
 
 
 @pytest.fixture(scope="module")
-def xl_pipe(parts):
+def xl_pipe():
+    parts = _parts()
     adapter, backbone = _random_xl_adapter(parts)
     pipe = UniPortraitXLPipeline(**parts, face_backbone=backbone, adapter=adapter)
     pipe.set_progress_bar_config(disable=True)
@@ -137,4 +143,22 @@ def test_save_and_reload(xl_pipe, tmp_path):
     person = xl_pipe.encode_identity(random_crop(5))
     np.testing.assert_allclose(
         _run(xl_pipe, identities=[person]).images, _run(again, identities=[person]).images, atol=1e-5
+    )
+
+
+def test_controlnet_on_sdxl(parts, xl_pipe):
+    from diffusers import ControlNetModel
+
+    net = ControlNetModel.from_unet(parts["unet"], conditioning_channels=3)
+    with torch.no_grad():  # its output convolutions start at zero: give them weights
+        for param in [*net.controlnet_down_blocks.parameters(), *net.controlnet_mid_block.parameters()]:
+            param.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(0))
+    pipe = UniPortraitXLPipeline.from_pipe(xl_pipe, controlnet=net)
+    pipe.set_progress_bar_config(disable=True)
+    person = pipe.encode_identity(random_crop(7))
+    edges = random_pil(8)
+    out = _run(pipe, identities=[person], control_image=edges).images
+    assert out.shape == (1, 64, 64, 3) and np.isfinite(out).all()
+    assert_differ(
+        out, _run(pipe, identities=[person], control_image=edges, controlnet_conditioning_scale=0.0).images
     )

@@ -13,11 +13,22 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from diffusers import StableDiffusionXLPipeline
+from diffusers import AutoencoderKL, ControlNetModel, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+from diffusers.schedulers import KarrasDiffusionSchedulers
+from transformers import (
+    CLIPImageProcessor,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    CLIPVisionModelWithProjection,
+)
 
 from uniportrait.errors import UniPortraitError
+from uniportrait.models.adapter import UniPortraitAdapter
+from uniportrait.models.face_backbone import IRBackbone
 from uniportrait.pipeline import UniPortraitPipeline
 from uniportrait.settings import SettingError
 
@@ -52,19 +63,19 @@ class UniPortraitXLPipeline(UniPortraitPipeline, StableDiffusionXLLoraLoaderMixi
 
     def __init__(
         self,
-        vae,
+        vae: AutoencoderKL,
         text_encoder: CLIPTextModel,
         text_encoder_2: CLIPTextModelWithProjection,
         tokenizer: CLIPTokenizer,
         tokenizer_2: CLIPTokenizer,
-        unet,
-        scheduler,
-        image_encoder=None,
-        face_backbone=None,
-        adapter=None,
-        controlnet=None,
-        safety_checker=None,
-        feature_extractor=None,
+        unet: UNet2DConditionModel,
+        scheduler: KarrasDiffusionSchedulers,
+        image_encoder: CLIPVisionModelWithProjection | None = None,
+        face_backbone: IRBackbone | None = None,
+        adapter: UniPortraitAdapter | None = None,
+        controlnet: ControlNetModel | MultiControlNetModel | None = None,
+        safety_checker: StableDiffusionSafetyChecker | None = None,
+        feature_extractor: CLIPImageProcessor | None = None,
         encoder_id: str | None = None,
         force_zeros_for_empty_prompt: bool = True,
     ) -> None:
