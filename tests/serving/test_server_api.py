@@ -276,3 +276,28 @@ def test_unknown_field_types_are_named(client):
 def test_b64_is_plain_png(client):
     body = post_generate(client).json()
     assert base64.b64decode(body["images"][0])[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_stalled_upload_is_answered_408_and_closed(serve):
+    """A client that sends headers and part of a body, then nothing, does not hold the server."""
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    http = serve(body_timeout_s=1.0)
+    url = urlsplit(str(http.base_url))
+    with socket.create_connection((url.hostname, url.port), timeout=20) as sock:
+        sock.sendall(
+            b"POST /v1/generate HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: multipart/form-data; boundary=xyz\r\nContent-Length: 5000\r\n\r\n--xyz\r\n"
+        )
+        started = time.monotonic()
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert time.monotonic() - started < 10
+    assert http.get("/healthz").status_code == 200  # and the server still answers others

@@ -45,6 +45,14 @@ def register(subparsers) -> None:
     parser.add_argument("--temp-ttl", type=float, default=3600.0,
                         help="delete the UI's temporary files older than this many seconds (default 3600)")  # fmt: skip
     parser.add_argument("--home", default=None, help="identity bank location (default: $UNIPORTRAIT_HOME)")
+    from uniportrait.server.config import ServerConfig
+
+    parser.add_argument(
+        "--body-timeout",
+        type=float,
+        default=ServerConfig.body_timeout_s,
+        help=f"seconds a request body may take to arrive, else 408 (default {ServerConfig.body_timeout_s:g})",
+    )
     add_model_args(parser)
     parser.set_defaults(func=run)
 
@@ -70,6 +78,7 @@ def config_from_args(args: argparse.Namespace):
             host=args.host,
             temp_dir=args.temp_dir,
             temp_ttl_s=args.temp_ttl,
+            body_timeout_s=args.body_timeout,
             allowed_hosts=tuple(h for h in args.allowed_hosts.split(",") if h.strip()),
         )
     except ValueError as err:

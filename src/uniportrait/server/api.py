@@ -169,7 +169,7 @@ def create_app(pipe, config: ServerConfig | None = None, service: PortraitServic
     app.state.key_guard = KeyGuard()
     if hasattr(pipe, "generation_limits"):  # the pipeline must accept what the server accepts
         pipe.generation_limits = widest_limits(pipe.generation_limits, config.limits)
-    app.add_middleware(BodyLimit, limit=config.limits.max_request_bytes)
+    app.add_middleware(BodyLimit, limit=config.limits.max_request_bytes, timeout_s=config.body_timeout_s)
     app.add_middleware(BrowserGuard, policy=HostPolicy(config.host, config.allowed_hosts))  # runs first
 
     @app.exception_handler(ServiceError)

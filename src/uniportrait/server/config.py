@@ -44,6 +44,8 @@ class ServerConfig:
             addresses are always answered (see :mod:`uniportrait.server.security`).
         temp_dir: where the web UI keeps uploads and results (None: a new folder in the system's
             temp folder, removed at exit); files older than ``temp_ttl_s`` are deleted.
+        body_timeout_s: a request body must arrive within this many seconds (else HTTP 408);
+            slow clients cannot hold a connection by trickling an upload.
     """
 
     limits: Limits = field(default_factory=Limits)
@@ -60,6 +62,7 @@ class ServerConfig:
     allowed_hosts: tuple[str, ...] = ()
     temp_dir: str | None = None
     temp_ttl_s: float = 3600.0
+    body_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         from uniportrait.presets.registry import preset_defaults
@@ -75,6 +78,8 @@ class ServerConfig:
             raise ConfigError("queue_size must be 0 or more")
         if not self.timeout_s > 0:
             raise ConfigError("timeout_s must be positive")
+        if not self.body_timeout_s > 0:
+            raise ConfigError("body_timeout_s must be positive")
         if not self.temp_ttl_s > 0:
             raise ConfigError("temp_ttl_s must be positive")
 

@@ -1,8 +1,10 @@
 """HTTP plumbing: results as base64 JSON, a PNG, or ``multipart/mixed``; JSON errors; and the
-guard that refuses request bodies over the size limit before they are read."""
+guard that refuses request bodies over the size limit, or too slow to arrive, before they are
+read."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -76,11 +78,13 @@ def error_response(status: int, code: str, message: str, headers: dict | None = 
 
 
 class BodyLimit:
-    """Refuse request bodies over ``limit`` bytes (declared or streamed) with 413."""
+    """Refuse request bodies over ``limit`` bytes (declared or streamed) with 413, and bodies
+    that take longer than ``timeout_s`` to arrive (a slow or stalled client) with 408."""
 
-    def __init__(self, app, limit: int) -> None:
+    def __init__(self, app, limit: int, timeout_s: float | None = None) -> None:
         self.app = app
         self.limit = limit
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -90,28 +94,47 @@ class BodyLimit:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await too_large(scope, receive, send)
-        state = {"received": 0, "over": False, "replaced": False}
+        state = {"received": 0, "refusal": None, "replaced": False, "body_done": False}
+        loop = asyncio.get_running_loop()
+        deadline = None if self.timeout_s is None else loop.time() + self.timeout_s
 
         async def counting_receive():
-            msg = await receive()
+            if state["body_done"] or deadline is None:  # e.g. waiting for a disconnect later
+                msg = await receive()
+            else:
+                try:
+                    msg = await asyncio.wait_for(receive(), timeout=max(0.0, deadline - loop.time()))
+                except asyncio.TimeoutError:
+                    state["refusal"] = error_response(
+                        408, "request_timeout", f"the request body did not arrive within {self.timeout_s:g} s"
+                    )
+                    return {"type": "http.disconnect"}
             if msg["type"] == "http.request":
                 state["received"] += len(msg.get("body", b""))
+                state["body_done"] = not msg.get("more_body", False)
                 if state["received"] > self.limit:
-                    state["over"] = True
+                    state["refusal"] = too_large
                     return {"type": "http.disconnect"}
             return msg
 
         async def guarded_send(msg):
-            if state["over"] and msg["type"] == "http.response.start" and not state["replaced"]:
+            if (
+                state["refusal"] is not None
+                and msg["type"] == "http.response.start"
+                and not state["replaced"]
+            ):
                 state["replaced"] = True
-                return await too_large(scope, receive, send)
+                return await state["refusal"](scope, receive, send)
             if not state["replaced"]:
                 await send(msg)
 
         try:
             await self.app(scope, counting_receive, guarded_send)
         except Exception:
-            if not state["over"]:
+            if state["refusal"] is None:
                 raise
             if not state["replaced"]:  # the app gave up on the cut-off body with an error
-                await too_large(scope, receive, send)
+                state["replaced"] = True
+                await state["refusal"](scope, receive, send)
+        if state["refusal"] is not None and not state["replaced"]:  # nothing answered yet
+            await state["refusal"](scope, receive, send)
