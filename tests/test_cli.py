@@ -314,6 +314,13 @@ def test_generate_with_a_saved_adapter(tmp_path):
                  generator=torch.Generator().manual_seed(0)).images[0]  # fmt: skip
     np.testing.assert_array_equal(np.asarray(image), got)
 
+    # the same adapter as a folder of the published .bin files (as its --help says)
+    published, again = tmp_path / "published", tmp_path / "again"
+    assert main(["-q", "convert", "--export", str(folder), str(published), "--preset", "tiny"]) == 0
+    args = ["generate", "--prompt", "p", "--id", photo, "--out", str(again), "--adapter", str(published)]
+    assert main(args + FAST) == 0
+    np.testing.assert_allclose(_pixels(_images(again)[0]), got, atol=2)
+
 
 def test_sd15_with_own_adapter_reports_missing_base(tmp_path, capsys, monkeypatch):
     from uniportrait.presets import build_tiny_pipeline

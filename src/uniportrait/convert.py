@@ -152,3 +152,34 @@ def load_published_backbone(state: State, config: IRBackboneConfig | None = None
     backbone = IRBackbone.from_sizes(config or IRBackboneConfig.from_variant("ir101"))
     load_tface_state_dict(backbone, state)
     return backbone.eval()
+
+
+def is_published_folder(folder: str | Path) -> bool:
+    """A folder holding the published ``uniportrait-faceid_sd15.bin`` (and maybe the others)."""
+    return (Path(folder) / FACEID_FILE).is_file()
+
+
+def read_published_folder(folder: str | Path, configs_for, ip_adapter=None, folder_ip: bool = True):
+    """(adapter, backbone or None) from a folder of the published ``.bin`` files.
+
+    ``configs_for(published, with_ip)`` gives the (:class:`AdapterConfig`, backbone config or
+    None) to read them with (the layer list of the UNet they are for). ``ip_adapter``:
+    ``ip-adapter_sd15.bin`` contents; without it, the folder's own copy when ``folder_ip``.
+    """
+    folder = Path(folder)
+    published = {FACEID_FILE: read_bin(folder / FACEID_FILE)}
+    for name in (ROUTER_FILE, BACKBONE_FILE):
+        if (folder / name).is_file():
+            published[name] = read_bin(folder / name)
+        else:
+            logger.warning("%s not found in %s: reading without it", name, folder)
+    if ip_adapter is None and folder_ip and (folder / IP_ADAPTER_FILE).is_file():
+        ip_adapter = read_bin(folder / IP_ADAPTER_FILE)
+    adapter_config, backbone_config = configs_for(published, ip_adapter is not None)
+    adapter = load_published_adapter(
+        adapter_config, published[FACEID_FILE], published.get(ROUTER_FILE), ip_adapter
+    )
+    backbone = None
+    if BACKBONE_FILE in published:
+        backbone = load_published_backbone(published[BACKBONE_FILE], backbone_config)
+    return adapter, backbone

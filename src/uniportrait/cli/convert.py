@@ -98,34 +98,16 @@ def check_destination(src: Path, dst: Path, overwrite: bool) -> None:
 
 
 def import_published(src: Path, dst: Path, args: argparse.Namespace) -> list[str]:
-    from uniportrait.convert import (
-        BACKBONE_FILE,
-        FACEID_FILE,
-        ROUTER_FILE,
-        load_published_adapter,
-        load_published_backbone,
-        read_bin,
-    )
+    from uniportrait.convert import FACEID_FILE, is_published_folder, read_bin, read_published_folder
     from uniportrait.models.adapter import is_adapter_folder
 
-    if not (src / FACEID_FILE).is_file():
+    if not is_published_folder(src):
         hint = " (it is in our format already: use --export to write the published layout)"
         raise UniPortraitError(f"SRC {src} has no {FACEID_FILE}" + (hint if is_adapter_folder(src) else ""))
-    published = {FACEID_FILE: read_bin(src / FACEID_FILE)}
-    for name in (ROUTER_FILE, BACKBONE_FILE):
-        if (src / name).is_file():
-            published[name] = read_bin(src / name)
-        else:
-            logger.warning("%s not found in %s: converting without it", name, src)
     ip_contents = read_bin(args.ip_adapter) if args.ip_adapter else None
-
-    adapter_config, backbone_config = _configs(args, published, ip_contents is not None)
-    adapter = load_published_adapter(
-        adapter_config, published[FACEID_FILE], published.get(ROUTER_FILE), ip_contents
+    adapter, backbone = read_published_folder(
+        src, lambda published, with_ip: _configs(args, published, with_ip), ip_contents, folder_ip=False
     )
-    backbone = None
-    if BACKBONE_FILE in published:
-        backbone = load_published_backbone(published[BACKBONE_FILE], backbone_config)
     _replace_folder(dst, lambda tmp: adapter.save_pretrained(tmp, face_backbone=backbone))
     return sorted(p.name for p in dst.iterdir())
 

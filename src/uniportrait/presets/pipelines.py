@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
@@ -96,9 +97,17 @@ def build_tiny_pipeline(
         control = build_tiny_controlnet(base["unet"], seed=seed + 2) if controlnet else None
     encoder_id = f"tiny-seed{seed}"
     if adapter_folder is not None:
+        from uniportrait.convert import ROUTER_FILE, is_published_folder, read_published_folder
         from uniportrait.models.adapter import read_adapter_files
 
-        adapter, own_backbone = read_adapter_files(adapter_folder)
+        def configs_for(published, with_ip):  # the published files, read for the tiny UNet
+            config = tiny_adapter_config(base["unet"], base["image_encoder"], sizes, ip_adapter=with_ip)
+            return dataclasses.replace(config, multi_id=ROUTER_FILE in published), tiny_backbone_config(sizes)
+
+        if is_published_folder(adapter_folder):
+            adapter, own_backbone = read_published_folder(adapter_folder, configs_for)
+        else:
+            adapter, own_backbone = read_adapter_files(adapter_folder)
         if own_backbone is not None:
             backbone, encoder_id = own_backbone, None  # fingerprint the shipped backbone
     pipe = UniPortraitPipeline(
