@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 
 def register(subparsers) -> None:
@@ -33,6 +34,13 @@ def register(subparsers) -> None:
         type=float,
         default=1.0,
         help="scale every set size and step count (e.g. 0.01 for a smoke run)",
+    )
+    build.add_argument(
+        "--unet-steps",
+        type=int,
+        default=None,
+        help="train the UNet this long instead of the plan's steps (the shipped UNet trained longer "
+        "than fits in the build's time; see docs/world.md)",
     )
     build.set_defaults(func=_build)
 
@@ -80,7 +88,12 @@ def _build(args: argparse.Namespace) -> int:
         )
     if not 0 < args.scale <= 1:
         raise UniPortraitError("--scale must be in (0, 1]")
-    out = run_build(args.work, args.out or WORLD_ASSETS, BuildPlan().scaled(args.scale), stages)
+    plan = BuildPlan().scaled(args.scale)
+    if args.unet_steps is not None:
+        if args.unet_steps < 1:
+            raise UniPortraitError("--unet-steps must be at least 1")
+        plan = dataclasses.replace(plan, unet_steps=args.unet_steps)
+    out = run_build(args.work, args.out or WORLD_ASSETS, plan, stages)
     print(out)
     return 0
 
