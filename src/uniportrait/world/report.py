@@ -437,7 +437,7 @@ def run_report(work: Path, assets: Path, out: Path, quick: bool = False, guidanc
     pipe = base_pipeline(assets / "base")
     sizes = (40, 12, (0,)) if quick else (200, 60, (0, 1, 2))
     report["base_model"] = base_report(pipe, oracles, *sizes, guidance=guidance)
-    report["guidance_sweep"] = guidance_sweep(pipe, oracles, singles=sizes[0])
+    report["guidance_sweep"] = guidance_sweep(pipe, oracles, singles=min(100, sizes[0]))
     specs, captions = held_out_specs(24, 1, seed=11)
     images = generate(pipe, captions, seed=0, guidance=guidance)
     contact_sheet(images, captions, out / "base_singles.png")
