@@ -171,19 +171,23 @@ def extract_faces(
     analyzer: FaceAnalyzer,
     max_faces: int | None = None,
     name: str | None = None,
-    min_size: int = MIN_FACE_SIZE,
+    min_size: int | None = None,
     size: int = ALIGNED_SIZE,
 ) -> list[tuple[Face, Image.Image]]:
     """Detect and align the faces of a photo: ``[(face, size×size RGB crop), ...]``, largest first.
 
-    Faces too small to align usefully (see :data:`~uniportrait.faces.align.MIN_FACE_SIZE`) are
-    skipped. ``name`` names the photo in errors (default: its path).
+    Faces too small to align usefully are skipped: under ``min_size`` px, by default the
+    analyzer's ``min_usable_px`` (the identity world's faces are small by design) or
+    :data:`~uniportrait.faces.align.MIN_FACE_SIZE`. ``name`` names the photo in errors
+    (default: its path).
 
     Raises:
         InvalidImageError: the photo cannot be read.
         NoFaceError: no face found, or only faces that are too small (the message says which).
     """
     name = name or describe_source(image)
+    if min_size is None:
+        min_size = getattr(analyzer, "min_usable_px", MIN_FACE_SIZE)
     picture = load_image(image)
     faces = detect_faces(picture, analyzer)
     usable = [face for face in faces if face_problem(face, min_size) is None]

@@ -36,12 +36,12 @@ class BuildPlan:
     groups_val: int = 600
     val_identities: int = 200
     vae_steps: int = 1200
-    vae_decoder_steps: int = 2000
+    vae_decoder_steps: int = 5000
     clip_steps: int = 400
     unet_steps: int = 2000
     backbone_steps: int = 500
     detector_steps: int = 700
-    face_oracle_steps: int = 600
+    face_oracle_steps: int = 1500
     person_oracle_steps: int = 500
     scene_oracle_steps: int = 300
     face_detector_steps: int = 500

@@ -85,6 +85,7 @@ class WorldFaceAnalyzer:
 
     name = "world"
     min_face_px = 8
+    min_usable_px = 12  # world faces are 16-40 px: the world works at 64 px
 
     def __init__(self, folder: str | Path | None = None, threshold: float = 0.35) -> None:
         from uniportrait.errors import WeightsNotFoundError
