@@ -75,3 +75,58 @@ def test_two_threads_match_running_alone(tiny_pipe, idents, alone, pair):
                 assert len(maps) == len(want_maps)
                 for got, want in zip(maps, want_maps):
                     torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+class _WatchedTokenizer:
+    """The pipeline's tokenizer, counting how many calls are inside it at once (each call
+    lingers a little, so overlapping calls would be seen)."""
+
+    def __init__(self, tokenizer) -> None:
+        self._tokenizer = tokenizer
+        self._lock = threading.Lock()
+        self.inside = self.most_inside = 0
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+    def __call__(self, *args, **kwargs):
+        import time
+
+        with self._lock:
+            self.inside += 1
+            self.most_inside = max(self.most_inside, self.inside)
+        time.sleep(0.01)
+        try:
+            return self._tokenizer(*args, **kwargs)
+        finally:
+            with self._lock:
+                self.inside -= 1
+
+
+def test_prompt_encoding_is_not_interleaved_between_calls():
+    """Fast tokenizers keep padding settings on the shared object and diffusers' encode_prompt
+    tokenizes with two different ones: interleaved, a prompt came back 2 tokens long instead of 77
+    ("Sizes of tensors must match ... Expected size 2 but got size 77")."""
+    from uniportrait.presets import build_tiny_pipeline
+
+    pipe = build_tiny_pipeline(0)
+    pipe.set_progress_bar_config(disable=True)
+    watched = _WatchedTokenizer(pipe.tokenizer)
+    object.__setattr__(pipe, "tokenizer", watched)
+    barrier = threading.Barrier(4)
+    errors: list[BaseException] = []
+
+    def work(seed: int) -> None:
+        try:
+            barrier.wait(timeout=30)
+            run_pipe(pipe, seed=seed, steps=1, negative_prompt="" if seed % 2 else None)
+        except BaseException as exc:  # reported in the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    assert watched.most_inside == 1

@@ -14,6 +14,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -216,6 +217,10 @@ class UniPortraitPipeline(
         self._lora_fusion = LoRAFusion()
         self._fuse_lora = True
         self._uncond_features: tuple | None = None  # (signature, (intrinsic, structure))
+        # Fast tokenizers keep their padding/truncation settings on the shared object, and
+        # diffusers' encode_prompt tokenizes twice with different ones ("max_length", then
+        # "longest"): concurrent calls must not interleave there.
+        self._text_lock = threading.Lock()
 
     # -- construction --------------------------------------------------------------------------
 
@@ -841,23 +846,25 @@ class UniPortraitPipeline(
 
         # 3. Encode the prompt (diffusers' own: each prompt repeated num_images_per_prompt times)
         text_lora_scale = (cross_attention_kwargs or {}).get("scale")
-        prompt_embeds, negative_prompt_embeds, pooled, negative_pooled = self._encode_text(
-            prompt,
-            device,
-            num_images_per_prompt,
-            do_cfg,
-            negative_prompt,
-            prompt_embeds,
-            negative_prompt_embeds,
-            text_lora_scale,
-            clip_skip,
-            xl,
-        )
+        with self._text_lock:
+            prompt_embeds, negative_prompt_embeds, pooled, negative_pooled = self._encode_text(
+                prompt,
+                device,
+                num_images_per_prompt,
+                do_cfg,
+                negative_prompt,
+                prompt_embeds,
+                negative_prompt_embeds,
+                text_lora_scale,
+                clip_skip,
+                xl,
+            )
         rows = batch  # the UNet's rows per CFG half: the images, then the style reference
         if style_image is not None:
-            style_embeds, style_negative, style_pooled, style_neg_pooled = self._encode_text(
-                style_prompt, device, 1, do_cfg, "", None, None, None, None, xl
-            )
+            with self._text_lock:
+                style_embeds, style_negative, style_pooled, style_neg_pooled = self._encode_text(
+                    style_prompt, device, 1, do_cfg, "", None, None, None, None, xl
+                )
             prompt_embeds = torch.cat([prompt_embeds, style_embeds.to(prompt_embeds.dtype)])
             if do_cfg:
                 negative_prompt_embeds = torch.cat([negative_prompt_embeds, style_negative])
