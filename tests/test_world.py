@@ -290,3 +290,33 @@ def test_world_commands_refuse_bad_input_before_writing(tmp_path):
     assert main(["-q", "world", "render", "--out", str(tmp_path / "file.txt" / "data"), "--count", "1"]) == 2
     assert main(["-q", "world", "build", "--work", str(tmp_path / "w"), "--stages", "nope"]) == 2
     assert not (tmp_path / "w").exists()
+
+
+@shipped
+def test_world_preset_serves_world_people(tmp_path):
+    """The server reads photos with the preset's face analyzer (the world's detector here)."""
+    pytest.importorskip("fastapi")
+    import base64
+    import io
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from uniportrait.presets.pipelines import build_world_pipeline
+    from uniportrait.server import ServerConfig, create_app
+
+    pipe = build_world_pipeline(adapter=_random_world_adapter(tmp_path / "adapter"))
+    pipe.set_progress_bar_config(disable=True)
+    app = create_app(pipe, ServerConfig(preset="world", ui=False, home=str(tmp_path / "home")))
+    _, pictures = _batch(1, 1, seed=8)
+    photo = io.BytesIO()
+    Image.fromarray(pictures[0].image).save(photo, format="PNG")
+    with TestClient(app, base_url="http://127.0.0.1") as client:
+        answer = client.post(
+            "/v1/generate",
+            data={"prompt": "a person on a beach", "steps": "2"},
+            files=[("id1", ("person.png", photo.getvalue(), "image/png"))],
+        )
+    assert answer.status_code == 200, answer.text
+    image = Image.open(io.BytesIO(base64.b64decode(answer.json()["images"][0])))
+    assert image.size == (64, 64)  # the world preset's side
