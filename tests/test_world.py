@@ -246,6 +246,12 @@ def test_world_preset_generates_a_world_person_from_a_render(tmp_path, capsys):
     assert main(args) == 0
     image = Image.open(sorted((tmp_path / "out").glob("run-*/image_00.png"))[0])
     assert image.size == (64, 64)  # the preset's side
+    # a stored identity, read with the same detector
+    home = str(tmp_path / "home")
+    model = ["--preset", "world", "--adapter", str(adapter)]
+    assert main(["-q", "id", "--home", home, "add", "bob", str(photo), *model]) == 0
+    assert main(["-q", "generate", *model, "--prompt", "bob in a city", "--id-name", "bob", "--home", home,
+                 "--steps", "2", "--out", str(tmp_path / "named")]) == 0  # fmt: skip
 
 
 @shipped

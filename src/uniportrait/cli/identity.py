@@ -61,8 +61,11 @@ def run_add(args: argparse.Namespace) -> int:
         raise IdentityError("`id add` stores one identity: --mix takes PHOTO:SCALE without a target")
     check_mix_scales([s for _, _, s in mixes])
     check_photos_exist(list(args.photos) + [p for _, photos, _ in mixes for p in photos])
+    from uniportrait.cli.generate import preset_face_analyzer
+
+    analyzer = preset_face_analyzer(args.preset)  # e.g. the world's detector for world photos
     pipe = load_pipeline_from_args(args)
-    identity = identity_from_photos(pipe, args.photos, mix=[(photos, s) for _, photos, s in mixes])
+    identity = identity_from_photos(pipe, args.photos, analyzer, mix=[(photos, s) for _, photos, s in mixes])
     path = bank.add(args.name, identity, overwrite=args.overwrite)
     print(
         f"stored identity {args.name!r} ({identity.num_references} photo(s), encoder {identity.encoder}) in {path}"
