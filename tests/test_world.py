@@ -326,3 +326,36 @@ def test_world_preset_serves_world_people(tmp_path):
     assert answer.status_code == 200, answer.text
     image = Image.open(io.BytesIO(base64.b64decode(answer.json()["images"][0])))
     assert image.size == (64, 64)  # the world preset's side
+
+
+@shipped
+def test_eval_generate_with_the_world_preset_and_oracles(tmp_path):
+    """``eval --generate --preset world --backend world``: world photos read by the world's
+    detector, generated, and measured by the oracles."""
+    from PIL import Image
+
+    from uniportrait.cli import main
+
+    adapter = _random_world_adapter(tmp_path / "adapter")
+    _, pictures = _batch(2, 1, seed=9)
+    photos = []
+    for k, picture in enumerate(pictures):
+        photos.append(tmp_path / f"person-{k}.png")
+        Image.fromarray(picture.image).save(photos[-1])
+    spec = {
+        "name": "world-grid",
+        "identities": {"anna": [str(photos[0])], "bea": [str(photos[1])]},
+        "single": {"prompts": ["a photo of a person on a beach"]},
+        "seeds": [0],
+        "settings": {"steps": 2},
+    }
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    out = tmp_path / "bench"
+    args = ["-q", "eval", "--generate", str(tmp_path / "spec.json"), "--out", str(out), "--preset", "world",
+            "--adapter", str(adapter), "--backend", "world"]  # fmt: skip
+    assert main(args) == 0
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["single-00000.png", "single-00001.png"]
+    with Image.open(out / "images" / "single-00000.png") as image:
+        assert image.size == (64, 64)
+    result = json.loads((out / "results.json").read_text())
+    assert result["summary"]["all"]["images"] == 2 and result["context"]["preset"] == "world"

@@ -164,10 +164,14 @@ def run(args: argparse.Namespace) -> int:
 
         default_size = preset_defaults(args.preset).side
         model = {k: getattr(args, k, None) for k in ("preset", "adapter", "dtype", "seed_model")}
+        from uniportrait.cli.generate import preset_face_analyzer
+
+        analyzer = preset_face_analyzer(args.preset)  # what reads the identities' photos
         if shard is not None:
             mine = run_grid(
-                pipe, spec, out, bank, default_size=default_size, progress=not quiet, shard=shard, model=model
-            )
+                pipe, spec, out, bank, default_size=default_size, progress=not quiet, shard=shard,
+                model=model, analyzer=analyzer,
+            )  # fmt: skip
             if state is None:
                 print(f"part {shard[0]}/{shard[1]}: {len(mine)} image(s) in {out / 'images'}")
                 print("evaluate when every part is done: the same command without --shard")
@@ -175,7 +179,16 @@ def run(args: argparse.Namespace) -> int:
             state.wait_for_everyone()
             if not state.is_main_process:
                 return 0
-        rows = run_grid(pipe, spec, out, bank, default_size=default_size, progress=not quiet, model=model)
+        rows = run_grid(
+            pipe,
+            spec,
+            out,
+            bank,
+            default_size=default_size,
+            progress=not quiet,
+            model=model,
+            analyzer=analyzer,
+        )
         context = {
             "benchmark": spec.name,
             "spec": str(args.generate),

@@ -271,8 +271,12 @@ def run_grid(
     progress: bool = True,
     shard: tuple[int, int] = (0, 1),
     model: dict[str, Any] | None = None,
+    analyzer: Any = None,
 ) -> list[ManifestRow]:
     """Generate the jobs of ``spec`` into ``out/images`` and write ``out/manifest.jsonl``.
+
+    ``analyzer`` reads the identities' photos (default: MTCNN; the world preset's own detector
+    for world pictures).
 
     ``default_size`` is the image side when the spec's settings give none. ``shard=(i, n)``:
     generate only jobs ``i, i + n, i + 2n, ...`` (one process of ``n``) and write no manifest.
@@ -312,7 +316,7 @@ def run_grid(
     )
     encoded = {}
     if todo:
-        analyzer = get_face_analyzer()
+        analyzer = analyzer or get_face_analyzer()
         for name in sorted({n for _, job in todo for n in job.identities}):  # each identity encoded once
             ident = spec.identities[name]
             encoded[name] = (
