@@ -99,6 +99,14 @@ SD15_PARTS = {
 }
 
 
+def preset_face_analyzer(preset: str):
+    """The face analyzer a preset's photos are read with (``Preset.face_analyzer``)."""
+    from uniportrait.faces import get_face_analyzer
+    from uniportrait.presets.registry import get_preset
+
+    return get_face_analyzer(get_preset(preset).face_analyzer)
+
+
 def load_pipeline_from_args(args: argparse.Namespace):
     import torch
 

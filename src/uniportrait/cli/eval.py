@@ -164,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
 
         default_size = preset_defaults(args.preset).side
         model = {k: getattr(args, k, None) for k in ("preset", "adapter", "dtype", "seed_model")}
-        from uniportrait.cli.generate import preset_face_analyzer
+        from uniportrait.cli._common import preset_face_analyzer
 
         analyzer = preset_face_analyzer(args.preset)  # what reads the identities' photos
         if shard is not None:

@@ -313,7 +313,7 @@ def request_from_args(args: argparse.Namespace) -> GenerationRequest:
 
 def run(args: argparse.Namespace) -> int:
     from uniportrait.bank import IdentityBank
-    from uniportrait.cli._common import limits_from_args
+    from uniportrait.cli._common import limits_from_args, preset_face_analyzer
 
     request = request_from_args(args)
     request.validate(limits_from_args(args))
@@ -343,14 +343,6 @@ def run(args: argparse.Namespace) -> int:
     if check is not None and not check.passed:
         raise FaceCheckFailed(f"face check failed in every attempt; the best images are in {run_folder}")
     return 0
-
-
-def preset_face_analyzer(preset: str):
-    """The face analyzer a preset's photos are read with (``Preset.face_analyzer``)."""
-    from uniportrait.faces import get_face_analyzer
-    from uniportrait.presets.registry import get_preset
-
-    return get_face_analyzer(get_preset(preset).face_analyzer)
 
 
 class FaceCheckFailed(UniPortraitError):

@@ -61,7 +61,7 @@ def run_add(args: argparse.Namespace) -> int:
         raise IdentityError("`id add` stores one identity: --mix takes PHOTO:SCALE without a target")
     check_mix_scales([s for _, _, s in mixes])
     check_photos_exist(list(args.photos) + [p for _, photos, _ in mixes for p in photos])
-    from uniportrait.cli.generate import preset_face_analyzer
+    from uniportrait.cli._common import preset_face_analyzer
 
     analyzer = preset_face_analyzer(args.preset)  # e.g. the world's detector for world photos
     pipe = load_pipeline_from_args(args)
