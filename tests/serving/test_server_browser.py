@@ -83,6 +83,11 @@ def test_two_people_image_and_routing_overlay(page, ui_url, capsys):
     assert results.locator("img").count() == 2
     assert page.locator("#multi-faces img").count() == 2  # the aligned faces that were used
     assert "seed 0" in page.locator("#multi-note").inner_text()
+    # The <img> elements exist before their pictures have arrived: wait until both are decoded.
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#multi-results img')]"
+        ".every(i => i.complete && i.naturalWidth > 0)"
+    )
     sizes = results.locator("img").evaluate_all("imgs => imgs.map(i => [i.naturalWidth, i.naturalHeight])")
     assert sizes == [[64, 64], [64, 64]]
 
