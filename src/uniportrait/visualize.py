@@ -11,6 +11,8 @@ import torch
 
 # One colour per identity (RGB), repeated when there are more identities.
 PALETTE = ((230, 57, 70), (29, 120, 230), (42, 157, 80), (244, 162, 97), (131, 56, 236), (0, 180, 190))
+#: The palette's colours in words (legends).
+PALETTE_NAMES = ("red", "blue", "green", "orange", "purple", "teal")
 
 
 def routing_overlay(

@@ -75,6 +75,39 @@ def register(subparsers) -> None:
     )
     report.set_defaults(func=_report)
 
+    export = sub.add_parser(
+        "export-adapter", help="ship a trained adapter as the world preset's (float16, assets/world/adapter)"
+    )
+    export.add_argument(
+        "src", help="adapter folder or training checkpoint (uniportrait train --config configs/world/...)"
+    )
+    export.add_argument("--out", default=None, help="destination folder (default: the shipped world adapter)")
+    export.set_defaults(func=_export_adapter)
+
+    ident = sub.add_parser(
+        "identity-report",
+        help="measure a world UniPortrait adapter: single-ID, fidelity/editability, multi-ID tables",
+    )
+    ident.add_argument("--adapter", default=None, help="adapter folder (default: the shipped world adapter)")
+    ident.add_argument(
+        "--out", default="outputs/world-identity", help="report folder (default outputs/world-identity)"
+    )
+    ident.add_argument(
+        "--sections",
+        default="single,curve,multi,controls",
+        help="comma-separated parts to measure: single, curve, multi, controls (default all)",
+    )
+    ident.add_argument("--singles", type=int, default=100, help="held-out portrait captions (default 100)")
+    ident.add_argument("--groups", type=int, default=40, help="held-out group captions per size (default 40)")
+    ident.add_argument("--seeds", type=int, default=3, help="seeds per caption (default 3)")
+    ident.add_argument(
+        GUIDANCE_SCALE.option,
+        type=float,
+        default=GUIDANCE_SCALE.default,
+        help=f"{GUIDANCE_SCALE.help} (default {GUIDANCE_SCALE.default})",
+    )
+    ident.set_defaults(func=_identity_report)
+
 
 def _build(args: argparse.Namespace) -> int:
     from uniportrait.errors import UniPortraitError
@@ -160,4 +193,44 @@ def _report(args: argparse.Namespace) -> int:
     check_output_folder(args.out)
     report = run_report(Path(args.work), assets, Path(args.out), quick=args.quick, guidance=guidance)
     print(json.dumps(report, indent=2))
+    return 0
+
+
+IDENTITY_SECTIONS = ("single", "curve", "multi", "controls")
+
+
+def _identity_report(args: argparse.Namespace) -> int:
+    import json
+
+    from uniportrait.cli._common import check_output_folder
+    from uniportrait.errors import UniPortraitError
+    from uniportrait.presets.pipelines import build_world_pipeline
+    from uniportrait.settings import GUIDANCE_SCALE
+    from uniportrait.world.identity_report import run_identity_report
+    from uniportrait.world.oracles import WorldOracles
+
+    sections = tuple(s for s in args.sections.split(",") if s)
+    unknown = sorted(set(sections) - set(IDENTITY_SECTIONS))
+    if unknown or not sections:
+        raise UniPortraitError(
+            f"--sections: unknown part(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(IDENTITY_SECTIONS)}"
+        )
+    if args.singles < 2 or args.groups < 2 or args.seeds < 1:
+        raise UniPortraitError("--singles and --groups must be at least 2 and --seeds at least 1")
+    guidance = GUIDANCE_SCALE.check(args.guidance_scale, style="cli")
+    check_output_folder(args.out)
+    pipe = build_world_pipeline(args.adapter)
+    pipe.set_progress_bar_config(disable=True)
+    report = run_identity_report(
+        pipe, WorldOracles(), args.out, singles=args.singles, groups=args.groups,
+        seeds=tuple(range(args.seeds)), guidance=guidance, sections=sections,
+    )  # fmt: skip
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def _export_adapter(args: argparse.Namespace) -> int:
+    from uniportrait.world.build import export_adapter
+
+    print(export_adapter(args.src, args.out))
     return 0

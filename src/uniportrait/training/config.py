@@ -131,6 +131,9 @@ class OptimConfig:
             checkpoints and validation then use the averaged weights.
         gumbel_tau: temperature of the straight-through Gumbel-softmax routing (ours: 1.0).
         routing_loss_weight: λ of the routing loss (published 0.1).
+        face_loss_weight: weight of face pixels (the union of the face masks, at latent size) in
+            the diffusion loss, other pixels weighing 1; the loss is normalised by the mean
+            weight. 1.0 is the paper's plain MSE (docs/world.md measures what more does).
         overfit_batch: debugging: repeat the first batch with the same noise every step.
         seed: seeds data order, noise, dropouts and the routing noise.
     """
@@ -154,6 +157,7 @@ class OptimConfig:
     ema_decay: float | None = None
     gumbel_tau: float = 1.0
     routing_loss_weight: float = 0.1
+    face_loss_weight: float = 1.0
     overfit_batch: bool = False
     seed: int = 0
 
@@ -269,6 +273,8 @@ class TrainConfig:
             raise ConfigError(f"train.mixed_precision must be no, fp16 or bf16, got {t.mixed_precision!r}")
         if t.gumbel_tau <= 0:
             raise ConfigError("train.gumbel_tau must be positive")
+        if t.face_loss_weight <= 0:
+            raise ConfigError("train.face_loss_weight must be positive")
         if t.ema_decay is not None and not 0.0 < t.ema_decay < 1.0:
             raise ConfigError("train.ema_decay must be in (0, 1)")
         if self.data.resolution % 8 or (self.data.width or 8) % 8:

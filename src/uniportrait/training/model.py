@@ -32,6 +32,7 @@ class TrainingModel(nn.Module):
         stage: 1 or 2.
         gumbel_tau: temperature of the straight-through Gumbel routing (N >= 2).
         routing_loss_weight: λ of the routing loss.
+        face_loss_weight: weight of face pixels in the diffusion loss (1.0: plain MSE).
     """
 
     def __init__(
@@ -41,6 +42,7 @@ class TrainingModel(nn.Module):
         stage: int,
         gumbel_tau: float = 1.0,
         routing_loss_weight: float = 0.1,
+        face_loss_weight: float = 1.0,
     ) -> None:
         super().__init__()
         self.unet = unet
@@ -48,6 +50,10 @@ class TrainingModel(nn.Module):
         self.stage = stage
         self.gumbel_tau = gumbel_tau
         self.routing_loss_weight = routing_loss_weight
+        self.face_loss_weight = face_loss_weight
+        # weight of identity attention; training uses 1.0 (the inference default), evaluation
+        # probes may set another (scripts/world_identity_probe.py --faceid-scale)
+        self.faceid_scale = 1.0
 
     def train(self, mode: bool = True) -> TrainingModel:
         """Only the trained parts change mode; the frozen UNet (and in stage II the Q-Former)
@@ -101,13 +107,13 @@ class TrainingModel(nn.Module):
             structure_keep: (B, N, Ts) bool DropToken mask, or None.
             target: (B, C, h, w) what the UNet should predict (ε or v).
             rng_seed: seeds DropPath and the routing noise of this call.
-            masks: (B, N, H, W) bool face masks (stage II routing loss).
+            masks: (B, N, H, W) bool face masks (stage II routing loss; the face-weighted loss).
             route_valid: (B,) bool samples whose identities were not dropped.
             added_cond: SDXL's ``added_cond_kwargs``.
 
         Returns:
             ``loss`` (to minimise), ``diffusion``, and with N >= 2 ``routing``,
-            ``route_mass``, ``route_accuracy`` (all scalars).
+            ``route_mass``, ``route_accuracy`` (all scalars); ``diffusion_per_sample`` (B,).
         """
         n = intrinsic.shape[1]
         devices = [noisy_latents.device] if noisy_latents.device.type == "cuda" else []
@@ -116,7 +122,7 @@ class TrainingModel(nn.Module):
             tokens = self.identity_tokens(intrinsic, structure, structure_scale, structure_keep)
             call = AttentionCall(
                 id_tokens=tokens,
-                faceid_scale=1.0,
+                faceid_scale=self.faceid_scale,
                 lora="single" if n == 1 else "multi",
                 latent_hw=tuple(noisy_latents.shape[-2:]),
                 gumbel_tau=self.gumbel_tau if n >= 2 else None,
@@ -126,12 +132,27 @@ class TrainingModel(nn.Module):
             if added_cond is not None:
                 kwargs["added_cond_kwargs"] = added_cond
             pred = self.unet(noisy_latents, timesteps, encoder_hidden_states=text_states, **kwargs)[0]
-        diffusion = F.mse_loss(pred.float(), target.float())
-        out = {"diffusion": diffusion.detach()}
+        per_sample = (pred.float() - target.float()).square().mean((1, 2, 3))  # (B,)
+        diffusion = per_sample.mean()
+        out = {"diffusion": diffusion.detach(), "diffusion_per_sample": per_sample.detach()}
         loss = diffusion
+        if self.face_loss_weight != 1.0 and masks is not None:
+            loss = face_weighted_mse(pred.float(), target.float(), masks, self.face_loss_weight)
         if n >= 2 and masks is not None:
             stats = routing_loss(call.router_logits, masks, route_valid)
             loss = loss + self.routing_loss_weight * stats.loss
             out.update(routing=stats.loss.detach(), route_mass=stats.mass, route_accuracy=stats.accuracy)
         out["loss"] = loss
         return out
+
+
+def face_weighted_mse(
+    pred: torch.Tensor, target: torch.Tensor, masks: torch.Tensor, weight: float
+) -> torch.Tensor:
+    """MSE with face pixels weighing ``weight`` and the rest 1, normalised by the mean weight.
+
+    pred, target: (B, C, h, w); masks: (B, N, H, W) face masks at image size."""
+    face = masks.float().amax(1, keepdim=True)  # (B, 1, H, W): any face
+    face = F.interpolate(face, size=pred.shape[-2:], mode="area")  # (B, 1, h, w) face share per latent pixel
+    w = 1.0 + (weight - 1.0) * face
+    return ((pred - target).square() * w).mean() / w.mean()

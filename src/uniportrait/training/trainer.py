@@ -284,8 +284,9 @@ class Trainer:
         self.position = DataPosition(acc.num_processes)
 
         model = TrainingModel(
-            c.unet, c.adapter, cfg.stage, cfg.train.gumbel_tau, cfg.train.routing_loss_weight
-        )
+            c.unet, c.adapter, cfg.stage, cfg.train.gumbel_tau, cfg.train.routing_loss_weight,
+            cfg.train.face_loss_weight,
+        )  # fmt: skip
         optimizer = self._optimizer()
         engine = str(acc.distributed_type).rsplit(".", 1)[-1]
         if engine in ("FSDP", "DEEPSPEED"):
@@ -571,7 +572,7 @@ class Trainer:
             "structure_keep": keep,
             "target": target,
             "rng_seed": int(torch.randint(0, 2**62, (1,), generator=cpu)),
-            "masks": batch["masks"].to(dev) if n >= 2 else None,
+            "masks": batch["masks"].to(dev) if n >= 2 or cfg.train.face_loss_weight != 1.0 else None,
             "route_valid": ~dropped if n >= 2 else None,
             "added_cond": added,
         }
@@ -612,7 +613,8 @@ class Trainer:
                     self.optimizer.zero_grad(set_to_none=True)
                 self.position.micro_batches += 1
                 for key, value in out.items():  # summed on the device: no sync per step
-                    sums[key] = sums.get(key, 0.0) + value.detach().float()
+                    if value.ndim == 0:  # scalars are logged; per-sample values are for probes
+                        sums[key] = sums.get(key, 0.0) + value.detach().float()
                 counted += 1
             if not acc.sync_gradients:
                 raise RuntimeError("gradient accumulation went out of step with the micro-batches")

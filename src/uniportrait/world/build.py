@@ -227,3 +227,22 @@ def export(work: Path, out: Path) -> None:
         shutil.rmtree(out)
     tmp.rename(out)
     logger.info("world build: exported to %s", out)
+
+
+def export_adapter(src: str | Path, out: str | Path | None = None) -> Path:
+    """Ship a trained world adapter: ``src`` (an adapter folder or a training checkpoint) → ``out``
+    (default ``assets/world/adapter``) in float16, without a face backbone copy (the world's
+    shipped backbone is the one it was trained with); written atomically."""
+    import torch
+
+    from uniportrait.errors import UniPortraitError
+    from uniportrait.models.adapter import UniPortraitAdapter
+
+    src = Path(src)
+    src = src / "adapter" if (src / "adapter" / "config.json").is_file() else src
+    if not (src / "config.json").is_file():
+        raise UniPortraitError(f"{src}: not an adapter folder or a training checkpoint (no config.json)")
+    out = Path(out) if out is not None else WORLD_ASSETS / "adapter"
+    UniPortraitAdapter.from_pretrained(src).to(torch.float16).save_pretrained(out)
+    logger.info("world adapter exported to %s", out)
+    return out

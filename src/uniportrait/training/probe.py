@@ -1,0 +1,88 @@
+"""Does an adapter use identity? The held-out identity probe (docs/world.md, issue 12's learning test).
+
+For held-out pictures, the denoising MSE with each face's *own* identity features (taken from
+another picture of the same person when the dataset has one, as the ID augmentation does) is
+compared with the MSE with *another* person's features, at the same noise and timestep. The
+mean paired difference (other − own), its standard error and z say whether identity is used:
+zero when the identity tokens are ignored, positive when the adapter denoises a person better
+with their own identity. Any dataset in the prepare-data format with identity labels works.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from uniportrait.training.data import collate
+
+
+@torch.no_grad()
+def identity_probe(
+    trainer, count: int = 300, batch: int = 30, shift: int | None = None, seed: int = 0
+) -> dict:
+    """Paired own-vs-other identity MSE of ``trainer``'s model on ``trainer.dataset``.
+
+    The trainer should be built with the dataset to probe and no condition dropout (``data.id_drop``,
+    ``text_drop``, ``structure_drop_*`` 0; ``id_augment`` 1). Each batch of ``batch`` consecutive
+    pictures is paired with itself rolled by ``shift`` (default half the batch): the pictures must
+    be ordered so that pictures ``shift`` apart show different people (``uniportrait world render``
+    writes each identity's renders next to each other, fewer than ``batch // 2`` of them).
+
+    Returns ``own_mse``, ``other_mse``, ``diff_mean``, ``diff_se``, ``relative`` and ``z``.
+    """
+    model = trainer.model.eval()
+    shift = batch // 2 if shift is None else shift
+    n = min(count, len(trainer.dataset)) // batch * batch
+    if n < batch or not 0 < shift < batch:
+        raise ValueError(f"identity probe: need at least {batch} pictures and 0 < shift < batch")
+    own, other = [], []
+    for start in range(0, n, batch):
+        items = collate([trainer.dataset[(i, seed + i)] for i in range(start, start + batch)])
+        inputs = trainer.prepare_inputs(items, seed=seed * 100_003 + start)
+        own.append(model(**inputs)["diffusion_per_sample"].cpu())
+        for key in ("intrinsic", "structure", "structure_scale", "structure_keep"):
+            if inputs.get(key) is not None:
+                inputs[key] = inputs[key].roll(shift, dims=0)
+        other.append(model(**inputs)["diffusion_per_sample"].cpu())
+    own_a, other_a = torch.cat(own).double().numpy(), torch.cat(other).double().numpy()
+    diff = other_a - own_a
+    se = float(diff.std(ddof=1) / math.sqrt(len(diff)))
+    return {
+        "pictures": int(len(diff)),
+        "own_mse": float(own_a.mean()),
+        "other_mse": float(other_a.mean()),
+        "diff_mean": float(diff.mean()),
+        "diff_se": se,
+        "relative": float(diff.mean() / own_a.mean()),
+        "z": float(diff.mean() / se) if se > 0 else float(np.sign(diff.mean()) * np.inf),
+    }
+
+
+@torch.no_grad()
+def routing_probe(trainer, count: int = 120, batch: int = 20, seed: int = 0) -> dict:
+    """How often the router sends face pixels to the right identity, on ``trainer.dataset``
+    (pictures of two or more people with face masks): the share of face pixels whose hard routing
+    is their own face's identity, averaged over cross-attention layers (``route_accuracy`` of the
+    routing loss), per batch. Returns ``accuracy`` (mean over batches), ``se`` and ``chance``
+    (1 / people per picture)."""
+    model = trainer.model.eval()
+    n = min(count, len(trainer.dataset)) // batch * batch
+    if n < batch:
+        raise ValueError(f"routing probe: need at least {batch} pictures")
+    accs, people = [], []
+    for start in range(0, n, batch):
+        items = collate([trainer.dataset[(i, seed + i)] for i in range(start, start + batch)])
+        inputs = trainer.prepare_inputs(items, seed=seed * 100_003 + start)
+        if inputs["masks"] is None:
+            raise ValueError("routing probe: the pictures need two or more people")
+        accs.append(float(model(**inputs)["route_accuracy"]))
+        people.append(inputs["intrinsic"].shape[1])
+    a = np.array(accs)
+    return {
+        "pictures": n,
+        "accuracy": float(a.mean()),
+        "se": float(a.std(ddof=1) / math.sqrt(len(a))) if len(a) > 1 else 0.0,
+        "chance": float(np.mean([1.0 / p for p in people])),
+    }

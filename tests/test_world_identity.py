@@ -1,0 +1,147 @@
+"""UniPortrait in the identity world: the measures of the identity report (trait attribution,
+copy rate, layout masks), the face-weighted loss, the identity-report command and the world demo."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from uniportrait.world.build import WORLD_ASSETS
+from uniportrait.world.identity_report import ATTRIBUTION_TRAITS, _is_blend, layout_masks, trait_shares
+from uniportrait.world.traits import CONTINUOUS_TRAITS, DISCRETE_TRAITS, HELD_OUT_START, Traits
+
+shipped_adapter = pytest.mark.skipif(
+    not (WORLD_ASSETS / "adapter" / "config.json").is_file(),
+    reason="no world adapter in this checkout (train one: configs/world/stage1.yaml)",
+)
+
+
+def _pair_differing_everywhere() -> tuple[Traits, Traits]:
+    """Two identities whose attribution traits all tell them apart."""
+    for k in range(10_000):
+        a, b = Traits.of(HELD_OUT_START + 2 * k), Traits.of(HELD_OUT_START + 2 * k + 1)
+        cont = all(
+            abs(getattr(a, n) - getattr(b, n)) >= 0.3 for n in ATTRIBUTION_TRAITS if n in CONTINUOUS_TRAITS
+        )
+        disc = all(getattr(a, n) != getattr(b, n) for n in ATTRIBUTION_TRAITS if n in DISCRETE_TRAITS)
+        if cont and disc:
+            return a, b
+    raise AssertionError("no such pair")
+
+
+def test_trait_attribution_tells_a_person_from_a_blend():
+    a, b = _pair_differing_everywhere()
+    va, vb = a.vector(), b.vector()
+    assert trait_shares(va, va, vb) == (1.0, 0.0)
+    assert trait_shares(vb, va, vb) == (0.0, 1.0)
+    assert not _is_blend(*trait_shares(va, va, vb))
+    # half of the attribution traits from each person: a blend
+    names = list(ATTRIBUTION_TRAITS)
+    from_b = set(names[::2])
+    cont = tuple(getattr(b if n in from_b else a, n) for n in CONTINUOUS_TRAITS)
+    disc = {n: getattr(b if n in from_b else a, n) for n in DISCRETE_TRAITS}
+    mixed = Traits(cont=cont, **disc).vector()
+    share_a, share_b = trait_shares(mixed, va, vb)
+    assert share_a == pytest.approx(0.5) and share_b == pytest.approx(0.5)
+    assert _is_blend(share_a, share_b)
+    # traits outside the attribution set do not count
+    other = Traits(cont=tuple(1 - v if n not in names else v for n, v in zip(CONTINUOUS_TRAITS, a.cont)),
+                   **{n: getattr(a, n) for n in DISCRETE_TRAITS}).vector()  # fmt: skip
+    assert trait_shares(other, va, vb) == (1.0, 0.0)
+    # two identical people: nothing tells them apart
+    assert trait_shares(va, va, va) == (0.0, 0.0)
+
+
+def test_layout_masks_cover_each_persons_face():
+    from uniportrait.world.scenes import sample_spec
+
+    spec = sample_spec(np.random.default_rng(0), [HELD_OUT_START + 1, HELD_OUT_START + 2], seed=3)
+    masks = layout_masks(spec)
+    boxes = spec.render().boxes
+    assert masks.shape == (2, spec.height, spec.width)
+    for k, (x0, y0, x1, y1) in enumerate(boxes):
+        cx, cy = int((x0 + x1) / 2), int((y0 + y1) / 2)
+        assert masks[k, cy, cx] == 1 and masks[1 - k, cy, cx] == 0  # each face in its own mask only
+    assert 0 < masks.mean() < 0.5
+
+
+def test_face_weighted_loss():
+    from uniportrait.training.model import face_weighted_mse
+
+    g = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    masks = torch.zeros(2, 1, 32, 32, dtype=torch.bool)
+    masks[:, :, 8:16, 8:16] = True  # a face: latent pixels (2..3, 2..3)
+    plain = torch.nn.functional.mse_loss(pred, target)
+    assert face_weighted_mse(pred, target, masks, 1.0) == pytest.approx(float(plain))
+    # the same error everywhere: the weighting changes nothing (normalised by the mean weight)
+    assert face_weighted_mse(target + 0.5, target, masks, 5.0) == pytest.approx(0.25)
+    # error only on the face weighs more, only off the face less
+    on_face = target.clone()
+    on_face[:, :, 2:4, 2:4] += 1.0
+    off_face = target.clone()
+    off_face[:, :, 5:7, 5:7] += 1.0
+    assert face_weighted_mse(on_face, target, masks, 5.0) > face_weighted_mse(on_face, target, masks, 1.0)
+    assert face_weighted_mse(off_face, target, masks, 5.0) < face_weighted_mse(off_face, target, masks, 1.0)
+
+
+def test_face_loss_weight_must_be_positive():
+    from uniportrait.errors import ConfigError
+    from uniportrait.training.config import load_config
+
+    with pytest.raises(ConfigError, match="face_loss_weight"):
+        load_config(None, ["train.face_loss_weight=0", "model.preset=tiny", "data.path=x"], stage=1)
+
+
+@shipped_adapter
+def test_identity_report_measures_a_world_adapter(tmp_path):
+    from uniportrait.cli import main
+
+    out = tmp_path / "report"
+    args = ["-q", "world", "identity-report", "--out", str(out), "--singles", "2", "--groups", "2",
+            "--seeds", "1", "--sections", "single,multi"]  # fmt: skip
+    assert main(args) == 0
+    report = json.loads((out / "identity_report.json").read_text())
+    rows = report["single"]
+    assert set(rows) == {"base model (no identity)", "UniPortrait stage I",
+                         "structure branch off (face_structure_scale 0)"}  # fmt: skip
+    for row in rows.values():
+        assert 0 <= row["prompt_following"]["mean"] <= 1
+        assert -1 <= row["face_sim"]["mean"] <= 1
+    assert set(report["multi_2"]) == set(report["multi_3"]) == {
+        "no routing (every identity everywhere)", "user masks (layout boxes)", "router"}  # fmt: skip
+    assert (out / "single_stage1.png").is_file() and (out / "multi_2_router.png").is_file()
+    # a second run resumes: rows already measured are kept, not measured again
+    before = (out / "identity_report.json").read_text()
+    assert main(args) == 0
+    assert (out / "identity_report.json").read_text() == before
+
+
+def test_identity_report_refuses_bad_input(tmp_path, capsys):
+    from uniportrait.cli import main
+
+    out = tmp_path / "r"
+    assert main(["world", "identity-report", "--out", str(out), "--sections", "single,tables"]) == 2
+    assert "unknown part(s) tables" in capsys.readouterr().err
+    assert main(["world", "identity-report", "--out", str(out), "--seeds", "0"]) == 2
+    assert not out.exists()
+
+
+@shipped_adapter
+def test_world_demo_shows_held_out_people_with_oracle_scores(tmp_path, capsys):
+    from PIL import Image
+
+    from uniportrait.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--preset", "world", "--out", str(out), "--steps", "3"]) == 0
+    printed = capsys.readouterr().out
+    assert "Face Sim" in printed
+    sheet = Image.open(out / "contact_sheet.png")
+    assert sheet.width > 600 and sheet.height > 800  # 3 people x 5 pictures, then 2 groups
+    for name in ("ada-0", "ben-3", "cleo-1", "group-2", "group-2-routing", "group-3-routing"):
+        assert (out / f"{name}.png").is_file(), name
+    assert Image.open(out / "group-3.png").size == (128, 64)

@@ -1,0 +1,87 @@
+"""The trainer learns, measured on held-out people (issue 12).
+
+Short runs from the shipped world models, exactly as ``uniportrait train`` runs them
+(``configs/world/``), then probes on pictures of identities no run has seen:
+
+- stage I: the denoising loss of a held-out picture is lower with the person's own identity
+  features (from another picture of them) than with another person's, paired at the same noise
+  and timestep (:func:`~uniportrait.training.probe.identity_probe`), by several standard errors;
+- stage II: the router sends face pixels of held-out two-person pictures to the right identity
+  well above chance (:func:`~uniportrait.training.probe.routing_probe`).
+
+Both fail if the identity tokens or the routing loss are disconnected (docs/world.md records the
+check). The fixed-batch overfitting tests of ``test_training.py`` check the mechanics only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from uniportrait.world.build import WORLD_ASSETS
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "world"
+NO_DROPOUT = ["data.id_drop=0", "data.text_drop=0", "data.structure_drop_all=0",
+              "data.structure_drop_tokens=0", "data.id_augment=1.0"]  # fmt: skip
+
+pytestmark = pytest.mark.skipif(
+    not (WORLD_ASSETS / "base" / "model_index.json").is_file(), reason="no world weights in this checkout"
+)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from uniportrait.world.dataset import RenderOptions, write_dataset
+
+    root = tmp_path_factory.mktemp("world-learning")
+    sets = {
+        "singles": RenderOptions(count=1200, people=(1,), identities=200, seed=51),
+        "held-singles": RenderOptions(count=600, people=(1,), identities=100, held_out=True, seed=52),
+        "groups": RenderOptions(count=600, people=(2,), identities=200, seed=53),
+        "held-groups": RenderOptions(count=120, people=(2,), identities=40, held_out=True, seed=54),
+    }
+    for name, options in sets.items():
+        write_dataset(root / name, options, progress=False)
+    return root
+
+
+def _trainer(stage: int, data: Path, out: Path, *overrides: str):
+    import torch
+
+    from uniportrait.training.config import load_config
+    from uniportrait.training.trainer import Trainer
+
+    torch.manual_seed(0)
+    config = CONFIGS / f"stage{stage}.yaml"
+    base = [f"data.path={data}", f"output_dir={out}", "validation.every=0", "validation.prompts=[]",
+            "checkpoint.every=100000", "logging.every=25"]  # fmt: skip
+    return Trainer(load_config(config, base + list(overrides), stage=stage))
+
+
+def test_stage1_learns_to_use_identity_on_held_out_people(data, tmp_path):
+    from uniportrait.training.probe import identity_probe
+
+    adapter = _trainer(1, data / "singles", tmp_path / "run", "train.max_steps=150", "train.batch_size=16",
+                       "train.learning_rate=1e-3").train()  # fmt: skip
+    probe = _trainer(
+        1, data / "held-singles", tmp_path / "probe", f"model.init_adapter={adapter}", *NO_DROPOUT
+    )
+    result = identity_probe(probe, count=600)
+    assert result["z"] > 3, result  # own identity denoises better than another person's
+
+
+def test_stage2_learns_to_route_held_out_faces(data, tmp_path):
+    from uniportrait.training.probe import routing_probe
+
+    start = WORLD_ASSETS / "adapter"
+    if not (start / "config.json").is_file():
+        pytest.skip("no world stage-I adapter shipped to start stage II from")
+    common = [f"model.init_adapter={start}", "data.min_faces=2", "data.max_faces=2"]
+    before = routing_probe(_trainer(2, data / "held-groups", tmp_path / "p0", *common, *NO_DROPOUT))
+    adapter = _trainer(2, data / "groups", tmp_path / "run", *common, "train.max_steps=100",
+                       "train.batch_size=8").train()  # fmt: skip
+    common[0] = f"model.init_adapter={adapter}"
+    after = routing_probe(_trainer(2, data / "held-groups", tmp_path / "p1", *common, *NO_DROPOUT))
+    assert after["accuracy"] > after["chance"] + 0.1, (before, after)
+    assert after["accuracy"] - before["accuracy"] > 4 * max(after["se"], before["se"]), (before, after)
