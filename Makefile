@@ -17,7 +17,7 @@ $(BIN)/.installed: pyproject.toml
 setup: $(BIN)/.installed
 
 demo: setup
-	$(BIN)/uniportrait demo --out outputs/demo
+	$(BIN)/uniportrait demo --preset world --out outputs/demo
 
 test: setup
 	$(BIN)/python -m pytest -q

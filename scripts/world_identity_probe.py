@@ -17,14 +17,8 @@ import json
 import torch
 
 from uniportrait.training.config import load_config
-from uniportrait.training.probe import identity_probe
+from uniportrait.training.probe import PROBE_OVERRIDES, identity_probe
 from uniportrait.training.trainer import Trainer
-
-#: No condition dropout; references always another picture of the person.
-PROBE_OVERRIDES = [
-    "data.id_drop=0", "data.text_drop=0", "data.structure_drop_all=0", "data.structure_drop_tokens=0",
-    "data.id_augment=1.0",
-]  # fmt: skip
 
 
 def main() -> None:
@@ -43,7 +37,7 @@ def main() -> None:
         f"model.init_adapter={args.adapter}",
         "output_dir=outputs/identity-probe",
     ]
-    trainer = Trainer(load_config(args.config, overrides + PROBE_OVERRIDES, stage=1))
+    trainer = Trainer(load_config(args.config, overrides + list(PROBE_OVERRIDES), stage=1))
     trainer.model.faceid_scale = args.faceid_scale
     result = identity_probe(trainer, args.count)
     print(json.dumps({"adapter": args.adapter, "faceid_scale": args.faceid_scale, **result}))

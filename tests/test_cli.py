@@ -272,7 +272,7 @@ def test_bad_numbers(tmp_path, capsys):
 
 def test_demo_writes_real_files(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--steps", "2"]) == 0
+    assert main(["demo", "--preset", "tiny", "--out", str(out), "--steps", "2"]) == 0
     printed = capsys.readouterr().out
     sheet = out / "contact_sheet.png"
     assert str(sheet) in printed

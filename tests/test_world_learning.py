@@ -22,8 +22,6 @@ import pytest
 from uniportrait.world.build import WORLD_ASSETS
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "world"
-NO_DROPOUT = ["data.id_drop=0", "data.text_drop=0", "data.structure_drop_all=0",
-              "data.structure_drop_tokens=0", "data.id_augment=1.0"]  # fmt: skip
 
 pytestmark = pytest.mark.skipif(
     not (WORLD_ASSETS / "base" / "model_index.json").is_file(), reason="no world weights in this checkout"
@@ -59,29 +57,52 @@ def _trainer(stage: int, data: Path, out: Path, *overrides: str):
     return Trainer(load_config(config, base + list(overrides), stage=stage))
 
 
-def test_stage1_learns_to_use_identity_on_held_out_people(data, tmp_path):
-    from uniportrait.training.probe import identity_probe
+def _stage1_part(adapter_dir: Path, out: Path) -> Path:
+    """The shipped adapter without its stage-II parts (router, multi-ID LoRA): what stage I left."""
+    import dataclasses
+
+    from uniportrait.models.adapter import UniPortraitAdapter
+    from uniportrait.training.components import parameter_role
+
+    trained = UniPortraitAdapter.from_pretrained(adapter_dir).float()
+    single = UniPortraitAdapter.from_sizes(dataclasses.replace(trained.sizes, multi_id=False))
+    named = {
+        k: v
+        for k, v in trained.named_state_dict().items()
+        if parameter_role(k) not in ("router", "multi_lora")
+    }
+    single.load_named_state_dict(named, "the shipped adapter's stage-I part")
+    return single.save_pretrained(out)
+
+
+def test_stage1_learns_to_use_identity_on_held_out_people(data, tmp_path, capsys):
+    from uniportrait.training.probe import PROBE_OVERRIDES, identity_probe
 
     adapter = _trainer(1, data / "singles", tmp_path / "run", "train.max_steps=150", "train.batch_size=16",
                        "train.learning_rate=1e-3").train()  # fmt: skip
     probe = _trainer(
-        1, data / "held-singles", tmp_path / "probe", f"model.init_adapter={adapter}", *NO_DROPOUT
+        1, data / "held-singles", tmp_path / "probe", f"model.init_adapter={adapter}", *PROBE_OVERRIDES
     )
     result = identity_probe(probe, count=600)
+    with capsys.disabled():
+        print(f"\nstage-I identity probe (held out): {result}")
     assert result["z"] > 3, result  # own identity denoises better than another person's
 
 
-def test_stage2_learns_to_route_held_out_faces(data, tmp_path):
-    from uniportrait.training.probe import routing_probe
+def test_stage2_learns_to_route_held_out_faces(data, tmp_path, capsys):
+    from uniportrait.training.probe import PROBE_OVERRIDES, routing_probe
 
-    start = WORLD_ASSETS / "adapter"
-    if not (start / "config.json").is_file():
-        pytest.skip("no world stage-I adapter shipped to start stage II from")
+    shipped = WORLD_ASSETS / "adapter"
+    if not (shipped / "config.json").is_file():
+        pytest.skip("no world adapter shipped to take stage I from")
+    start = _stage1_part(shipped, tmp_path / "stage1")  # an untrained router and multi-ID LoRA
     common = [f"model.init_adapter={start}", "data.min_faces=2", "data.max_faces=2"]
-    before = routing_probe(_trainer(2, data / "held-groups", tmp_path / "p0", *common, *NO_DROPOUT))
+    before = routing_probe(_trainer(2, data / "held-groups", tmp_path / "p0", *common, *PROBE_OVERRIDES))
     adapter = _trainer(2, data / "groups", tmp_path / "run", *common, "train.max_steps=100",
                        "train.batch_size=8").train()  # fmt: skip
     common[0] = f"model.init_adapter={adapter}"
-    after = routing_probe(_trainer(2, data / "held-groups", tmp_path / "p1", *common, *NO_DROPOUT))
+    after = routing_probe(_trainer(2, data / "held-groups", tmp_path / "p1", *common, *PROBE_OVERRIDES))
+    with capsys.disabled():
+        print(f"\nstage-II routing probe (held out): before {before}, after {after}")
     assert after["accuracy"] > after["chance"] + 0.1, (before, after)
     assert after["accuracy"] - before["accuracy"] > 4 * max(after["se"], before["se"]), (before, after)

@@ -95,7 +95,8 @@ def register(subparsers) -> None:
     ident.add_argument(
         "--sections",
         default="single,curve,multi,controls",
-        help="comma-separated parts to measure: single, curve, multi, controls (default all)",
+        help="comma-separated parts to measure: single, curve, multi, router (the router's multi-ID rows "
+        "only), controls (default single,curve,multi,controls)",
     )
     ident.add_argument("--singles", type=int, default=100, help="held-out portrait captions (default 100)")
     ident.add_argument("--groups", type=int, default=40, help="held-out group captions per size (default 40)")
@@ -196,11 +197,10 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
-IDENTITY_SECTIONS = ("single", "curve", "multi", "controls")
+IDENTITY_SECTIONS = ("single", "curve", "multi", "router", "controls")
 
 
 def _identity_report(args: argparse.Namespace) -> int:
-    import json
 
     from uniportrait.cli._common import check_output_folder
     from uniportrait.errors import UniPortraitError
@@ -225,7 +225,10 @@ def _identity_report(args: argparse.Namespace) -> int:
         pipe, WorldOracles(), args.out, singles=args.singles, groups=args.groups,
         seeds=tuple(range(args.seeds)), guidance=guidance, sections=sections,
     )  # fmt: skip
-    print(json.dumps(report, indent=2))
+    from uniportrait.world.identity_report import markdown_tables
+
+    print(markdown_tables(report))
+    print(f"{args.out}/identity_report.json, identity_report.md and contact sheets written")
     return 0
 
 

@@ -17,6 +17,13 @@ import torch
 
 from uniportrait.training.data import collate
 
+#: Config overrides for a probe's trainer: no condition dropout, and references always another
+#: picture of the person (the ID augmentation at 1).
+PROBE_OVERRIDES = (
+    "data.id_drop=0", "data.text_drop=0", "data.structure_drop_all=0", "data.structure_drop_tokens=0",
+    "data.id_augment=1.0",
+)  # fmt: skip
+
 
 @torch.no_grad()
 def identity_probe(
@@ -24,8 +31,7 @@ def identity_probe(
 ) -> dict:
     """Paired own-vs-other identity MSE of ``trainer``'s model on ``trainer.dataset``.
 
-    The trainer should be built with the dataset to probe and no condition dropout (``data.id_drop``,
-    ``text_drop``, ``structure_drop_*`` 0; ``id_augment`` 1). Each batch of ``batch`` consecutive
+    The trainer should be built with the dataset to probe and :data:`PROBE_OVERRIDES`. Each batch of ``batch`` consecutive
     pictures is paired with itself rolled by ``shift`` (default half the batch): the pictures must
     be ordered so that pictures ``shift`` apart show different people (``uniportrait world render``
     writes each identity's renders next to each other, fewer than ``batch // 2`` of them).

@@ -31,6 +31,9 @@ GROUP_PROMPTS = {
     3: "a photo of three people on a beach",
 }
 SCALE = 3  # sheet pixels per picture pixel
+#: Identity weight of the demo: the shipped adapter learned identity's direction before its size,
+#: and 2.0 (the setting's maximum) shows it best (docs/world.md, the fidelity/editability curve).
+DEMO_FACEID_SCALE = 2.0
 
 
 @dataclass
@@ -107,7 +110,7 @@ def _sheet(rows: list[tuple[str, list[Image.Image]]], pad: int = 8) -> Image.Ima
 
 @torch.no_grad()
 def run_world_demo(
-    pipe, out: Path, seed: int = 0, steps: int = 25, faceid_scale: float | None = None
+    pipe, out: Path, seed: int = 0, steps: int = 25, faceid_scale: float = DEMO_FACEID_SCALE
 ) -> list[Path]:
     """Generate the demo's pictures into ``out``; returns the files written (the sheet last)."""
     from uniportrait.faces.image_io import save_png_atomic
@@ -116,9 +119,7 @@ def run_world_demo(
     oracles = WorldOracles()
     people = demo_people(oracles)
     identities = {p.name: pipe.encode_identity(p.crop, name=p.name) for p in people}
-    call = {"num_inference_steps": steps, "output_type": "np"}
-    if faceid_scale is not None:
-        call["faceid_scale"] = faceid_scale
+    call = {"num_inference_steps": steps, "output_type": "np", "faceid_scale": faceid_scale}
     written, rows = [], []
 
     def picture(prompt: str, who: list[DemoPerson], width: int) -> tuple[np.ndarray, np.ndarray | None]:

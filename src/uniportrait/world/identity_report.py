@@ -374,7 +374,10 @@ def run_identity_report(
 ) -> dict:
     """Measure ``pipe`` (a world UniPortrait pipeline) and write ``out/identity_report.json``.
 
-    Rows already in the file are kept (the report resumes); contact sheets go next to it.
+    ``sections``: any of ``single``, ``curve``, ``multi`` (all multi-ID rows), ``router`` (the
+    router's multi-ID rows only) and ``controls`` (the blend measure on renders). Rows already in
+    the file are kept (the report resumes); contact sheets go next to it. The
+    curve's points use the first 60% of the single-ID captions and one seed.
     """
     import json
     from pathlib import Path
@@ -389,12 +392,21 @@ def run_identity_report(
 
     def save() -> None:
         write_text_atomic(path, json.dumps(report, indent=2))
+        write_text_atomic(out / "identity_report.md", markdown_tables(report))
 
-    def row(section: str, name: str, cases, routed: bool = False, sheet: str | None = None, **call) -> None:
+    def row(
+        section: str,
+        name: str,
+        cases,
+        routed: bool = False,
+        sheet: str | None = None,
+        row_seeds=seeds,
+        **call,
+    ) -> None:
         if name in report.setdefault(section, {}):
             return
         logger.info("%s: %s", section, name)
-        result = _measure_row(pipe, oracles, cases, seeds, guidance, routed, **call)
+        result = _measure_row(pipe, oracles, cases, row_seeds, guidance, routed, **call)
         images = result.pop("images")
         if sheet:
             count = 24 if len(cases[0].spec.people) == 1 else 12
@@ -407,7 +419,9 @@ def run_identity_report(
         report[section][name] = result
         save()
 
-    report["setup"] = {"singles": singles, "groups": groups, "seeds": list(seeds), "guidance": guidance}
+    curve = max(2, singles * 3 // 5)  # the curve: the first 60% of the captions, one seed per point
+    report["setup"] = {"singles": singles, "groups": groups, "seeds": list(seeds), "guidance": guidance,
+                       "curve_captions": curve, "curve_seeds": 1}  # fmt: skip
     if "controls" in sections and "blend_controls" not in report:
         report["blend_controls"] = blend_controls(oracles)
         save()
@@ -420,11 +434,77 @@ def run_identity_report(
         if "curve" in sections:
             for faceid, structure in CURVE:
                 name = f"faceid {faceid:g}, structure {structure:g}"
-                row("curve", name, cases, faceid_scale=faceid, face_structure_scale=structure)
-    if "multi" in sections:
+                row(
+                    "curve",
+                    name,
+                    cases[:curve],
+                    row_seeds=seeds[:1],
+                    faceid_scale=faceid,
+                    face_structure_scale=structure,
+                )
+    if "multi" in sections or "router" in sections:
+        names = MULTI_ROWS if "multi" in sections else ["router"]
         for people in (2, 3):
             cases = identity_cases(oracles, groups, people)
-            for name, call in MULTI_ROWS.items():
+            for name in names:
+                call = MULTI_ROWS[name]
                 sheet = f"multi_{people}_router.png" if name == "router" else None
                 row(f"multi_{people}", name, cases, routed=name == "router", sheet=sheet, **call)
     return report
+
+
+def _cell(row: dict, key: str, digits: int = 3, percent: bool = False) -> str:
+    value = row.get(key)
+    if value is None:
+        return "–"
+    if isinstance(value, dict):
+        mean, std = value["mean"], value.get("std", 0.0)
+        if percent:
+            return f"{100 * mean:.1f}% ± {100 * std:.1f}" if std else f"{100 * mean:.1f}%"
+        return f"{mean:.{digits}f} ± {std:.{digits}f}" if std else f"{mean:.{digits}f}"
+    return f"{100 * value:.1f}%" if percent else f"{value:.{digits}f}"
+
+
+def markdown_tables(report: dict) -> str:
+    """The report's tables in Markdown (mean ± standard deviation over seeds), as in docs/world.md."""
+    lines = []
+    if "blend_controls" in report:
+        c = report["blend_controls"]
+        lines += [
+            f"Blend measure on renders ({c['pairs']} held-out pairs): pure faces "
+            f"{100 * c['pure_blend_rate']:.1f}%, true blends {100 * c['mixed_blend_rate']:.1f}%, "
+            f"strangers {100 * c['stranger_blend_rate']:.1f}%.",
+            "",
+        ]
+    single_cols = (
+        ("Face Sim", "face_sim", False), ("one face", "exact_face_count_rate", True),
+        ("prompt following", "prompt_following", True), ("copy rate", "copy_rate", True),
+    )  # fmt: skip
+    for section, title in (("single", "Single-ID"), ("curve", "Fidelity vs editability")):
+        rows = report.get(section)
+        if not rows:
+            continue
+        lines += [f"**{title}**", "", "| | " + " | ".join(c[0] for c in single_cols) + " |",
+                  "|---|" + "---|" * len(single_cols)]  # fmt: skip
+        for name, row in rows.items():
+            lines.append(
+                f"| {name} | " + " | ".join(_cell(row, k, percent=p) for _, k, p in single_cols) + " |"
+            )
+        lines.append("")
+    multi_cols = (
+        ("min Face Sim", "face_sim", False), ("blending", "blend_rate", True),
+        ("duplication", "duplication_rate", True), ("missing", "missing_rate", True),
+        ("prompt following", "prompt_following", True), ("routing accuracy", "routing_accuracy", True),
+    )  # fmt: skip
+    for people in (2, 3):
+        rows = report.get(f"multi_{people}")
+        if not rows:
+            continue
+        lines += [f"**Multi-ID, {people} people**", "", "| | " + " | ".join(c[0] for c in multi_cols) + " |",
+                  "|---|" + "---|" * len(multi_cols)]  # fmt: skip
+        for name, row in rows.items():
+            lines.append(
+                f"| {name} | " + " | ".join(_cell(row, k, percent=p) for _, k, p in multi_cols) + " |"
+            )
+        lines.append("")
+    return "\n".join(lines)

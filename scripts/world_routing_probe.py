@@ -1,0 +1,43 @@
+"""Does a stage-II router send face pixels to the right identity? :func:`uniportrait.training.probe.routing_probe`
+on held-out world group pictures (their ground-truth face masks), per group size::
+
+    uniportrait world render --out runs/world/heldout-groups --count 200 --people 2,3 \\
+        --identities 50 --held-out --seed 32
+    python scripts/world_routing_probe.py runs/world/heldout-groups runs/world/train-stage2/adapter
+
+Prints one JSON line per adapter and group size (accuracy, its standard error over batches, chance).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from uniportrait.training.config import load_config
+from uniportrait.training.probe import PROBE_OVERRIDES, routing_probe
+from uniportrait.training.trainer import Trainer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "data", help="held-out group dataset (uniportrait world render --held-out --people 2,3)"
+    )
+    parser.add_argument("adapters", nargs="+", help="adapter or training checkpoint folders")
+    parser.add_argument("--count", type=int, default=100, help="pictures per group size (default 100)")
+    parser.add_argument("--config", default="configs/world/stage2.yaml")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    for adapter in args.adapters:
+        for people in (2, 3):
+            overrides = [f"data.path={args.data}", f"model.init_adapter={adapter}", "output_dir=outputs/routing-probe",
+                         f"data.min_faces={people}", f"data.max_faces={people}"]  # fmt: skip
+            trainer = Trainer(load_config(args.config, overrides + list(PROBE_OVERRIDES), stage=2))
+            result = routing_probe(trainer, count=args.count, batch=20)
+            print(json.dumps({"adapter": adapter, "people": people, **result}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
