@@ -255,14 +255,28 @@ def test_world_preset_generates_a_world_person_from_a_render(tmp_path, capsys):
 
 
 @shipped
-def test_world_preset_needs_an_adapter_until_one_is_shipped(tmp_path, capsys):
-    if (WORLD_ASSETS / "adapter").is_dir():
-        pytest.skip("a world adapter is shipped")
+def test_world_preset_uses_the_shipped_adapter_and_says_when_it_is_missing(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    import uniportrait.world.build as build
     from uniportrait.cli import main
 
-    assert main(["generate", "--preset", "world", "--prompt", "a person", "--out", str(tmp_path / "o")]) == 2
+    _, pictures = _batch(1, 1, seed=8)
+    photo = tmp_path / "person.png"
+    Image.fromarray(pictures[0].image).save(photo)
+    args = ["-q", "generate", "--preset", "world", "--prompt", "a person on a beach", "--id", str(photo),
+            "--steps", "2"]  # fmt: skip
+    assert main([*args, "--out", str(tmp_path / "out")]) == 0  # no --adapter: the shipped one
+    assert len(list((tmp_path / "out").glob("run-*/image_00.png"))) == 1
+    # a checkout without the shipped adapter: a clear error, nothing written
+    fake = tmp_path / "assets"
+    fake.mkdir()
+    for part in ("base", "image_encoder", "face_backbone", "face_detector"):
+        (fake / part).symlink_to(WORLD_ASSETS / part)
+    monkeypatch.setattr(build, "WORLD_ASSETS", fake)
+    assert main([*args, "--out", str(tmp_path / "o")]) == 2
     assert "no trained adapter" in capsys.readouterr().err
-    assert not (tmp_path / "o").exists()  # nothing left behind
+    assert not (tmp_path / "o").exists()
 
 
 @shipped
