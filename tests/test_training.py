@@ -1,4 +1,8 @@
-"""Training both stages on the tiny preset (offline, CPU, 64 px), data made from the sample photos."""
+"""Training both stages on the tiny preset (offline, CPU, 64 px), data made from the sample photos.
+
+These check the trainer's mechanics (both stages fit one fixed batch, train only their parameters,
+save, resume, load). Whether training *learns* identity and routing that carry over to people it
+never saw is checked on the identity world in ``test_world_learning.py``."""
 
 from __future__ import annotations
 
@@ -232,7 +236,7 @@ def test_stage1_trains_only_its_parameters(stage1):
     assert multi_up and all(float(p.detach().abs().sum()) == 0.0 for p in multi_up)
 
 
-def test_stage2_routing_learns_the_face_masks(stage2):
+def test_stage2_routing_fits_the_face_masks_of_a_fixed_batch(stage2):
     out, result, _ = stage2
     rows = _metrics(out)
     route = [m["routing"] for m in rows]

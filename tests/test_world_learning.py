@@ -35,7 +35,7 @@ def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("world-learning")
     sets = {
         "singles": RenderOptions(count=1200, people=(1,), identities=200, seed=51),
-        "held-singles": RenderOptions(count=600, people=(1,), identities=100, held_out=True, seed=52),
+        "held-singles": RenderOptions(count=1200, people=(1,), identities=200, held_out=True, seed=52),
         "groups": RenderOptions(count=600, people=(2,), identities=200, seed=53),
         "held-groups": RenderOptions(count=120, people=(2,), identities=40, held_out=True, seed=54),
     }
@@ -83,10 +83,11 @@ def test_stage1_learns_to_use_identity_on_held_out_people(data, tmp_path, capsys
     probe = _trainer(
         1, data / "held-singles", tmp_path / "probe", f"model.init_adapter={adapter}", *PROBE_OVERRIDES
     )
-    result = identity_probe(probe, count=600)
+    result = identity_probe(probe, count=1200)
     with capsys.disabled():
         print(f"\nstage-I identity probe (held out): {result}")
-    assert result["z"] > 3, result  # own identity denoises better than another person's
+    # own identity denoises better than another person's (measured: z 5.1 on 1,200 pictures)
+    assert result["z"] > 3, result
 
 
 def test_stage2_learns_to_route_held_out_faces(data, tmp_path, capsys):
@@ -104,5 +105,6 @@ def test_stage2_learns_to_route_held_out_faces(data, tmp_path, capsys):
     after = routing_probe(_trainer(2, data / "held-groups", tmp_path / "p1", *common, *PROBE_OVERRIDES))
     with capsys.disabled():
         print(f"\nstage-II routing probe (held out): before {before}, after {after}")
-    assert after["accuracy"] > after["chance"] + 0.1, (before, after)
-    assert after["accuracy"] - before["accuracy"] > 4 * max(after["se"], before["se"]), (before, after)
+    # measured: 0.50 -> 0.63 (standard error 0.012) for two people, chance 0.5
+    assert after["accuracy"] - after["chance"] > max(0.08, 6 * after["se"]), (before, after)
+    assert after["accuracy"] - before["accuracy"] > 6 * max(after["se"], before["se"]), (before, after)

@@ -26,7 +26,9 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--out", default="outputs/demo", help="output folder (default outputs/demo)")
     add_preset_arg(parser, default="world")
-    parser.add_argument("--steps", type=int, default=None, help="default: the preset's (25 world and sd15, 10 tiny)")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="default: the preset's (25 world and sd15, 10 tiny)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--device", default=None, help="torch device, e.g. cuda or cpu (default: cpu)")
     parser.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
