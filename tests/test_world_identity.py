@@ -128,6 +128,10 @@ def test_identity_report_refuses_bad_input(tmp_path, capsys):
     assert "unknown part(s) tables" in capsys.readouterr().err
     assert main(["world", "identity-report", "--out", str(out), "--seeds", "0"]) == 2
     assert not out.exists()
+    assert main(["world", "export-adapter", str(tmp_path), "--out", str(out)]) == 2  # not an adapter
+    assert "not an adapter folder or a training checkpoint" in capsys.readouterr().err
+    assert main(["demo", "--preset", "world", "--adapter", str(tmp_path / "none"), "--out", str(out)]) == 2
+    assert not out.exists()
 
 
 @shipped_adapter

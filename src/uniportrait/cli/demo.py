@@ -49,14 +49,14 @@ def run(args: argparse.Namespace) -> int:
     from uniportrait.visualize import contact_sheet
 
     started = time.perf_counter()
-    out = check_output_folder(args.out)
     from uniportrait.presets.registry import get_preset
 
     preset = get_preset(args.preset)
     tiny = preset.name == "tiny"
     steps = preset.defaults.steps if args.steps is None else args.steps
     size = preset.defaults.side
-    pipe = load_pipeline_from_args(args)
+    pipe = load_pipeline_from_args(args)  # a bad --adapter or missing weights: before any folder is made
+    out = check_output_folder(args.out)
     if preset.name == "world":
         from uniportrait.world.demo import run_world_demo
 
