@@ -65,14 +65,7 @@ def register(subparsers) -> None:
         "--out", default="outputs/world-report", help="report folder (default outputs/world-report)"
     )
     report.add_argument("--quick", action="store_true", help="fewer pictures and one seed")
-    from uniportrait.settings import GUIDANCE_SCALE
-
-    report.add_argument(
-        GUIDANCE_SCALE.option,
-        type=float,
-        default=GUIDANCE_SCALE.default,
-        help=f"{GUIDANCE_SCALE.help} of the base-model measurements (default {GUIDANCE_SCALE.default})",
-    )
+    _add_guidance(report, " of the base-model measurements")
     report.set_defaults(func=_report)
 
     export = sub.add_parser(
@@ -101,13 +94,20 @@ def register(subparsers) -> None:
     ident.add_argument("--singles", type=int, default=100, help="held-out portrait captions (default 100)")
     ident.add_argument("--groups", type=int, default=40, help="held-out group captions per size (default 40)")
     ident.add_argument("--seeds", type=int, default=3, help="seeds per caption (default 3)")
-    ident.add_argument(
+    _add_guidance(ident)
+    ident.set_defaults(func=_identity_report)
+
+
+def _add_guidance(parser: argparse.ArgumentParser, what: str = "") -> None:
+    """The CFG scale option, with the setting's own name and default (checked when the command runs)."""
+    from uniportrait.settings import GUIDANCE_SCALE
+
+    parser.add_argument(
         GUIDANCE_SCALE.option,
         type=float,
         default=GUIDANCE_SCALE.default,
-        help=f"{GUIDANCE_SCALE.help} (default {GUIDANCE_SCALE.default})",
+        help=f"{GUIDANCE_SCALE.help}{what} (default {GUIDANCE_SCALE.default})",
     )
-    ident.set_defaults(func=_identity_report)
 
 
 def _build(args: argparse.Namespace) -> int:

@@ -480,31 +480,24 @@ def markdown_tables(report: dict) -> str:
         ("Face Sim", "face_sim", False), ("one face", "exact_face_count_rate", True),
         ("prompt following", "prompt_following", True), ("copy rate", "copy_rate", True),
     )  # fmt: skip
-    for section, title in (("single", "Single-ID"), ("curve", "Fidelity vs editability")):
-        rows = report.get(section)
-        if not rows:
-            continue
-        lines += [f"**{title}**", "", "| | " + " | ".join(c[0] for c in single_cols) + " |",
-                  "|---|" + "---|" * len(single_cols)]  # fmt: skip
-        for name, row in rows.items():
-            lines.append(
-                f"| {name} | " + " | ".join(_cell(row, k, percent=p) for _, k, p in single_cols) + " |"
-            )
-        lines.append("")
     multi_cols = (
         ("min Face Sim", "face_sim", False), ("blending", "blend_rate", True),
         ("duplication", "duplication_rate", True), ("missing", "missing_rate", True),
         ("prompt following", "prompt_following", True), ("routing accuracy", "routing_accuracy", True),
     )  # fmt: skip
-    for people in (2, 3):
-        rows = report.get(f"multi_{people}")
+    tables = [("single", "Single-ID", single_cols), ("curve", "Fidelity vs editability", single_cols)]
+    tables += [(f"multi_{n}", f"Multi-ID, {n} people", multi_cols) for n in (2, 3)]
+    for section, title, cols in tables:
+        rows = report.get(section)
         if not rows:
             continue
-        lines += [f"**Multi-ID, {people} people**", "", "| | " + " | ".join(c[0] for c in multi_cols) + " |",
-                  "|---|" + "---|" * len(multi_cols)]  # fmt: skip
+        lines += [
+            f"**{title}**",
+            "",
+            "| | " + " | ".join(c[0] for c in cols) + " |",
+            "|---|" + "---|" * len(cols),
+        ]
         for name, row in rows.items():
-            lines.append(
-                f"| {name} | " + " | ".join(_cell(row, k, percent=p) for _, k, p in multi_cols) + " |"
-            )
+            lines.append(f"| {name} | " + " | ".join(_cell(row, k, percent=p) for _, k, p in cols) + " |")
         lines.append("")
     return "\n".join(lines)
