@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from uniportrait.atomic import atomic_path
 from uniportrait.errors import IdentityError
 
 IDENTITY_FORMAT = "uniportrait-identity"
@@ -117,14 +117,8 @@ class Identity:
         path = Path(path)
         tensors, meta = self.to_tensors()
         meta.update(extra_metadata or {})
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             save_file({k: v.cpu() for k, v in tensors.items()}, tmp, metadata=meta)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
         return path
 
     @classmethod

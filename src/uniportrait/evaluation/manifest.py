@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from uniportrait.atomic import write_text_atomic
 from uniportrait.errors import UniPortraitError
 
 STORED_PREFIX = "id:"
@@ -291,8 +292,6 @@ def _problem_message(source: str, problems: list[str]) -> str:
 
 def write_manifest(rows: list[ManifestRow], path: str | os.PathLike) -> Path:
     """Write rows as JSON Lines (paths relative to the manifest's folder when inside it)."""
-    from uniportrait.evaluation.report import write_text_atomic
-
     path = Path(path)
     lines = [json.dumps(row.to_json(relative_to=path.parent.resolve())) for row in rows]
     return write_text_atomic(path, "\n".join(lines) + "\n")

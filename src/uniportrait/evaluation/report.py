@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from uniportrait.atomic import write_text_atomic  # also imported from here by other modules
 from uniportrait.evaluation.evaluate import EvaluationReport, ImageResult, image_path_label
 
 RESULTS_JSON = "results.json"
@@ -21,23 +21,6 @@ CONTACT_SHEET = "contact_sheet.png"
 SHEET_CELL = 160
 DEFAULT_SHEET_ROWS = 50
 UNMATCHED = (150, 150, 150)
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write UTF-8 text through a temporary file in the same folder (created if missing), then
-    rename it over ``path``; the umask picks the permissions, as for a plain ``open``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
 
 
 # -- Markdown --------------------------------------------------------------------------------------

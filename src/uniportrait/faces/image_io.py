@@ -9,11 +9,9 @@ full disk never leaves a half-written PNG behind.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import logging
 import os
-import secrets
 import struct
 import warnings
 import zlib
@@ -22,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
+from uniportrait.atomic import atomic_path
 from uniportrait.errors import InvalidImageError, UniPortraitError
 
 logger = logging.getLogger(__name__)
@@ -178,8 +177,9 @@ def save_png_atomic(
 ) -> Path:
     """Write ``image`` as a PNG at ``path`` without ever leaving a partial file.
 
-    The PNG is written to a hidden temporary file in the same folder (created if missing), then
-    moved over ``path`` with :func:`os.replace`, which is atomic on one file system.
+    The PNG is written through :func:`uniportrait.atomic.atomic_path`: a hidden temporary file in
+    the same folder (created if missing), moved over ``path`` with :func:`os.replace`, which is
+    atomic on one file system.
     ``metadata`` becomes PNG text chunks. Returns ``path`` as a :class:`~pathlib.Path`.
 
     Raises:
@@ -194,19 +194,9 @@ def save_png_atomic(
     info = PngImagePlugin.PngInfo()
     for key, value in (metadata or {}).items():
         info.add_text(str(key), str(value))
-    tmp = folder / f".{path.name}.{secrets.token_hex(4)}.tmp"
     try:
-        # os.open with 0o666 lets the umask pick the final permissions, like a plain open().
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "wb") as handle:
+        with atomic_path(path) as tmp, open(tmp, "wb") as handle:
             image.save(handle, format="PNG", pnginfo=info)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException as err:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        if isinstance(err, OSError):
-            raise ImageWriteError(f"cannot write {path}: {err.strerror or err}") from err
-        raise
+    except OSError as err:
+        raise ImageWriteError(f"cannot write {path}: {err.strerror or err}") from err
     return path

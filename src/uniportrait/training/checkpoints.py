@@ -14,31 +14,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from uniportrait.atomic import write_bytes_atomic
 from uniportrait.errors import CheckpointError
 
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "uniportrait-checkpoint"
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _sha256(path: Path) -> str:
@@ -57,7 +42,7 @@ def write_manifest(folder: Path, info: dict[str, Any]) -> Path:
         if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")
     }
     body = {"format": MANIFEST_FORMAT, "version": 1, **info, "files": files}
-    write_atomic(folder / MANIFEST, (json.dumps(body, indent=2) + "\n").encode())
+    write_bytes_atomic(folder / MANIFEST, (json.dumps(body, indent=2) + "\n").encode())
     return folder / MANIFEST
 
 
@@ -105,7 +90,7 @@ def newest_good(candidates: list[Path]) -> tuple[Path | None, list[str]]:
 
 
 def save_json_state(path: Path, state: dict[str, Any]) -> None:
-    write_atomic(path, (json.dumps(state, indent=2, sort_keys=True) + "\n").encode())
+    write_bytes_atomic(path, (json.dumps(state, indent=2, sort_keys=True) + "\n").encode())
 
 
 def load_json_state(path: Path) -> dict[str, Any]:
@@ -137,5 +122,5 @@ def trim_metrics(path: Path, last_step: int) -> int:
         else:
             kept.append(line)
     if dropped:
-        write_atomic(path, ("\n".join(kept) + "\n" if kept else "").encode())
+        write_bytes_atomic(path, ("\n".join(kept) + "\n" if kept else "").encode())
     return dropped

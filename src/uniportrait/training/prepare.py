@@ -42,9 +42,7 @@ import io
 import json
 import logging
 import multiprocessing
-import os
 import re
-import secrets
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -54,6 +52,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from uniportrait.atomic import write_bytes_atomic
 from uniportrait.errors import UniPortraitError
 from uniportrait.faces import DEFAULT_ANALYZER
 
@@ -297,16 +296,6 @@ def read_dataset_info(root: str | Path) -> dict[str, Any]:
     return info
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _scaled_boxes(boxes: np.ndarray, scale: float) -> np.ndarray:
     centre = (boxes[:, :2] + boxes[:, 2:]) / 2
     half = (boxes[:, 2:] - boxes[:, :2]) * scale / 2
@@ -368,7 +357,7 @@ def process_image(item: SourceItem, out: str, options: PrepareOptions) -> dict[s
         root = Path(out)
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=options.jpeg_quality)
-        _atomic_write(root / IMAGE_DIR / f"{item.key}.jpg", buffer.getvalue())
+        write_bytes_atomic(root / IMAGE_DIR / f"{item.key}.jpg", buffer.getvalue())
         buffer = io.BytesIO()
         np.savez_compressed(
             buffer,
@@ -378,7 +367,7 @@ def process_image(item: SourceItem, out: str, options: PrepareOptions) -> dict[s
             scores=np.array([f.score for f in faces], dtype=np.float32),
             masks=masks,
         )
-        _atomic_write(root / FACES_DIR / f"{item.key}.npz", buffer.getvalue())
+        write_bytes_atomic(root / FACES_DIR / f"{item.key}.npz", buffer.getvalue())
     except Exception as exc:  # one bad image must not stop a long run; it is reported
         logger.debug("failed on %s", item.source, exc_info=True)
         return skip(FAILED, f"{type(exc).__name__}: {exc}")
@@ -532,7 +521,7 @@ def prepare_dataset(
 
 
 def _write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> None:
-    _atomic_write(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
+    write_bytes_atomic(path, "".join(json.dumps(r) + "\n" for r in rows).encode())
 
 
 def _write_info(
@@ -555,4 +544,4 @@ def _write_info(
     }
     if shard is not None:
         info["shard"] = list(shard)
-    _atomic_write(out / INFO_FILE, (json.dumps(info, indent=2) + "\n").encode())
+    write_bytes_atomic(out / INFO_FILE, (json.dumps(info, indent=2) + "\n").encode())

@@ -28,20 +28,21 @@ This module does not import torch.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import logging
-import os
 import re
-import secrets
 import tarfile
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from uniportrait.atomic import atomic_path, write_bytes_atomic
 from uniportrait.training.prepare import (
     DATASET_FORMAT,
     DATASET_VERSION,
@@ -51,7 +52,6 @@ from uniportrait.training.prepare import (
     SKIPPED_FILE,
     DatasetError,
     SourceItem,
-    _atomic_write,
     _split_labels,
     _write_jsonl,
     read_dataset_info,
@@ -163,7 +163,7 @@ def merge_parts(root: str | Path) -> dict[str, Any]:
         "skipped": len(skipped),
         "merged": {"parts": count},
     }
-    _atomic_write(info_path, (json.dumps(info, indent=2) + "\n").encode())
+    write_bytes_atomic(info_path, (json.dumps(info, indent=2) + "\n").encode())
     return {"parts": count, "images": len(rows), "skipped": len(skipped), "incomplete": incomplete}
 
 
@@ -248,27 +248,22 @@ def scan_tar_source(src: str | Path) -> list[SourceItem]:
 
 
 class _TarWriter:
-    """A tar written under a temporary name and renamed when closed without error."""
+    """Adds files from memory to an open tar, with reproducible bytes."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-        self.tar = tarfile.open(self.tmp, "w", format=tarfile.PAX_FORMAT)
+    def __init__(self, tar: tarfile.TarFile) -> None:
+        self.tar = tar
 
     def add(self, name: str, data: bytes) -> None:
         info = tarfile.TarInfo(name)
         info.size, info.mode, info.mtime = len(data), 0o444, 0  # reproducible bytes
         self.tar.addfile(info, io.BytesIO(data))
 
-    def __enter__(self) -> _TarWriter:
-        return self
 
-    def __exit__(self, kind, value, traceback) -> None:
-        self.tar.close()
-        if kind is None:
-            os.replace(self.tmp, self.path)
-        else:
-            self.tmp.unlink(missing_ok=True)
+@contextlib.contextmanager
+def _write_tar(path: Path) -> Iterator[_TarWriter]:
+    """A tar written atomically: it replaces ``path`` only when the block ends without error."""
+    with atomic_path(path) as tmp, tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+        yield _TarWriter(tar)
 
 
 # -- WebDataset shards --------------------------------------------------------------------------
@@ -318,7 +313,7 @@ def pack_webdataset(
         for k, start in enumerate(range(0, len(rows), samples_per_shard)):
             name = SHARD_PATTERN.format(k)
             counts: Counter = Counter()
-            with _TarWriter(out / name) as tar:
+            with _write_tar(out / name) as tar:
                 for index in order[start : start + samples_per_shard]:
                     row = rows[int(index)]
                     key = row["key"]
@@ -348,7 +343,7 @@ def pack_webdataset(
         "seed": seed,
         "shards": shards,
     }
-    _atomic_write(out / INFO_FILE, (json.dumps(result, indent=2) + "\n").encode())
+    write_bytes_atomic(out / INFO_FILE, (json.dumps(result, indent=2) + "\n").encode())
     return result
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
+from uniportrait.atomic import atomic_path
 from uniportrait.world.scenes import SIZES, caption, identity_number, sample_spec
 from uniportrait.world.traits import PERSON_ATTRIBUTES, SCENE_ATTRIBUTES, trait_vector_size
 
@@ -109,11 +110,8 @@ def render_set(
 
 
 def save_set(data: dict[str, np.ndarray], path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, **data)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp, open(tmp, "wb") as handle:  # a handle: np.savez adds no suffix
+        np.savez(handle, **data)
 
 
 def load_set(path: str | Path) -> dict[str, np.ndarray]:

@@ -43,13 +43,13 @@ def identity_label(number: int) -> str:
 
 def write_dataset(out: str | Path, options: RenderOptions, progress: bool = True) -> int:
     """Write (or complete) the dataset folder; returns the number of rows it now has."""
+    from uniportrait.atomic import write_bytes_atomic
     from uniportrait.faces import align_face
     from uniportrait.training.prepare import (
         FACES_DIR,
         IMAGE_DIR,
         INDEX_FILE,
         PrepareOptions,
-        _atomic_write,
         _write_info,
         read_jsonl,
     )
@@ -72,7 +72,7 @@ def write_dataset(out: str | Path, options: RenderOptions, progress: bool = True
             crops = np.stack([np.asarray(align_face(image, points)) for points in pic.landmarks])
             buffer = io.BytesIO()
             image.save(buffer, format="PNG")
-            _atomic_write(out / IMAGE_DIR / f"{key}.png", buffer.getvalue())
+            write_bytes_atomic(out / IMAGE_DIR / f"{key}.png", buffer.getvalue())
             buffer = io.BytesIO()
             np.savez_compressed(
                 buffer,
@@ -82,7 +82,7 @@ def write_dataset(out: str | Path, options: RenderOptions, progress: bool = True
                 scores=np.ones(len(pic.boxes), np.float32),
                 masks=pic.masks,
             )
-            _atomic_write(out / FACES_DIR / f"{key}.npz", buffer.getvalue())
+            write_bytes_atomic(out / FACES_DIR / f"{key}.npz", buffer.getvalue())
             row = {
                 "key": key,
                 "source": f"world:{options.seed}:{k}",
@@ -101,6 +101,6 @@ def write_dataset(out: str | Path, options: RenderOptions, progress: bool = True
             index.flush()
             done.add(key)
     # the options of a world render are recorded beside the prepare-data info
-    _atomic_write(out / "world.json", (json.dumps(options.__dict__, indent=2) + "\n").encode())
+    write_bytes_atomic(out / "world.json", (json.dumps(options.__dict__, indent=2) + "\n").encode())
     _write_info(out, PrepareOptions(analyzer="world ground truth", min_face_size=0), out, len(done), 0)
     return len(done)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from uniportrait.atomic import atomic_path
 from uniportrait.faces.align import ALIGNED_SIZE, align_face
 
 
@@ -64,10 +65,8 @@ def build_crops(
         "traits": np.concatenate(traits),
         "person_attrs": np.concatenate(attrs),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.npz")
-    np.savez(tmp, **arrays)
-    tmp.replace(out)
+    with atomic_path(out) as tmp, open(tmp, "wb") as handle:  # a handle: np.savez adds no suffix
+        np.savez(handle, **arrays)
     return arrays
 
 

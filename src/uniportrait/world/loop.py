@@ -10,13 +10,14 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+
+from uniportrait.atomic import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -60,14 +61,13 @@ def run_loop(
         return
 
     def save(step: int) -> None:
-        tmp = state_path.with_name("state.pt.tmp")
         state = {
             "modules": {name: m.state_dict() for name, m in modules.items()},
             "optimizer": optimizer.state_dict(),
             "step": step,
         }
-        torch.save(state, tmp)
-        os.replace(tmp, state_path)
+        with atomic_path(state_path) as tmp:
+            torch.save(state, tmp)
 
     for module in modules.values():
         module.train()
