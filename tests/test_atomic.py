@@ -57,3 +57,14 @@ def test_a_failed_rename_leaves_no_temp_file(tmp_path):
     with pytest.raises(OSError):
         write_bytes_atomic(target, b"new")
     assert [p.name for p in tmp_path.iterdir()] == ["folder"] and (target / "inside").is_dir()
+
+
+def test_fsync_is_skipped_only_when_asked(tmp_path, monkeypatch):
+    import os
+
+    synced = []
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd))
+    write_bytes_atomic(tmp_path / "bulk.bin", b"1", durable=False)
+    assert synced == [] and (tmp_path / "bulk.bin").read_bytes() == b"1"
+    write_bytes_atomic(tmp_path / "index.json", b"2")
+    assert len(synced) == 1

@@ -16,15 +16,20 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, durable: bool = True) -> Iterator[Path]:
     """Yield a temporary path to write ``path``'s new contents to; on success it replaces ``path``.
 
     The parent folder is created if missing. The temporary file, ``.{name}.{random}.tmp`` in the same
     folder, already exists (empty) when yielded: it is created with mode 0o666, so the umask picks
     the permissions as for a plain ``open``. Write it by name (``"wb"`` truncates it) or through a
     handle; a writer that appends its own suffix to names (``np.savez``) should get a handle. When
-    the block ends without error the file is fsynced and renamed over ``path``; on any exception
-    (``KeyboardInterrupt`` included) it is removed and the exception propagates.
+    the block ends without error the file is fsynced (unless ``durable`` is False) and renamed
+    over ``path``; on any exception (``KeyboardInterrupt`` included) it is removed and the
+    exception propagates.
+
+    ``durable=False`` skips the fsync (about 4 ms a file on this project's VMs): the write stays
+    atomic for a killed process, not for a power cut. For bulk dataset files, whose folder's index
+    is written (durably) last.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -32,11 +37,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     try:
         yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if durable:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -44,9 +50,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+def write_bytes_atomic(path: str | os.PathLike, data: bytes, durable: bool = True) -> Path:
     """Write ``data`` to ``path`` atomically (see :func:`atomic_path`); returns ``path``."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path, durable) as tmp:
         tmp.write_bytes(data)
     return Path(path)
 

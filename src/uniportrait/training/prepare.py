@@ -357,7 +357,7 @@ def process_image(item: SourceItem, out: str, options: PrepareOptions) -> dict[s
         root = Path(out)
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=options.jpeg_quality)
-        write_bytes_atomic(root / IMAGE_DIR / f"{item.key}.jpg", buffer.getvalue())
+        write_bytes_atomic(root / IMAGE_DIR / f"{item.key}.jpg", buffer.getvalue(), durable=False)
         buffer = io.BytesIO()
         np.savez_compressed(
             buffer,
@@ -367,7 +367,7 @@ def process_image(item: SourceItem, out: str, options: PrepareOptions) -> dict[s
             scores=np.array([f.score for f in faces], dtype=np.float32),
             masks=masks,
         )
-        write_bytes_atomic(root / FACES_DIR / f"{item.key}.npz", buffer.getvalue())
+        write_bytes_atomic(root / FACES_DIR / f"{item.key}.npz", buffer.getvalue(), durable=False)
     except Exception as exc:  # one bad image must not stop a long run; it is reported
         logger.debug("failed on %s", item.source, exc_info=True)
         return skip(FAILED, f"{type(exc).__name__}: {exc}")

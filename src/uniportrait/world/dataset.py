@@ -72,7 +72,7 @@ def write_dataset(out: str | Path, options: RenderOptions, progress: bool = True
             crops = np.stack([np.asarray(align_face(image, points)) for points in pic.landmarks])
             buffer = io.BytesIO()
             image.save(buffer, format="PNG")
-            write_bytes_atomic(out / IMAGE_DIR / f"{key}.png", buffer.getvalue())
+            write_bytes_atomic(out / IMAGE_DIR / f"{key}.png", buffer.getvalue(), durable=False)
             buffer = io.BytesIO()
             np.savez_compressed(
                 buffer,
@@ -82,7 +82,7 @@ def write_dataset(out: str | Path, options: RenderOptions, progress: bool = True
                 scores=np.ones(len(pic.boxes), np.float32),
                 masks=pic.masks,
             )
-            write_bytes_atomic(out / FACES_DIR / f"{key}.npz", buffer.getvalue())
+            write_bytes_atomic(out / FACES_DIR / f"{key}.npz", buffer.getvalue(), durable=False)
             row = {
                 "key": key,
                 "source": f"world:{options.seed}:{k}",
