@@ -132,7 +132,8 @@ def new_adapter(cfg: TrainConfig, unet: nn.Module, image_encoder: nn.Module, bac
 
     LoRA ``up`` weights start at zero (the UNet is unchanged at step 0); with
     ``init_faceid_from_unet`` the identity projections start as copies of each layer's text
-    ``to_k``/``to_v`` (as IP-Adapter initialises its image projections).
+    ``to_k``/``to_v`` (as IP-Adapter initialises its image projections); with
+    ``zero_faceid_values`` the value projections start at zero.
     """
     if backbone is None:
         raise ConfigError("a new adapter needs the face backbone (model.face_backbone) for its sizes")
@@ -167,6 +168,11 @@ def new_adapter(cfg: TrainConfig, unet: nn.Module, image_encoder: nn.Module, bac
                     attn = unet.get_submodule(layer.name.removesuffix(".processor"))
                     proc.to_k_faceid.weight.copy_(attn.to_k.weight)
                     proc.to_v_faceid.weight.copy_(attn.to_v.weight)
+    if cfg.model.zero_faceid_values:
+        with torch.no_grad():
+            for layer, proc in zip(config.layers, adapter.processors):
+                if layer.cross:
+                    proc.to_v_faceid.weight.zero_()
     return adapter
 
 

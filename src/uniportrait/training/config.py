@@ -46,6 +46,9 @@ class ModelConfig:
             new adapter (e.g. ``{depth: 2}``); widths always follow the UNet and the encoders.
         init_faceid_from_unet: initialise a new adapter's ``to_k_faceid``/``to_v_faceid`` from
             the UNet's ``to_k``/``to_v`` (ours, as IP-Adapter does).
+        zero_faceid_values: start a new adapter's ``to_v_faceid`` at zero, so the identity
+            attention adds nothing at step 0 and grows from there (ours; docs/world.md measures
+            it with the identity warm-up).
         init_multi_lora_from_single: at the start of stage II, copy the single-ID LoRA into the
             multi-ID set if the latter is still untrained (all-zero ``up``) (ours).
     """
@@ -59,6 +62,7 @@ class ModelConfig:
     lora_rank: int = 128
     qformer: dict[str, Any] = field(default_factory=dict)
     init_faceid_from_unet: bool = True
+    zero_faceid_values: bool = False
     init_multi_lora_from_single: bool = True
 
 
@@ -134,6 +138,11 @@ class OptimConfig:
         face_loss_weight: weight of face pixels (the union of the face masks, at latent size) in
             the diffusion loss, other pixels weighing 1; the loss is normalised by the mean
             weight. 1.0 is the paper's plain MSE (docs/world.md measures what more does).
+        id_warmup_steps: stage I only: before the first step, train the Q-Former alone this
+            many steps to give two photos of one person the same tokens
+            (:mod:`uniportrait.training.warmup`; ours, not in the paper; 0: off). Needs
+            identity labels with two or more photos per person in the dataset.
+        id_warmup_lr: the warm-up's learning rate (ours: 1e-3).
         overfit_batch: debugging: repeat the first batch with the same noise every step.
         seed: seeds data order, noise, dropouts and the routing noise.
     """
@@ -158,6 +167,8 @@ class OptimConfig:
     gumbel_tau: float = 1.0
     routing_loss_weight: float = 0.1
     face_loss_weight: float = 1.0
+    id_warmup_steps: int = 0
+    id_warmup_lr: float = 1e-3
     overfit_batch: bool = False
     seed: int = 0
 
@@ -275,6 +286,10 @@ class TrainConfig:
             raise ConfigError("train.gumbel_tau must be positive")
         if t.face_loss_weight <= 0:
             raise ConfigError("train.face_loss_weight must be positive")
+        if t.id_warmup_steps < 0 or t.id_warmup_lr <= 0:
+            raise ConfigError("train.id_warmup_steps must be at least 0 and train.id_warmup_lr positive")
+        if t.id_warmup_steps and self.stage != 1:
+            raise ConfigError("train.id_warmup_steps warms up the Q-Former, which only stage I trains")
         if t.ema_decay is not None and not 0.0 < t.ema_decay < 1.0:
             raise ConfigError("train.ema_decay must be in (0, 1)")
         if self.data.resolution % 8 or (self.data.width or 8) % 8:

@@ -103,6 +103,11 @@ class PortraitDataset(torch.utils.data.Dataset):
         with np.load(path) as npz:
             return {name: npz[name] for name in npz.files}
 
+    def face_crop(self, row: int, face: int) -> np.ndarray:
+        """The aligned (224, 224, 3) uint8 crop of face ``face`` of row ``row`` of the whole
+        dataset (the indices :attr:`by_label` lists)."""
+        return self.faces(self._all_rows[row])["crops"][face]
+
     def __getitem__(self, item: Item | int) -> dict[str, Any]:
         index, seed = item if isinstance(item, tuple) else (item, 0)
         row = self.rows[index]
@@ -117,9 +122,7 @@ class PortraitDataset(torch.utils.data.Dataset):
             others = [rf for rf in self.by_label[label] if self._all_rows[rf[0]]["key"] != row["key"]]
             if others:
                 other_row, other_face = others[int(rng.integers(len(others)))]
-                id_crops[f_index] = torch.from_numpy(
-                    self.faces(self._all_rows[other_row])["crops"][other_face]
-                )
+                id_crops[f_index] = torch.from_numpy(self.face_crop(other_row, other_face))
         image = Image.open(self.root / row["image"]).convert("RGB")
         return make_item(image, faces["masks"], crops, id_crops, row, self.resolution, index)
 

@@ -594,6 +594,8 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         counted = 0
         last_saved = -1
+        if cfg.stage == 1 and t.id_warmup_steps and self.position.micro_batches == 0:
+            self.warm_up_identity()
         started, started_step = time.perf_counter(), self.global_step
         self.model.train()
         while self.global_step < stop_at:
@@ -639,6 +641,18 @@ class Trainer:
             result = self.finish()
         acc.end_training()
         return result
+
+    def warm_up_identity(self) -> None:
+        """The Q-Former's identity warm-up (``train.id_warmup_steps``) before the first step;
+        its rows go to ``metrics.jsonl`` at step 0. A run killed before its first checkpoint
+        repeats it, with the same result."""
+        from uniportrait.training.warmup import warm_up_identity
+
+        rows = warm_up_identity(self)
+        if self.accelerator.is_main_process:
+            with (self.output_dir / "metrics.jsonl").open("a") as f:
+                for row in rows:
+                    f.write(json.dumps({"step": 0, **row}) + "\n")
 
     def _log(self, sums: dict[str, torch.Tensor], counted: int, started: float, started_step: int) -> None:
         acc = self.accelerator
