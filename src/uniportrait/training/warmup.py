@@ -89,9 +89,9 @@ def warm_up_identity(trainer: Any) -> list[dict[str, float]]:
     cpu = torch.Generator().manual_seed(t.seed + 7919)
     rows, was_training = [], qformer.training
     qformer.train()
-    # other processes never show it; the main one unless TQDM_DISABLE is set (`uniportrait -q`)
-    hidden = {} if trainer.accelerator.is_main_process else {"disable": True}
-    bar = tqdm(range(t.id_warmup_steps), desc="identity warm-up", **hidden)
+    # the main process shows it while INFO is logged (not under `uniportrait -q`)
+    shown = trainer.accelerator.is_main_process and logger.isEnabledFor(logging.INFO)
+    bar = tqdm(range(t.id_warmup_steps), desc="identity warm-up", disable=not shown)
     for step in bar:
         crops = photo_pairs(trainer.dataset, people, t.batch_size, rng)  # (2P, 224, 224, 3)
         pixels = crops.permute(0, 3, 1, 2).float() / 255.0
