@@ -31,9 +31,10 @@ GROUP_PROMPTS = {
     3: "a photo of three people on a beach",
 }
 SCALE = 3  # sheet pixels per picture pixel
-#: Identity weight of the demo: the shipped adapter learned identity's direction before its size,
-#: and 2.0 (the setting's maximum) shows it best (docs/world.md, the fidelity/editability curve).
-DEMO_FACEID_SCALE = 2.0
+#: Identity weight of the demo. Above 1 the shipped adapter's identity gets stronger but faces
+#: break up more often (docs/world.md, the fidelity/editability curve: one face in 82% of
+#: portraits at 1.0, 65% at 2.0); at 1.0 the demo's sheet shows the most faces.
+DEMO_FACEID_SCALE = 1.0
 
 
 @dataclass
