@@ -18,7 +18,7 @@ from uniportrait.cli import main
 from uniportrait.training.config import TINY_BASE, ConfigError, load_config
 from uniportrait.training.data import BatchSchedule, PortraitDataset, collate
 from uniportrait.training.losses import routing_loss
-from uniportrait.training.prepare import PrepareOptions, prepare_dataset
+from uniportrait.training.prepare import INDEX_FILE, PrepareOptions, prepare_dataset
 from uniportrait.training.samples import make_sample_source
 from uniportrait.training.trainer import Trainer, find_checkpoint
 
@@ -355,3 +355,15 @@ def test_tiny_sdxl_unet_trains_stage1(dataset, tmp_path):
     assert config["cross_attention_dim"] == 64
     names = [layer["name"] for layer in config["layers"]]
     assert any("transformer_blocks.1" in n for n in names)  # SDXL's 2 transformer layers per block
+
+
+def test_identity_warmup_without_labels_is_refused_before_writing_anything(tmp_path):
+    make_sample_source(tmp_path / "src")
+    prepare_dataset(tmp_path / "src", tmp_path / "data", workers=1, options=PrepareOptions(), progress=False)
+    index = tmp_path / "data" / INDEX_FILE
+    rows = [{**json.loads(line), "identities": None} for line in index.read_text().splitlines()]
+    index.write_text("".join(json.dumps(r) + "\n" for r in rows))  # no identity labels
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match="identity labels"):
+        Trainer(_config(1, tmp_path / "data", out, "train.id_warmup_steps=5"))
+    assert not out.exists()

@@ -274,6 +274,10 @@ class Trainer:
             hi,
             id_augment=cfg.data.id_augment if cfg.stage == 1 else 0.0,
         )
+        if cfg.stage == 1 and cfg.train.id_warmup_steps:
+            from uniportrait.training.warmup import labelled_people
+
+            labelled_people(self.dataset)  # refuse a dataset without labels before writing anything
         self.schedule = self.dataset.schedule(
             cfg.train.batch_size,
             cfg.train.seed,
