@@ -652,11 +652,14 @@ class Trainer:
         repeats it, with the same result."""
         from uniportrait.training.warmup import warm_up_identity
 
-        rows = warm_up_identity(self)
+        for row in warm_up_identity(self):
+            self._append_metrics({"step": 0, **row})
+
+    def _append_metrics(self, row: dict[str, Any]) -> None:
+        """One row of ``metrics.jsonl`` (main process only)."""
         if self.accelerator.is_main_process:
             with (self.output_dir / "metrics.jsonl").open("a") as f:
-                for row in rows:
-                    f.write(json.dumps({"step": 0, **row}) + "\n")
+                f.write(json.dumps(row) + "\n")
 
     def _log(self, sums: dict[str, torch.Tensor], counted: int, started: float, started_step: int) -> None:
         acc = self.accelerator
@@ -669,10 +672,8 @@ class Trainer:
         metrics["epoch"] = self.schedule.epoch_of(max(self.position.micro_batches - 1, 0))
         if not all(math.isfinite(v) for v in metrics.values()):
             logger.warning("step %d: non-finite metrics %s", self.global_step, metrics)
+        self._append_metrics({"step": self.global_step, **metrics})
         if acc.is_main_process:
-            row = {"step": self.global_step, **metrics}
-            with (self.output_dir / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps(row) + "\n")
             shown = " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
             logger.info("step %d/%d %s", self.global_step, self.cfg.train.max_steps, shown)
         acc.log(metrics, step=self.global_step)
