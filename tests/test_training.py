@@ -367,3 +367,48 @@ def test_identity_warmup_without_labels_is_refused_before_writing_anything(tmp_p
     with pytest.raises(ConfigError, match="identity labels"):
         Trainer(_config(1, tmp_path / "data", out, "train.id_warmup_steps=5"))
     assert not out.exists()
+
+
+def test_global_embedding_adapter_trains_encodes_one_token_and_refuses_other_identities(
+    dataset, stage1, tmp_path
+):
+    """``model.qformer.intrinsic=embedding`` (the global-embedding ablation): the trainer, the
+    saved adapter and the pipeline all feed the backbone's embedding as one intrinsic token, and
+    identities made for a last-stage adapter are refused (their features differ)."""
+    from conftest import random_crop
+
+    from uniportrait.errors import IdentityError
+    from uniportrait.pipeline import UniPortraitPipeline
+    from uniportrait.presets.tiny import build_tiny_base
+
+    out = tmp_path / "global"
+    cfg = _config(1, dataset, out, "train.max_steps=3", "model.qformer.intrinsic=embedding")
+    result = Trainer(cfg).train()
+    assert all(np.isfinite(m["loss"]) for m in _metrics(out))
+    qformer = json.loads((result / "config.json").read_text())["qformer_config"]
+    assert qformer["intrinsic"] == "embedding"
+
+    def pipeline(adapter):
+        base = build_tiny_base(0)
+        encoder = base.pop("image_encoder")
+        return UniPortraitPipeline.from_pretrained(base, uniportrait=adapter, image_encoder=encoder)
+
+    pipe, stage_pipe = pipeline(result), pipeline(stage1[1])
+    assert qformer["id_dim"] == pipe.face_backbone.config.embedding_dim
+    ident = pipe.encode_identity(random_crop(0))
+    assert ident.intrinsic.shape == (1, 1, qformer["id_dim"])  # one token per photo
+    stage_ident = stage_pipe.encode_identity(random_crop(0))
+    assert stage_ident.intrinsic.shape[1] > 1 and pipe.encoder_id != stage_pipe.encoder_id
+    tokens = [pipe.identity_tokens(pipe.encode_identity(random_crop(s)), 0.0) for s in (0, 1)]
+    assert not torch.allclose(tokens[0], tokens[1])  # the tokens follow the face
+    image = pipe("a person", identities=[ident], num_inference_steps=2, height=64, width=64, output_type="np")
+    assert np.isfinite(image.images).all()
+    with pytest.raises(IdentityError, match="encode it again"):
+        pipe("a person", identities=[stage_ident], num_inference_steps=2, height=64, width=64)
+
+
+def test_qformer_intrinsic_source_is_checked():
+    from uniportrait.models.qformer import QFormerConfig
+
+    with pytest.raises(ConfigError, match="intrinsic must be one of stage, embedding"):
+        QFormerConfig(intrinsic="pooled")

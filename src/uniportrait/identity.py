@@ -239,53 +239,75 @@ def clip_patch_features(image_encoder: nn.Module, pixels: torch.Tensor) -> torch
     return hidden[-2][:, 1:]
 
 
+def intrinsic_source(adapter: nn.Module | None) -> str:
+    """What feeds ``adapter``'s intrinsic branch (``QFormerConfig.intrinsic``); ``"stage"`` without one."""
+    return adapter.qformer.sizes.intrinsic if adapter is not None else "stage"
+
+
 @torch.no_grad()
 def encode_face_features(
-    face_backbone: nn.Module, image_encoder: nn.Module, crops: torch.Tensor
+    face_backbone: nn.Module, image_encoder: nn.Module, crops: torch.Tensor, intrinsic: str = "stage"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(R, 3, 224, 224) crops in [0, 1] → intrinsic (R, 49, C_id), structure (R, 256, C_st), float32 CPU."""
+    """(R, 3, 224, 224) crops in [0, 1] → intrinsic (R, 49, C_id), structure (R, 256, C_st), float32 CPU.
+
+    ``intrinsic`` is the adapter's ``QFormerConfig.intrinsic``: ``"stage"`` gives the last
+    backbone stage as tokens; ``"embedding"`` the recognition embedding as one token (R, 1, E).
+    """
     from uniportrait.models.face_backbone import intrinsic_tokens, structure_backbone_tokens
 
     device, dtype = module_device_dtype(face_backbone)
     size = face_backbone.config.input_size
-    stages = face_backbone(backbone_pixels(crops, size).to(device, dtype), compute_embedding=False).stages
-    intrinsic = intrinsic_tokens(stages)  # (R, 49, C_id)
-    backbone_part = structure_backbone_tokens(stages, size=STRUCTURE_GRID)  # (R, 256, 448)
+    out = face_backbone(
+        backbone_pixels(crops, size).to(device, dtype), compute_embedding=intrinsic == "embedding"
+    )
+    if intrinsic == "embedding":
+        id_tokens = out.embedding[:, None, :]  # (R, 1, E)
+    else:
+        id_tokens = intrinsic_tokens(out.stages)  # (R, 49, C_id)
+    backbone_part = structure_backbone_tokens(out.stages, size=STRUCTURE_GRID)  # (R, 256, 448)
     clip = clip_patch_features(image_encoder, clip_pixels(crops, image_encoder.config.image_size))
     if clip.shape[1] != backbone_part.shape[1]:
         raise IdentityError(
             f"CLIP gives {clip.shape[1]} patch tokens but the structure grid has {backbone_part.shape[1]}"
         )
     structure = torch.cat([backbone_part.to(clip.dtype), clip], dim=-1)  # (R, 256, C_st)
-    return intrinsic.float().cpu(), structure.float().cpu()
+    return id_tokens.float().cpu(), structure.float().cpu()
 
 
 @torch.no_grad()
 def unconditional_features(
-    face_backbone: nn.Module, image_encoder: nn.Module
+    face_backbone: nn.Module, image_encoder: nn.Module, intrinsic: str = "stage"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The classifier-free-guidance 'no identity' features: (1, 49, C_id), (1, 256, C_st).
 
-    Intrinsic tokens are zero; the structure tokens are zero for the backbone part and the CLIP
-    features of an all-zero (normalised) image for the CLIP part.
+    Intrinsic tokens are zero (one token of the embedding's width with ``intrinsic="embedding"``);
+    the structure tokens are zero for the backbone part and the CLIP features of an all-zero
+    (normalised) image for the CLIP part.
     """
     channels = face_backbone.config.channels
-    grid = (face_backbone.config.input_size // 16) ** 2
+    if intrinsic == "embedding":
+        grid, width = 1, face_backbone.config.embedding_dim
+    else:
+        grid, width = (face_backbone.config.input_size // 16) ** 2, channels[-1]
     size = image_encoder.config.image_size
     device, dtype = module_device_dtype(image_encoder)
     clip = clip_patch_features(image_encoder, torch.zeros(1, 3, size, size, device=device, dtype=dtype))
-    intrinsic = torch.zeros(1, grid, channels[-1])
+    id_tokens = torch.zeros(1, grid, width)
     backbone_part = torch.zeros(1, clip.shape[1], sum(channels[:3]))
-    return intrinsic, torch.cat([backbone_part, clip.float().cpu()], dim=-1)
+    return id_tokens, torch.cat([backbone_part, clip.float().cpu()], dim=-1)
 
 
-def encoder_fingerprint(face_backbone: nn.Module, image_encoder: nn.Module) -> str:
-    """A short hash of the encoders' architecture and a sample of their weights.
+def encoder_fingerprint(face_backbone: nn.Module, image_encoder: nn.Module, intrinsic: str = "stage") -> str:
+    """A short hash of the encoders' architecture, a sample of their weights and the intrinsic source.
 
-    Identities made with one encoder are refused by another (their features differ). The
-    pipeline computes it once, when the encoders are loaded and still in float32.
+    Identities made with one encoder are refused by another (their features differ), and so are
+    identities made for an adapter whose intrinsic branch reads another backbone output
+    (``QFormerConfig.intrinsic``; the default ``"stage"`` leaves the hash as it always was).
+    The pipeline computes it once, when the encoders are loaded and still in float32.
     """
     digest = hashlib.sha256()
+    if intrinsic != "stage":
+        digest.update(f"intrinsic={intrinsic}".encode())
     for module in (face_backbone, image_encoder):
         digest.update(type(module).__name__.encode())
         for name, tensor in sorted(module.state_dict().items()):

@@ -51,7 +51,7 @@ class UniPortraitLoaderMixin:
         """
         from transformers import CLIPVisionModelWithProjection
 
-        from uniportrait.identity import encoder_fingerprint
+        from uniportrait.identity import encoder_fingerprint, intrinsic_source
         from uniportrait.loading import load_adapter_and_backbone, load_model
 
         if getattr(self, "adapter", None) is not None:
@@ -70,7 +70,7 @@ class UniPortraitLoaderMixin:
         self._processors_before_uniportrait = self.unet.attn_processors
         adapter.attach(self.unet)
         self.register_modules(adapter=adapter, face_backbone=backbone, image_encoder=encoder)
-        self.encoder_id = encoder_fingerprint(backbone, encoder)
+        self.encoder_id = encoder_fingerprint(backbone, encoder, intrinsic_source(adapter))
         self.register_to_config(encoder_id=self.encoder_id)
         self._uncond_features = None
         logger.info("UniPortrait loaded (%d attention layers)", len(adapter.processors))

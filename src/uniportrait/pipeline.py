@@ -52,6 +52,7 @@ from uniportrait.identity import (
     encode_face_features,
     encoder_fingerprint,
     faces_to_tensor,
+    intrinsic_source,
     module_device_dtype,
     unconditional_features,
 )
@@ -204,7 +205,7 @@ class UniPortraitPipeline(
         )
         # Identities remember which encoder made them; computed while weights are float32.
         if encoder_id is None and face_backbone is not None and image_encoder is not None:
-            encoder_id = encoder_fingerprint(face_backbone, image_encoder)
+            encoder_id = encoder_fingerprint(face_backbone, image_encoder, intrinsic_source(adapter))
         self.encoder_id = encoder_id
         self.register_to_config(encoder_id=self.encoder_id)  # saved in model_index.json
         # Call defaults: the UNet's native size (as diffusers does); a preset sets its own.
@@ -304,7 +305,7 @@ class UniPortraitPipeline(
         if self.face_backbone is None or self.image_encoder is None:
             raise UniPortraitError("no identity encoders: call pipe.load_uniportrait(...) first")
         intrinsic, structure = encode_face_features(
-            self.face_backbone, self.image_encoder, faces_to_tensor(faces)
+            self.face_backbone, self.image_encoder, faces_to_tensor(faces), intrinsic_source(self.adapter)
         )
         mixed = []
         for item, scale in mix or []:
@@ -347,7 +348,9 @@ class UniPortraitPipeline(
         tensors = [*self.image_encoder.parameters(), *self.face_backbone.parameters()]
         cached = self._uncond_features
         if cached is None or not cached[0].matches(tensors):
-            features = unconditional_features(self.face_backbone, self.image_encoder)
+            features = unconditional_features(
+                self.face_backbone, self.image_encoder, intrinsic_source(self.adapter)
+            )
             cached = self._uncond_features = (WeightsSignature(tensors), features)
         intrinsic, structure = cached[1]
         return self._qformer(intrinsic, structure, face_structure_scale)

@@ -30,6 +30,10 @@ from uniportrait.models._mixins import SizedModelMixin
 logger = logging.getLogger(__name__)
 
 
+#: What can feed the intrinsic branch (see ``QFormerConfig.intrinsic``).
+INTRINSIC_SOURCES = ("stage", "embedding")
+
+
 @dataclass
 class QFormerConfig:
     """Sizes of the ID Q-Former; the defaults match the published SD1.5 weights.
@@ -46,6 +50,10 @@ class QFormerConfig:
         structure_hidden_mult: ``proj_clip`` hidden width = ``structure_hidden_mult * structure_dim``.
         drop_path_rate: per-sample probability of dropping the structure attention output
             in each layer during training (0 disables DropPath).
+        intrinsic: what feeds the intrinsic branch: ``"stage"`` (the backbone's last-stage map
+            as h×w tokens, the paper's and the published weights') or ``"embedding"`` (the
+            backbone's recognition embedding as one token; the paper's global-embedding
+            ablation, docs/world.md). ``id_dim`` must then be the embedding's width.
     """
 
     dim: int = 768
@@ -59,14 +67,19 @@ class QFormerConfig:
     id_hidden_mult: int = 2
     structure_hidden_mult: int = 2
     drop_path_rate: float = 0.0
+    intrinsic: str = "stage"
 
     def __post_init__(self) -> None:
-        sizes = {k: v for k, v in self.to_dict().items() if k != "drop_path_rate"}
+        sizes = {k: v for k, v in self.to_dict().items() if k not in ("drop_path_rate", "intrinsic")}
         bad = [k for k, v in sizes.items() if not isinstance(v, int) or v < 1]
         if bad:
             raise ConfigError(f"QFormerConfig: {', '.join(bad)} must be positive integers")
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ConfigError(f"QFormerConfig: drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
+        if self.intrinsic not in INTRINSIC_SOURCES:
+            raise ConfigError(
+                f"QFormerConfig: intrinsic must be one of {', '.join(INTRINSIC_SOURCES)}, got {self.intrinsic!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -213,6 +226,7 @@ class IDQFormer(SizedModelMixin):
         id_hidden_mult: int = QFormerConfig.id_hidden_mult,
         structure_hidden_mult: int = QFormerConfig.structure_hidden_mult,
         drop_path_rate: float = QFormerConfig.drop_path_rate,
+        intrinsic: str = QFormerConfig.intrinsic,
     ) -> None:
         super().__init__()
         self._init_sizes()  # self.sizes: the QFormerConfig (drop_path_rate may be changed for training)
@@ -245,7 +259,8 @@ class IDQFormer(SizedModelMixin):
         """Compute identity tokens.
 
         Args:
-            intrinsic: (B, Ti, id_dim) intrinsic-ID tokens (49 per reference photo).
+            intrinsic: (B, Ti, id_dim) intrinsic-ID tokens (49 per reference photo; one with
+                ``intrinsic="embedding"``).
             structure: (B, Ts, structure_dim) face-structure tokens (256 per reference photo).
             structure_scale: weight of the structure branch, a float or a (B,) tensor; 0 for a
                 sample removes the branch's influence on it. A float 0.0 in eval mode skips the

@@ -139,12 +139,13 @@ def new_adapter(cfg: TrainConfig, unet: nn.Module, image_encoder: nn.Module, bac
         raise ConfigError("a new adapter needs the face backbone (model.face_backbone) for its sizes")
     dim = unet.config.cross_attention_dim
     channels = backbone.config.channels
+    overrides = dict(cfg.model.qformer)
+    global_embedding = overrides.get("intrinsic") == "embedding"  # one token: the recognition embedding
     sizes = {
         "dim": dim,
-        "id_dim": channels[-1],
+        "id_dim": backbone.config.embedding_dim if global_embedding else channels[-1],
         "structure_dim": sum(channels[:3]) + image_encoder.config.hidden_size,
     }
-    overrides = dict(cfg.model.qformer)
     clash = sorted(set(overrides) & set(sizes))
     if clash:
         raise ConfigError(f"model.qformer cannot set {', '.join(clash)}: they follow the networks")

@@ -44,6 +44,8 @@ class ModelConfig:
         lora_rank: rank of both LoRA sets (published: 128).
         qformer: overrides of :class:`~uniportrait.models.qformer.QFormerConfig` sizes for a
             new adapter (e.g. ``{depth: 2}``); widths always follow the UNet and the encoders.
+            ``{intrinsic: embedding}`` feeds the backbone's recognition embedding (one token)
+            instead of its last stage: the global-embedding ablation of docs/world.md.
         init_faceid_from_unet: initialise a new adapter's ``to_k_faceid``/``to_v_faceid`` from
             the UNet's ``to_k``/``to_v`` (ours, as IP-Adapter does).
         zero_faceid_values: start a new adapter's ``to_v_faceid`` at zero, so the identity

@@ -263,7 +263,7 @@ class Trainer:
         self.prediction_type = self.noise_scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ConfigError(f"prediction type {self.prediction_type!r} is not supported")
-        uncond = unconditional_features(c.face_backbone, c.image_encoder)
+        uncond = unconditional_features(c.face_backbone, c.image_encoder, c.adapter.qformer.sizes.intrinsic)
         self.uncond_intrinsic, self.uncond_structure = (t.to(self.device) for t in uncond)
 
         lo, hi = cfg.face_range
@@ -536,12 +536,15 @@ class Trainer:
         def to01(x: torch.Tensor) -> torch.Tensor:  # (R, 224, 224, 3) uint8 → (R, 3, 224, 224)
             return x.permute(0, 3, 1, 2).float() / 255.0
 
+        source = c.adapter.qformer.sizes.intrinsic
         flat = crops.flatten(0, 1)
-        intrinsic, structure = encode_face_features(c.face_backbone, c.image_encoder, to01(flat))
+        intrinsic, structure = encode_face_features(c.face_backbone, c.image_encoder, to01(flat), source)
         id_flat = batch["id_crops"].flatten(0, 1)
         other = (id_flat != flat).flatten(1).any(dim=1)  # (B*N,)
         if other.any():
-            intrinsic[other] = encode_face_features(c.face_backbone, c.image_encoder, to01(id_flat[other]))[0]
+            intrinsic[other] = encode_face_features(
+                c.face_backbone, c.image_encoder, to01(id_flat[other]), source
+            )[0]
         intrinsic = intrinsic.to(dev).view(b, n, *intrinsic.shape[1:])
         structure = structure.to(dev).view(b, n, *structure.shape[1:])
         # a sample's identities dropped (CFG), or a face the crop cut: the unconditional features

@@ -96,7 +96,9 @@ def warm_up_identity(trainer: Any) -> list[dict[str, float]]:
         crops = photo_pairs(trainer.dataset, people, t.batch_size, rng)  # (2P, 224, 224, 3)
         pixels = crops.permute(0, 3, 1, 2).float() / 255.0
         with torch.no_grad():
-            intrinsic, structure = encode_face_features(c.face_backbone, c.image_encoder, pixels)
+            intrinsic, structure = encode_face_features(
+                c.face_backbone, c.image_encoder, pixels, qformer.sizes.intrinsic
+            )
         intrinsic, structure = intrinsic.to(trainer.device), structure.to(trainer.device)
         # the structure branch as stage I sees it: dropped, thinned or whole
         u = torch.rand(len(crops), generator=cpu)
@@ -136,7 +138,7 @@ def token_identification(
 
     crops = photo_pairs(dataset, labelled_people(dataset), people, np.random.default_rng(seed))
     intrinsic, structure = encode_face_features(
-        face_backbone, image_encoder, crops.permute(0, 3, 1, 2) / 255.0
+        face_backbone, image_encoder, crops.permute(0, 3, 1, 2) / 255.0, qformer.sizes.intrinsic
     )
     device, dtype = module_device_dtype(qformer)
     was_training = qformer.training
