@@ -69,6 +69,22 @@ def _add_quiet(subparsers: argparse._SubParsersAction) -> None:
                 _add_quiet(action)
 
 
+def _quiet_libraries() -> None:
+    """No progress bars or warnings from diffusers, transformers and huggingface_hub (``-q``).
+
+    ``TQDM_DISABLE`` cannot do it here: tqdm reads it when it is imported, before ``main`` runs.
+    """
+    import huggingface_hub.utils
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    huggingface_hub.utils.disable_progress_bars()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -77,10 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     level = logging.WARNING if args.quiet else (logging.DEBUG if args.verbose else logging.INFO)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    if args.quiet:
-        import os
-
-        os.environ.setdefault("TQDM_DISABLE", "1")
+    if args.quiet:  # the libraries' own bars (weights loading, downloads); ours follow the level
+        _quiet_libraries()
     try:
         return int(args.func(args) or 0)
     except UniPortraitError as err:

@@ -72,7 +72,16 @@ def run_loop(
     for module in modules.values():
         module.train()
     last_save, sums, count = time.time(), {}, 0
-    bar = tqdm(range(start, steps), desc=desc, initial=start, total=steps, leave=False, mininterval=5)
+    shown = logger.isEnabledFor(logging.INFO)  # not under `uniportrait -q`
+    bar = tqdm(
+        range(start, steps),
+        desc=desc,
+        initial=start,
+        total=steps,
+        leave=False,
+        mininterval=5,
+        disable=not shown,
+    )
     with open(metrics_path, "a") as log:
         for step in bar:
             for group in optimizer.param_groups:

@@ -21,6 +21,8 @@ logger = logging.getLogger(__name__)
 
 def to_pixels(images: np.ndarray) -> torch.Tensor:
     """(B, H, W, 3) uint8 → (B, 3, H, W) float32 in [-1, 1]."""
+    if not images.flags.writeable:  # torch warns on read-only arrays (memory maps, PIL views)
+        images = images.copy()
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
