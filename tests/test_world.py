@@ -376,3 +376,31 @@ def test_eval_generate_with_the_world_preset_and_oracles(tmp_path):
         assert image.size == (64, 64)
     result = json.loads((out / "results.json").read_text())
     assert result["summary"]["all"]["images"] == 2 and result["context"]["preset"] == "world"
+
+
+@shipped
+def test_world_export_writes_the_shipped_layout_and_says_it_drops_the_old_adapter(tmp_path, caplog):
+    """``world build``'s export (fed the shipped parts as a finished build's work folder): a
+    loadable pipeline folder; an adapter trained on the replaced base model is removed, saying so."""
+    import logging
+    import shutil
+
+    from uniportrait.world.build import export
+
+    work, out = tmp_path / "work", tmp_path / "assets"
+    for part, src in {"unet/unet": "base/unet", "vae/vae": "base/vae", "clip/text_encoder": "base/text_encoder",
+                      "clip/tokenizer": "base/tokenizer", "clip/image_encoder": "image_encoder",
+                      "backbone/face_backbone": "face_backbone"}.items():  # fmt: skip
+        shutil.copytree(WORLD_ASSETS / src, work / part)
+    shutil.copytree(WORLD_ASSETS / "adapter", out / "adapter")
+    with caplog.at_level(logging.WARNING, logger="uniportrait.world.build"):
+        export(work, out)
+    assert "trained on the previous base model" in caplog.text
+    assert not (out / "adapter").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["base", "face_backbone", "image_encoder"]
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(out / "base", torch_dtype=torch.float32)  # diffusers' own
+    pipe.set_progress_bar_config(disable=True)
+    image = pipe("a person on a beach", num_inference_steps=2, output_type="np").images
+    assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()

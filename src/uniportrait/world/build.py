@@ -223,6 +223,13 @@ def export(work: Path, out: Path) -> None:
         FaceDetector.from_pretrained(work / "face_detector" / "face_detector").half().save_pretrained(
             tmp / "face_detector"
         )
+    if (out / "adapter").exists():  # trained on the base model this export replaces
+        logger.warning(
+            "world build: %s was trained on the previous base model and is removed with it; train "
+            "one for the new base (configs/world/, docs/world.md) and ship it with `uniportrait world "
+            "export-adapter`",
+            out / "adapter",
+        )
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
