@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from uniportrait.atomic import atomic_path, write_bytes_atomic, write_text_atomic
+from uniportrait.atomic import atomic_directory, atomic_path, write_bytes_atomic, write_text_atomic
 
 
 @pytest.fixture
@@ -68,3 +68,47 @@ def test_fsync_is_skipped_only_when_asked(tmp_path, monkeypatch):
     assert synced == [] and (tmp_path / "bulk.bin").read_bytes() == b"1"
     write_bytes_atomic(tmp_path / "index.json", b"2")
     assert len(synced) == 1
+
+
+def test_atomic_directory_replaces_the_whole_folder(tmp_path):
+    target = tmp_path / "models" / "adapter"
+    target.mkdir(parents=True)
+    (target / "stale.bin").write_bytes(b"old")
+    with atomic_directory(target) as tmp:
+        assert tmp.is_dir() and not any(tmp.iterdir()) and tmp.parent.parent == target.parent
+        (tmp / "config.json").write_text("{}")
+        (tmp / "sub").mkdir()
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "sub"]  # stale.bin is gone
+    assert sorted(p.name for p in target.parent.iterdir()) == ["adapter"]  # no staging left
+
+
+@pytest.mark.parametrize("error", [ValueError, KeyboardInterrupt])
+def test_a_failure_while_filling_a_folder_leaves_the_old_one(tmp_path, error):
+    target = tmp_path / "adapter"
+    target.mkdir()
+    (target / "config.json").write_text("old")
+    with pytest.raises(error):
+        with atomic_directory(target) as tmp:
+            (tmp / "config.json").write_text("new, half")
+            raise error()
+    assert (target / "config.json").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+
+
+def test_a_failed_swap_puts_the_old_folder_back(tmp_path, monkeypatch):
+    target = tmp_path / "adapter"
+    target.mkdir()
+    (target / "config.json").write_text("old")
+    real = os.replace
+
+    def failing(src, dst):
+        if str(src).endswith("new"):
+            raise OSError("disk gone")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing)
+    with pytest.raises(OSError, match="disk gone"):
+        with atomic_directory(target) as tmp:
+            (tmp / "config.json").write_text("new")
+    assert (target / "config.json").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]

@@ -1,9 +1,10 @@
-"""Writing a file atomically: the project's one definition.
+"""Writing a file or a folder atomically: the project's one definition of each.
 
 The new contents go to a hidden temporary file beside the target, are flushed to disk, and the
 file is moved over the target with :func:`os.replace` (atomic on one file system). Readers see the
 old file or the complete new one, never a partial one; a failure removes the temporary file and
-leaves the target as it was.
+leaves the target as it was. Folders (:func:`atomic_directory`) are filled beside the target and
+swapped in by two renames.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -62,3 +65,33 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary folder to fill; on success it replaces the folder ``path``.
+
+    The temporary folder lives in a hidden staging folder beside ``path`` (same file system).
+    When the block ends without error, the old folder (if any) is moved aside, the new one moved
+    to ``path`` and the old one deleted: readers find the old folder or the complete new one
+    (or, between the two renames, none), never a partial one. On any exception the staging folder
+    is removed, ``path`` is left as it was, and the exception propagates.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        new = staging / "new"
+        new.mkdir()
+        yield new
+        old = staging / "old"
+        if path.exists():
+            os.replace(path, old)
+        try:
+            os.replace(new, path)
+        except BaseException:
+            if old.exists():
+                os.replace(old, path)
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from uniportrait.errors import UniPortraitError
@@ -108,7 +105,7 @@ def import_published(src: Path, dst: Path, args: argparse.Namespace) -> list[str
     adapter, backbone = read_published_folder(
         src, lambda published, with_ip: _configs(args, published, with_ip), ip_contents, folder_ip=False
     )
-    _replace_folder(dst, lambda tmp: adapter.save_pretrained(tmp, face_backbone=backbone))
+    adapter.save_pretrained(dst, face_backbone=backbone)  # atomic
     return sorted(p.name for p in dst.iterdir())
 
 
@@ -172,6 +169,7 @@ def _image_encoder_skeleton(spec: str):
 def export_published(src: Path, dst: Path) -> list[str]:
     import torch
 
+    from uniportrait.atomic import atomic_directory
     from uniportrait.convert import BACKBONE_FILE, named_to_published
     from uniportrait.models.adapter import read_adapter_files
 
@@ -179,13 +177,9 @@ def export_published(src: Path, dst: Path) -> list[str]:
     files = named_to_published(adapter)
     if backbone is not None:
         files[BACKBONE_FILE] = dict(backbone.state_dict())
-
-    def write(tmp: Path) -> None:
-        tmp.mkdir(parents=True, exist_ok=True)
+    with atomic_directory(dst) as tmp:
         for name, contents in files.items():
             torch.save(_to_cpu(contents), tmp / name)
-
-    _replace_folder(dst, write)
     return sorted(files)
 
 
@@ -193,17 +187,3 @@ def _to_cpu(value):
     if isinstance(value, dict):
         return {k: _to_cpu(v) for k, v in value.items()}
     return value.detach().cpu().contiguous()
-
-
-def _replace_folder(dst: Path, write) -> None:
-    """Call ``write(tmp)`` on a fresh temporary path beside ``dst``, then move it to ``dst``."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    tmp = staging / "out"
-    try:
-        write(tmp)
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

@@ -19,8 +19,6 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -306,19 +304,13 @@ class UniPortraitAdapter(SizedModelMixin):
         Written into a temporary folder first and moved into place, so a failure leaves
         nothing half-written. ``kwargs`` go to diffusers' ``ModelMixin.save_pretrained``.
         """
+        from uniportrait.atomic import atomic_directory
+
         directory = Path(save_directory)
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-        try:
+        with atomic_directory(directory) as tmp:
             super().save_pretrained(tmp, **kwargs)
             if face_backbone is not None:
                 face_backbone.save_pretrained(tmp / BACKBONE_FOLDER)
-            if directory.exists():
-                shutil.rmtree(directory)
-            os.replace(tmp, directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return directory
 
     @classmethod

@@ -181,6 +181,7 @@ def export(work: Path, out: Path) -> None:
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
+    from uniportrait.atomic import atomic_directory
     from uniportrait.models.face_backbone import IRBackbone
     from uniportrait.presets.tiny import published_ddim_scheduler
 
@@ -195,34 +196,6 @@ def export(work: Path, out: Path) -> None:
     if not all(p.exists() for p in needed):
         logger.info("world build: not exporting yet (stages missing)")
         return
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    # a whole diffusers SD pipeline folder (model_index.json + parts), readable by
-    # DiffusionPipeline.from_pretrained as well as by our loaders
-    StableDiffusionPipeline(
-        vae=AutoencoderKL.from_pretrained(vae).to(torch.float16),
-        text_encoder=CLIPTextModel.from_pretrained(work / "clip" / "text_encoder").to(torch.float16),
-        tokenizer=CLIPTokenizer.from_pretrained(work / "clip" / "tokenizer"),
-        unet=UNet2DConditionModel.from_pretrained(work / "unet" / "unet").to(torch.float16),
-        scheduler=published_ddim_scheduler(),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    ).save_pretrained(tmp / "base")
-    CLIPVisionModelWithProjection.from_pretrained(work / "clip" / "image_encoder").to(
-        torch.float16
-    ).save_pretrained(tmp / "image_encoder")
-    IRBackbone.from_pretrained(work / "backbone" / "face_backbone").to(torch.float16).save_pretrained(
-        tmp / "face_backbone"
-    )
-    if (work / "oracles" / "done").exists():
-        shutil.copytree(work / "oracles" / "export", tmp / "oracles")
-    if (work / "face_detector" / "face_detector").exists():
-        from uniportrait.world.oracles import FaceDetector
-
-        FaceDetector.from_pretrained(work / "face_detector" / "face_detector").half().save_pretrained(
-            tmp / "face_detector"
-        )
     if (out / "adapter").exists():  # trained on the base model this export replaces
         logger.warning(
             "world build: %s was trained on the previous base model and is removed with it; train "
@@ -230,9 +203,33 @@ def export(work: Path, out: Path) -> None:
             "export-adapter`",
             out / "adapter",
         )
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with atomic_directory(out) as tmp:
+        # a whole diffusers SD pipeline folder (model_index.json + parts), readable by
+        # DiffusionPipeline.from_pretrained as well as by our loaders
+        StableDiffusionPipeline(
+            vae=AutoencoderKL.from_pretrained(vae).to(torch.float16),
+            text_encoder=CLIPTextModel.from_pretrained(work / "clip" / "text_encoder").to(torch.float16),
+            tokenizer=CLIPTokenizer.from_pretrained(work / "clip" / "tokenizer"),
+            unet=UNet2DConditionModel.from_pretrained(work / "unet" / "unet").to(torch.float16),
+            scheduler=published_ddim_scheduler(),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        ).save_pretrained(tmp / "base")
+        CLIPVisionModelWithProjection.from_pretrained(work / "clip" / "image_encoder").to(
+            torch.float16
+        ).save_pretrained(tmp / "image_encoder")
+        IRBackbone.from_pretrained(work / "backbone" / "face_backbone").to(torch.float16).save_pretrained(
+            tmp / "face_backbone"
+        )
+        if (work / "oracles" / "done").exists():
+            shutil.copytree(work / "oracles" / "export", tmp / "oracles")
+        if (work / "face_detector" / "face_detector").exists():
+            from uniportrait.world.oracles import FaceDetector
+
+            FaceDetector.from_pretrained(work / "face_detector" / "face_detector").half().save_pretrained(
+                tmp / "face_detector"
+            )
     logger.info("world build: exported to %s", out)
 
 
