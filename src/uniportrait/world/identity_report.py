@@ -249,21 +249,26 @@ def blend_controls(oracles, pairs: int = 200, seed: int = 4) -> dict:
 # -- measuring pictures --------------------------------------------------------------------------
 
 
-def measure_identity_pictures(oracles, images: np.ndarray, cases: list[IdentityCase]) -> dict:
-    """Oracle measures of one seed's pictures of ``cases`` (see the module docstring)."""
+def measure_identity_pictures(
+    oracles, images: np.ndarray, cases: list[IdentityCase], detections=None
+) -> dict:
+    """Oracle measures of one seed's pictures of ``cases`` (see the module docstring).
+
+    ``detections``: the oracle's faces in each picture, when the caller has them already."""
     from uniportrait.evaluation.backends import DEFAULT_THRESHOLDS
     from uniportrait.evaluation.matching import match_faces
     from uniportrait.world.report import measure_pictures
     from uniportrait.world.traits import Traits
 
     specs = [c.spec for c in cases]
-    out = measure_pictures(oracles, images, specs, [c.reference for c in cases])
+    if detections is None:
+        detections = [oracles.detect(image) for image in images]
+    out = measure_pictures(oracles, images, specs, [c.reference for c in cases], faces=detections)
     scene_pred = oracles.scene_attributes(images)
     sims, blend, dup, missing, faces_total = [], 0, 0, 0, 0
     copy_hits, copy_total = 0, 0
-    for k, (image, case) in enumerate(zip(images, cases)):
+    for k, (image, case, faces) in enumerate(zip(images, cases, detections)):
         n = len(case.spec.people)
-        faces = oracles.detect(image)
         described = oracles.describe(image, faces) if faces else None
         emb = described["embedding"] if faces else np.zeros((0, case.reference.shape[1]), np.float32)
         result = match_faces(emb @ case.reference.T, DEFAULT_THRESHOLDS["world"])
@@ -304,18 +309,22 @@ def measure_identity_pictures(oracles, images: np.ndarray, cases: list[IdentityC
     return out
 
 
-def routing_accuracy(oracles, images: np.ndarray, routing: list, cases: list[IdentityCase]) -> float | None:
+def routing_accuracy(
+    oracles, images: np.ndarray, routing: list, cases: list[IdentityCase], detections=None
+) -> float | None:
     """Share of generated face pixels (oracle boxes) routed to the identity the face was matched to.
 
-    ``images``, ``routing``: one seed's pictures and their (P, H, W) routing maps (or None)."""
+    ``images``, ``routing``: one seed's pictures and their (P, H, W) routing maps (or None);
+    ``detections``: the oracle's faces in each picture, when the caller has them already."""
     from uniportrait.evaluation.backends import DEFAULT_THRESHOLDS
     from uniportrait.evaluation.matching import match_faces
 
     right = total = 0
-    for image, maps, case in zip(images, routing, cases):
+    if detections is None:
+        detections = [oracles.detect(image) for image in images]
+    for image, maps, case, faces in zip(images, routing, cases, detections):
         if maps is None:
             continue
-        faces = oracles.detect(image)
         if not faces:
             continue
         emb = oracles.describe(image, faces)["embedding"]
@@ -355,9 +364,10 @@ def _measure_row(pipe, oracles, cases, seeds, guidance, routed: bool, **call) ->
     images, routing = generate_cases(pipe, cases, seeds, guidance=guidance, **call)
     runs = []
     for k in range(len(seeds)):
-        m = measure_identity_pictures(oracles, images[k], cases)
+        detections = [oracles.detect(image) for image in images[k]]  # once per picture
+        m = measure_identity_pictures(oracles, images[k], cases, detections)
         if routed:
-            m["routing_accuracy"] = routing_accuracy(oracles, images[k], routing[k], cases)
+            m["routing_accuracy"] = routing_accuracy(oracles, images[k], routing[k], cases, detections)
         runs.append(m)
     return summarise_runs(runs) | {"images": images}
 
