@@ -20,7 +20,7 @@ demo: setup
 	$(BIN)/uniportrait demo --preset world --out outputs/demo
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
