@@ -111,6 +111,7 @@ def test_identity_report_measures_a_world_adapter(tmp_path):
     for row in rows.values():
         assert 0 <= row["prompt_following"]["mean"] <= 1
         assert -1 <= row["face_sim"]["mean"] <= 1
+        assert 0 <= row["identification"]["mean"] <= 1 and row["identification_chance"]["mean"] == 0.5
     assert set(report["multi_2"]) == set(report["multi_3"]) == {
         "no routing (every identity everywhere)", "user masks (layout boxes)", "router"}  # fmt: skip
     assert (out / "single_stage1.png").is_file() and (out / "multi_2_router.png").is_file()
@@ -149,3 +150,22 @@ def test_world_demo_shows_held_out_people_with_oracle_scores(tmp_path, capsys):
     for name in ("ada-0", "ben-3", "cleo-1", "group-2", "group-2-routing", "group-3-routing"):
         assert (out / f"{name}.png").is_file(), name
     assert Image.open(out / "group-3.png").size == (128, 64)
+
+
+@pytest.mark.skipif(
+    not (WORLD_ASSETS / "oracles" / "detector" / "config.json").is_file(), reason="no oracles"
+)
+def test_identification_picks_out_the_person_among_the_rows_people():
+    """The report's identification on renders: the caption's own person is picked out among the
+    row's people; the same pictures credited to the wrong people are not."""
+    from uniportrait.world.identity_report import identity_cases, measure_identity_pictures
+    from uniportrait.world.oracles import WorldOracles, default_oracles_dir
+
+    oracles = WorldOracles(default_oracles_dir())
+    cases = identity_cases(oracles, 12, 1)
+    images = np.stack([c.spec.render().image for c in cases])
+    right = measure_identity_pictures(oracles, images, cases)
+    assert right["identification_chance"] == pytest.approx(1 / 12)
+    assert right["identification"] >= 0.9  # measured 1.0 (the recogniser's ROC AUC is 0.999)
+    wrong = measure_identity_pictures(oracles, np.roll(images, 1, axis=0), cases)
+    assert wrong["identification"] <= 0.2

@@ -9,6 +9,10 @@ read the pictures:
 - **Face Sim**: cosine of the oracle recogniser between a generated face and the person's
   reference; faces are matched to people one-to-one (:func:`~uniportrait.evaluation.matching.match_faces`),
   the picture's value is the lowest matched one (the paper's multi-ID value).
+- **Identification** (single-ID): the share of pictures whose face is nearer (oracle cosine) to
+  its own person's reference than to every other person's of the same row (chance: one over the
+  number of captions); a picture without a face is a miss. Where Face Sim says how much a face
+  resembles its person, this says whether it would be picked out among the others.
 - **Prompt following**: the share of caption-mentioned attributes the oracles read back.
 - **Copy rate**: among the attributes a caption asks for that *differ* from the conditioning
   photo's (expression, tilt, hat, sunglasses, lighting), the share where the picture shows the
@@ -267,6 +271,9 @@ def measure_identity_pictures(
     scene_pred = oracles.scene_attributes(images)
     sims, blend, dup, missing, faces_total = [], 0, 0, 0, 0
     copy_hits, copy_total = 0, 0
+    singles = all(len(c.spec.people) == 1 for c in cases)
+    everyone = np.concatenate([c.reference for c in cases]) if singles else None  # (C, E)
+    identified = 0
     for k, (image, case, faces) in enumerate(zip(images, cases, detections)):
         n = len(case.spec.people)
         described = oracles.describe(image, faces) if faces else None
@@ -275,6 +282,8 @@ def measure_identity_pictures(
         sims.append(result.face_sim_min if len(result.missing) < n else 0.0)
         dup += bool(result.duplicated)
         missing += len(result.missing)
+        if singles and result.face_of_reference[0] is not None:
+            identified += int(np.argmax(everyone @ emb[result.face_of_reference[0]]) == k)
         if n > 1 and faces:
             truth = np.stack([Traits.of(p.identity).vector() for p in case.spec.people])
             for f in range(len(faces)):
@@ -306,6 +315,8 @@ def measure_identity_pictures(
     )
     if faces_total:
         out["blend_rate"] = blend / faces_total
+    if singles:
+        out.update(identification=identified / len(cases), identification_chance=1 / len(cases))
     return out
 
 
@@ -487,7 +498,8 @@ def markdown_tables(report: dict) -> str:
             "",
         ]
     single_cols = (
-        ("Face Sim", "face_sim", False), ("one face", "exact_face_count_rate", True),
+        ("Face Sim", "face_sim", False), ("identification", "identification", True),
+        ("one face", "exact_face_count_rate", True),
         ("prompt following", "prompt_following", True), ("copy rate", "copy_rate", True),
     )  # fmt: skip
     multi_cols = (
