@@ -167,5 +167,6 @@ def test_identification_picks_out_the_person_among_the_rows_people():
     right = measure_identity_pictures(oracles, images, cases)
     assert right["identification_chance"] == pytest.approx(1 / 12)
     assert right["identification"] >= 0.9  # measured 1.0 (the recogniser's ROC AUC is 0.999)
+    assert right["pairwise_identification"] >= 0.95
     wrong = measure_identity_pictures(oracles, np.roll(images, 1, axis=0), cases)
-    assert wrong["identification"] <= 0.2
+    assert wrong["identification"] <= 0.2 and wrong["pairwise_identification"] <= 0.7

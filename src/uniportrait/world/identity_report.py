@@ -12,7 +12,10 @@ read the pictures:
 - **Identification** (single-ID): the share of pictures whose face is nearer (oracle cosine) to
   its own person's reference than to every other person's of the same row (chance: one over the
   number of captions); a picture without a face is a miss. Where Face Sim says how much a face
-  resembles its person, this says whether it would be picked out among the others.
+  resembles its person, this says whether it would be picked out among the others. **Pairwise
+  identification**: over the pictures with a face, the share of the row's other people whose
+  reference the face is less similar to than its own (chance 50%); unlike the first, one
+  reference that happens to resemble every generated face (a hub) costs it little.
 - **Prompt following**: the share of caption-mentioned attributes the oracles read back.
 - **Copy rate**: among the attributes a caption asks for that *differ* from the conditioning
   photo's (expression, tilt, hat, sunglasses, lighting), the share where the picture shows the
@@ -273,7 +276,7 @@ def measure_identity_pictures(
     copy_hits, copy_total = 0, 0
     singles = all(len(c.spec.people) == 1 for c in cases)
     everyone = np.concatenate([c.reference for c in cases]) if singles else None  # (C, E)
-    identified = 0
+    identified, pairwise = 0, []
     for k, (image, case, faces) in enumerate(zip(images, cases, detections)):
         n = len(case.spec.people)
         described = oracles.describe(image, faces) if faces else None
@@ -283,7 +286,9 @@ def measure_identity_pictures(
         dup += bool(result.duplicated)
         missing += len(result.missing)
         if singles and result.face_of_reference[0] is not None:
-            identified += int(np.argmax(everyone @ emb[result.face_of_reference[0]]) == k)
+            to_all = everyone @ emb[result.face_of_reference[0]]  # (C,)
+            identified += int(np.argmax(to_all) == k)
+            pairwise.append(float((np.delete(to_all, k) < to_all[k]).mean()))
         if n > 1 and faces:
             truth = np.stack([Traits.of(p.identity).vector() for p in case.spec.people])
             for f in range(len(faces)):
@@ -317,6 +322,8 @@ def measure_identity_pictures(
         out["blend_rate"] = blend / faces_total
     if singles:
         out.update(identification=identified / len(cases), identification_chance=1 / len(cases))
+        if pairwise:
+            out["pairwise_identification"] = float(np.mean(pairwise))
     return out
 
 
@@ -499,6 +506,7 @@ def markdown_tables(report: dict) -> str:
         ]
     single_cols = (
         ("Face Sim", "face_sim", False), ("identification", "identification", True),
+        ("pairwise identification", "pairwise_identification", True),
         ("one face", "exact_face_count_rate", True),
         ("prompt following", "prompt_following", True), ("copy rate", "copy_rate", True),
     )  # fmt: skip
