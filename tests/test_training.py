@@ -412,3 +412,24 @@ def test_qformer_intrinsic_source_is_checked():
 
     with pytest.raises(ConfigError, match="intrinsic must be one of stage, embedding"):
         QFormerConfig(intrinsic="pooled")
+
+
+def test_a_run_imports_up_front_what_it_imports_later(dataset, tmp_path):
+    """Validation and checkpoints import modules lazily; the trainer imports them at set-up, so
+    editing an editable install's source during a long run cannot break the run midway."""
+    import subprocess
+    import sys
+
+    later = ["uniportrait.pipeline", "uniportrait.visualize", "uniportrait.convert"]
+    code = f"""
+import sys
+from uniportrait.training.config import TINY_BASE, load_config
+from uniportrait.training.trainer import Trainer
+later = {later!r}
+assert not [m for m in later if m in sys.modules], [m for m in later if m in sys.modules]
+Trainer(load_config(None, ["data.path={dataset}", "output_dir={tmp_path / "run"}"], stage=1, base=TINY_BASE))
+missing = [m for m in later if m not in sys.modules]
+assert not missing, missing
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -245,6 +245,7 @@ class Trainer:
         from uniportrait.training.shards import check_training_data
 
         check_training_data(cfg.data.path)  # fail before loading any network
+        _import_what_later_steps_need()
         c = self.components = load_components(cfg)
         self.trained = set_trainable(c.adapter, cfg.stage)
         for module in c.frozen_modules():
@@ -773,6 +774,18 @@ class Trainer:
             model.train(was_training)
         (folder / "prompts.json").write_text(json.dumps([p for p, _ in self.validation_samples()], indent=2))
         return images
+
+
+def _import_what_later_steps_need() -> None:
+    """Import now the modules that validation, checkpoints and the published export import
+    lazily, so a run keeps the code it started with: with an editable install, an edit to the
+    source tree during a long run would otherwise meet a half-edited module at the first
+    validation (docs/training.md)."""
+    import uniportrait.atomic  # noqa: F401
+    import uniportrait.convert  # noqa: F401
+    import uniportrait.pipeline  # noqa: F401
+    import uniportrait.training.warmup  # noqa: F401
+    import uniportrait.visualize  # noqa: F401
 
 
 def export_published(adapter, folder: Path, weights_context=contextlib.nullcontext) -> Path:
