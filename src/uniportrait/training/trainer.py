@@ -241,7 +241,7 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         from diffusers import DDPMScheduler
 
-        from uniportrait.identity import unconditional_features
+        from uniportrait.identity import intrinsic_source, unconditional_features
         from uniportrait.training.shards import check_training_data
 
         check_training_data(cfg.data.path)  # fail before loading any network
@@ -264,7 +264,7 @@ class Trainer:
         self.prediction_type = self.noise_scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
             raise ConfigError(f"prediction type {self.prediction_type!r} is not supported")
-        uncond = unconditional_features(c.face_backbone, c.image_encoder, c.adapter.qformer.sizes.intrinsic)
+        uncond = unconditional_features(c.face_backbone, c.image_encoder, intrinsic_source(c.adapter))
         self.uncond_intrinsic, self.uncond_structure = (t.to(self.device) for t in uncond)
 
         lo, hi = cfg.face_range
@@ -508,7 +508,7 @@ class Trainer:
     @torch.no_grad()
     def prepare_inputs(self, batch: dict[str, Any], seed: int) -> dict[str, Any]:
         """Encode a collated batch with the frozen networks and draw this micro-batch's randomness."""
-        from uniportrait.identity import encode_face_features
+        from uniportrait.identity import encode_face_features, intrinsic_source
         from uniportrait.models.qformer import drop_structure_tokens
 
         cfg, c, dev = self.cfg, self.components, self.device
@@ -537,7 +537,7 @@ class Trainer:
         def to01(x: torch.Tensor) -> torch.Tensor:  # (R, 224, 224, 3) uint8 → (R, 3, 224, 224)
             return x.permute(0, 3, 1, 2).float() / 255.0
 
-        source = c.adapter.qformer.sizes.intrinsic
+        source = intrinsic_source(c.adapter)
         flat = crops.flatten(0, 1)
         intrinsic, structure = encode_face_features(c.face_backbone, c.image_encoder, to01(flat), source)
         id_flat = batch["id_crops"].flatten(0, 1)
@@ -781,7 +781,6 @@ def _import_what_later_steps_need() -> None:
     lazily, so a run keeps the code it started with: with an editable install, an edit to the
     source tree during a long run would otherwise meet a half-edited module at the first
     validation (docs/training.md)."""
-    import uniportrait.atomic  # noqa: F401
     import uniportrait.convert  # noqa: F401
     import uniportrait.pipeline  # noqa: F401
     import uniportrait.training.warmup  # noqa: F401

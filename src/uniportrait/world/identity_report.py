@@ -270,7 +270,7 @@ def measure_identity_pictures(
     specs = [c.spec for c in cases]
     if detections is None:
         detections = [oracles.detect(image) for image in images]
-    out = measure_pictures(oracles, images, specs, [c.reference for c in cases], faces=detections)
+    out = measure_pictures(oracles, images, specs, [c.reference for c in cases], detections)
     scene_pred = oracles.scene_attributes(images)
     sims, blend, dup, missing, faces_total = [], 0, 0, 0, 0
     copy_hits, copy_total = 0, 0
@@ -328,18 +328,16 @@ def measure_identity_pictures(
 
 
 def routing_accuracy(
-    oracles, images: np.ndarray, routing: list, cases: list[IdentityCase], detections=None
+    oracles, images: np.ndarray, routing: list, cases: list[IdentityCase], detections: list
 ) -> float | None:
     """Share of generated face pixels (oracle boxes) routed to the identity the face was matched to.
 
     ``images``, ``routing``: one seed's pictures and their (P, H, W) routing maps (or None);
-    ``detections``: the oracle's faces in each picture, when the caller has them already."""
+    ``detections``: the oracle's faces in each picture."""
     from uniportrait.evaluation.backends import DEFAULT_THRESHOLDS
     from uniportrait.evaluation.matching import match_faces
 
     right = total = 0
-    if detections is None:
-        detections = [oracles.detect(image) for image in images]
     for image, maps, case, faces in zip(images, routing, cases, detections):
         if maps is None:
             continue

@@ -242,20 +242,21 @@ def held_out_specs(count: int, num_people: int, seed: int, identities: int = 200
     return specs, captions
 
 
-def measure_pictures(oracles, images: np.ndarray, specs, reference_embeddings, faces=None) -> dict:
+def measure_pictures(oracles, images: np.ndarray, specs, reference_embeddings, detections=None) -> dict:
     """Face count, prompt following and identity similarity of pictures made for ``specs``.
 
     ``reference_embeddings[k]`` is the (P, E) embedding of each person's reference render: the
     "own identity" similarity compares a face with its own person's reference (meaningful for
     renders, chance for an unconditioned model); "random" compares with another picture's people.
-    ``faces``: the oracle's detections of each picture, when the caller has them already.
+    ``detections``: the oracle's faces in each picture, when the caller has them already.
     """
     n_right, follow_hits, follow_total = 0, 0, 0
     per_attr: dict[str, list[int]] = {}
     own, rand = [], []
     rng = np.random.default_rng(0)
     scene_pred = oracles.scene_attributes(images)
-    detections = faces if faces is not None else [oracles.detect(image) for image in images]
+    if detections is None:
+        detections = [oracles.detect(image) for image in images]
     for k, (image, spec, faces) in enumerate(zip(images, specs, detections)):
         want = spec.requested()
         n = len(spec.people)
