@@ -255,6 +255,16 @@ def test_world_preset_generates_a_world_person_from_a_render(tmp_path, capsys):
     assert main(["-q", "id", "--home", home, "add", "bob", str(photo), *model]) == 0
     assert main(["-q", "generate", *model, "--prompt", "bob in a city", "--id-name", "bob", "--home", home,
                  "--steps", "2", "--out", str(tmp_path / "named")]) == 0  # fmt: skip
+    # a real photo is refused with one line, not searched for a false face, and nothing is written
+    real = tmp_path / "real.png"
+    Image.fromarray(np.kron(pictures[0].image, np.ones((4, 4, 1), np.uint8))).save(real)  # 256x256
+    capsys.readouterr()
+    args[args.index(str(photo))] = str(real)
+    args[args.index(str(tmp_path / "out"))] = str(tmp_path / "refused")
+    assert main(args) != 0
+    assert "not a world picture" in capsys.readouterr().err and not (tmp_path / "refused").exists()
+    assert main(["-q", "id", "--home", home, "add", "carol", str(real), *model]) != 0
+    assert "not a world picture" in capsys.readouterr().err
 
 
 @shipped

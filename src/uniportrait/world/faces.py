@@ -100,7 +100,22 @@ class WorldFaceAnalyzer:
         self.threshold = threshold
 
     def detect(self, image) -> list:
-        """Faces of one picture (PIL image or (H, W, 3) uint8 array), largest first."""
-        from uniportrait.world.oracles import detect_faces
+        """Faces of one picture (PIL image or (H, W, 3) uint8 array), largest first.
 
+        Raises:
+            InvalidImageError: the picture is larger than any world picture (a real photo: the
+                world's detector has never seen one, and would find nothing or a false face).
+        """
+        from uniportrait.errors import InvalidImageError
+        from uniportrait.world.oracles import detect_faces
+        from uniportrait.world.scenes import SIZES
+
+        width, height = image.size if isinstance(image, Image.Image) else (image.shape[1], image.shape[0])
+        most_w, most_h = (max(s[k] for s in SIZES.values()) for k in (0, 1))
+        if width > most_w or height > most_h:
+            raise InvalidImageError(
+                f"a {width}x{height} picture is not a world picture (at most {most_w}x{most_h}): the world "
+                "preset reads pictures of world people (`uniportrait world render`); for real photos use "
+                "--preset sd15"
+            )
         return detect_faces(self.detector, image, self.threshold)
