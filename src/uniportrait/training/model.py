@@ -4,8 +4,8 @@ The frozen encoders (VAE, text, face backbone, CLIP) run outside, in the trainer
 gradients. What remains here is everything the trained parameters touch, so that one
 ``accelerator.prepare``-d module covers them for DDP/FSDP.
 
-Randomness inside the forward pass (DropPath in the Q-Former, the Gumbel noise of the router)
-comes from the global RNG, forked and seeded from ``rng_seed`` for the duration of the call:
+Randomness inside the forward pass (DropPath in the Q-Former, the Gumbel noise of the router;
+in eval mode neither: DropPath is off and routing is the inference's hard arg-max) comes from the global RNG, forked and seeded from ``rng_seed`` for the duration of the call:
 gradient checkpointing restores the global RNG state when it recomputes a block, so the
 recomputed routing equals the original one (an explicit generator would have moved on).
 """
@@ -97,6 +97,8 @@ class TrainingModel(nn.Module):
         masks: torch.Tensor | None = None,
         route_valid: torch.Tensor | None = None,
         added_cond: dict[str, torch.Tensor] | None = None,
+        faceid_masks: torch.Tensor | None = None,
+        keep_prediction: bool = False,
     ) -> dict[str, torch.Tensor]:
         """One forward pass.
 
@@ -110,6 +112,9 @@ class TrainingModel(nn.Module):
             masks: (B, N, H, W) bool face masks (stage II routing loss; the face-weighted loss).
             route_valid: (B,) bool samples whose identities were not dropped.
             added_cond: SDXL's ``added_cond_kwargs``.
+            faceid_masks: (B, N, h, w) masks that replace the router, as inference's user masks
+                (probes; pass ``masks=None`` with them: there is no routing to supervise).
+            keep_prediction: also return the UNet's ``prediction`` (B, C, h, w), detached.
 
         Returns:
             ``loss`` (to minimise), ``diffusion``, and with N >= 2 ``routing``,
@@ -125,8 +130,9 @@ class TrainingModel(nn.Module):
                 faceid_scale=self.faceid_scale,
                 lora="single" if n == 1 else "multi",
                 latent_hw=tuple(noisy_latents.shape[-2:]),
-                gumbel_tau=self.gumbel_tau if n >= 2 else None,
+                gumbel_tau=self.gumbel_tau if n >= 2 and self.training else None,
                 router_logits=[] if n >= 2 else None,
+                faceid_masks=faceid_masks,
             )
             kwargs: dict[str, Any] = {"cross_attention_kwargs": {"uniportrait": call}, "return_dict": False}
             if added_cond is not None:
@@ -135,6 +141,8 @@ class TrainingModel(nn.Module):
         per_sample = (pred.float() - target.float()).square().mean((1, 2, 3))  # (B,)
         diffusion = per_sample.mean()
         out = {"diffusion": diffusion.detach(), "diffusion_per_sample": per_sample.detach()}
+        if keep_prediction:
+            out["prediction"] = pred.detach()
         loss = diffusion
         if self.face_loss_weight != 1.0 and masks is not None:
             loss = face_weighted_mse(pred.float(), target.float(), masks, self.face_loss_weight)

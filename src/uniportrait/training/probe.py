@@ -6,6 +6,10 @@ compared with the MSE with *another* person's features, at the same noise and ti
 mean paired difference (other − own), its standard error and z say whether identity is used:
 zero when the identity tokens are ignored, positive when the adapter denoises a person better
 with their own identity. Any dataset in the prepare-data format with identity labels works.
+
+The routing probe asks whether a stage-II router sends face pixels to their own identity; the
+leakage probe whether one person's identity changes another person's face (what blending is,
+measured in the denoiser, where it does not depend on how recognisable generated faces are).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import math
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from uniportrait.training.data import collate
 
@@ -91,4 +96,75 @@ def routing_probe(trainer, count: int = 120, batch: int = 20, seed: int = 0) -> 
         "accuracy": float(a.mean()),
         "se": float(a.std(ddof=1) / math.sqrt(len(a))) if len(a) > 1 else 0.0,
         "chance": float(np.mean([1.0 / p for p in people])),
+    }
+
+
+#: What decides where each identity goes in :func:`leakage_probe`: the trained router, every
+#: identity everywhere (no routing), or the ground-truth face masks (user masks).
+LEAKAGE_ROUTINGS = ("router", "everywhere", "masks")
+
+
+@torch.no_grad()
+def leakage_probe(trainer, routing: str = "router", count: int = 120, batch: int = 20, seed: int = 0) -> dict:
+    """How much of what one person's identity does lands on the *other* faces of the picture.
+
+    For each picture of ``trainer.dataset`` (two or more people, face masks) and each person j,
+    person j's identity features are replaced by another picture's person j (the batch rolled by
+    one), everything else (noise, timestep, the other identities) the same, and the change Δ of
+    the UNet's prediction is measured inside each face (face masks at latent size, area-weighted):
+    ``own`` = mean Δ² inside face j, ``others`` = mean Δ² inside the other faces. ``leakage`` =
+    Σ others / Σ own over the probe: 0 when identities stay in their own faces, about 1 or more
+    when each identity spreads over every face (blending). ``routing``: one of
+    :data:`LEAKAGE_ROUTINGS`. Returns ``leakage``, its ``se`` over batches, ``own`` and ``others``.
+    """
+    if routing not in LEAKAGE_ROUTINGS:
+        raise ValueError(
+            f"leakage probe: routing must be one of {', '.join(LEAKAGE_ROUTINGS)}, got {routing!r}"
+        )
+    model = trainer.model.eval()
+    n = min(count, len(trainer.dataset)) // batch * batch
+    if n < batch:
+        raise ValueError(f"leakage probe: need at least {batch} pictures")
+    own_sums, other_sums = [], []
+    for start in range(0, n, batch):
+        items = collate([trainer.dataset[(i, seed + i)] for i in range(start, start + batch)])
+        inputs = trainer.prepare_inputs(items, seed=seed * 100_003 + start)
+        masks = inputs.pop("masks")  # (B, N, H, W); no routing loss here
+        if masks is None:
+            raise ValueError("leakage probe: the pictures need two or more people")
+        people = masks.shape[1]
+        h, w = inputs["noisy_latents"].shape[-2:]
+        face = F.interpolate(
+            masks.float(), size=(h, w), mode="area"
+        )  # (B, N, h, w) share of each latent pixel
+        if routing == "everywhere":
+            inputs["faceid_masks"] = torch.ones_like(face)
+        elif routing == "masks":
+            inputs["faceid_masks"] = face
+        base = model(**inputs, keep_prediction=True)["prediction"]
+        own, others = 0.0, 0.0
+        for j in range(people):
+            swapped = dict(inputs)
+            for key in ("intrinsic", "structure", "structure_scale", "structure_keep"):
+                if inputs.get(key) is not None:
+                    value = inputs[key].clone()
+                    value[:, j] = inputs[key][:, j].roll(1, dims=0)
+                    swapped[key] = value
+            delta = (
+                (model(**swapped, keep_prediction=True)["prediction"] - base).square().mean(1)
+            )  # (B, h, w)
+            energy = (delta[:, None] * face).sum((2, 3)) / face.sum((2, 3)).clamp_min(1e-6)  # (B, N)
+            own += float(energy[:, j].sum())
+            others += float(torch.cat([energy[:, :j], energy[:, j + 1 :]], 1).mean(1).sum())
+        own_sums.append(own)
+        other_sums.append(others)
+    o, t = np.array(own_sums), np.array(other_sums)
+    ratios = t / np.maximum(o, 1e-30)
+    return {
+        "pictures": n,
+        "routing": routing,
+        "leakage": float(t.sum() / max(o.sum(), 1e-30)),
+        "se": float(ratios.std(ddof=1) / math.sqrt(len(ratios))) if len(ratios) > 1 else 0.0,
+        "own": float(o.sum() / (n * people)),
+        "others": float(t.sum() / (n * people)),
     }
