@@ -414,3 +414,31 @@ def test_world_export_writes_the_shipped_layout_and_says_it_drops_the_old_adapte
     pipe.set_progress_bar_config(disable=True)
     image = pipe("a person on a beach", num_inference_steps=2, output_type="np").images
     assert image.shape == (1, 64, 64, 3) and np.isfinite(image).all()
+
+
+@shipped
+def test_decoder_identity_loss_reads_the_aligned_faces_and_reaches_the_decoder():
+    """The VAE decoder's identity loss (``finetune_vae_decoder(identity_weight=...)``): its
+    differentiable crops are the pipeline's aligned crops, the backbone calls a picture itself,
+    a blurred copy less, and the gradient reaches the reconstruction."""
+    import torch.nn.functional as F
+
+    from uniportrait.models.face_backbone import IRBackbone
+    from uniportrait.world.faces import aligned_crops
+    from uniportrait.world.train_base import aligned_face_grid, face_identity_cosine, to_pixels
+
+    _, pictures = _batch(4, 2, seed=8)
+    images = np.stack([p.image for p in pictures])
+    landmarks = np.stack([p.landmarks[k % 2] for k, p in enumerate(pictures)])  # one face each
+    x = to_pixels(images)
+    grid = aligned_face_grid(landmarks, x.shape[-2:], 64)
+    ours = F.grid_sample(x + 1, grid, align_corners=False) - 1
+    pipeline = to_pixels(aligned_crops(images, landmarks))
+    assert (ours - pipeline).abs().mean() < 0.05  # about 3 of 255 (bilinear straight to 64 px)
+    backbone = IRBackbone.from_pretrained(WORLD_ASSETS / "face_backbone").float().eval().requires_grad_(False)
+    assert torch.allclose(face_identity_cosine(backbone, x, x, grid), torch.ones(4), atol=1e-4)
+    blurred = F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False).requires_grad_(True)
+    cos = face_identity_cosine(backbone, blurred, x, grid)
+    assert (cos < 0.99).all()
+    (1 - cos).mean().backward()
+    assert blurred.grad is not None and blurred.grad.abs().sum() > 0

@@ -81,6 +81,8 @@ def finetune_vae_decoder(
     lr: float = 3e-4,
     face_weight: float = 4.0,
     seed: int = 0,
+    identity_weight: float = 0.0,
+    backbone_dir: Path | None = None,
 ):
     """Fine-tune the VAE's decoder only, with the reconstruction loss weighted up on heads.
 
@@ -88,11 +90,24 @@ def finetune_vae_decoder(
     trained on) stays as it is: this is SD's "ft-MSE" decoder fine-tuning, aimed at identity
     detail — pixels inside the ground-truth head masks count ``1 + face_weight`` times.
     Portraits and whole group pictures alternate (the decoder is fully convolutional).
+
+    ``identity_weight`` > 0 adds an identity loss, ``identity_weight · (1 − cos)`` between the
+    face backbone's embeddings (``backbone_dir``: the generator side's backbone, never an oracle)
+    of one aligned face of each reconstruction and of its picture, as a perceptual loss
+    (LPIPS for SD's decoder) aimed at what a recogniser reads instead of the blur MSE prefers.
     """
     from diffusers import AutoencoderKL
 
     s, g = load_set(data_dir / "singles_train.npz"), load_set(data_dir / "groups_train.npz")
     sets = [(s["images"], s["masks"].any(1)), (g["images"], g["masks"].any(1))]
+    faces = [(s["landmarks"], s["num_people"]), (g["landmarks"], g["num_people"])]
+    backbone = None
+    if identity_weight > 0:
+        from uniportrait.models.face_backbone import IRBackbone
+
+        if backbone_dir is None:
+            raise ValueError("identity_weight > 0 needs backbone_dir (the face backbone)")
+        backbone = IRBackbone.from_pretrained(backbone_dir).float().eval().requires_grad_(False)
     vae = AutoencoderKL.from_pretrained(vae_dir / "vae")
     vae.requires_grad_(False)
     decoder = [vae.decoder, vae.post_quant_conv]
@@ -113,13 +128,52 @@ def finetune_vae_decoder(
         rec = vae.decode(z).sample
         err = rec - x
         loss = ((err.abs() + err.pow(2)) * weight).mean() / weight.mean()
+        row = {}
+        if backbone is not None:
+            landmarks, people = faces[i % 2]
+            who = (torch.rand(n, generator=gen) * torch.from_numpy(people[idx])).long().numpy()
+            grid = aligned_face_grid(landmarks[idx, who], x.shape[-2:], backbone.config.input_size)
+            cos = face_identity_cosine(backbone, rec, x, grid)  # (n,)
+            loss = loss + identity_weight * (1.0 - cos).mean()
+            row["face_cos"] = cos.mean().item()
         loss.backward()
         mse = err.detach().pow(2).mean()
-        return {"loss": loss.item(), "psnr": (10 * torch.log10(4.0 / mse)).item()}
+        return {"loss": loss.item(), "psnr": (10 * torch.log10(4.0 / mse)).item(), **row}
 
     run_loop(out / "run", {"vae": vae}, opt, step, steps, lr, "VAE decoder", warmup=50)
     vae.save_pretrained(out / "vae")
     return vae
+
+
+def aligned_face_grid(landmarks: np.ndarray, image_size: tuple[int, int], size: int) -> torch.Tensor:
+    """(B, 5, 2) landmarks → the (B, size, size, 2) ``grid_sample`` grid of each face's aligned
+    crop: the ArcFace-template similarity ``faces.aligned_crops`` warps with, made
+    differentiable (bilinear, straight to ``size``)."""
+    from uniportrait.faces.align import alignment_matrix
+
+    h, w = image_size
+    inverse = []
+    for points in landmarks:
+        m = np.vstack([alignment_matrix(points, size), [0.0, 0.0, 1.0]])  # image px → crop px
+        inverse.append(np.linalg.inv(m)[:2])
+    inverse = torch.from_numpy(np.stack(inverse)).float()  # (B, 2, 3) crop px → image px
+    v, u = torch.meshgrid(torch.arange(size).float(), torch.arange(size).float(), indexing="ij")
+    crop = torch.stack([u, v, torch.ones_like(u)], -1).reshape(-1, 3)  # (S*S, 3), pixel centres
+    src = torch.einsum("bij,pj->bpi", inverse, crop)  # (B, S*S, 2) image px
+    norm = (2.0 * src + 1.0) / torch.tensor([w, h]).float() - 1.0  # align_corners=False
+    return norm.reshape(len(landmarks), size, size, 2)
+
+
+def face_identity_cosine(backbone, rec: torch.Tensor, x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Cosine between the backbone's embeddings of the aligned faces of ``rec`` and of ``x``
+    ((B, 3, H, W) in [-1, 1]; outside the picture is black, as ``cv2.warpAffine`` pads)."""
+
+    def crops(images: torch.Tensor) -> torch.Tensor:
+        return F.grid_sample(images + 1.0, grid, mode="bilinear", align_corners=False) - 1.0
+
+    with torch.no_grad():
+        target = F.normalize(backbone(crops(x)).embedding, dim=-1)
+    return (F.normalize(backbone(crops(rec)).embedding, dim=-1) * target).sum(-1)
 
 
 # -- tokenizer + CLIP -----------------------------------------------------------------------------
