@@ -103,23 +103,28 @@ class _WatchedTokenizer:
                 self.inside -= 1
 
 
-def test_prompt_encoding_is_not_interleaved_between_calls():
+@pytest.mark.parametrize("pipelines", [1, 2], ids=["one-pipeline", "two-sharing-a-tokenizer"])
+def test_prompt_encoding_is_not_interleaved_between_calls(pipelines):
     """Fast tokenizers keep padding settings on the shared object and diffusers' encode_prompt
     tokenizes with two different ones: interleaved, a prompt came back 2 tokens long instead of 77
-    ("Sizes of tensors must match ... Expected size 2 but got size 77")."""
+    ("Sizes of tensors must match ... Expected size 2 but got size 77"). Pipelines made with
+    ``from_pipe`` share the tokenizer, so they must not interleave either."""
+    from uniportrait.pipeline import UniPortraitPipeline
     from uniportrait.presets import build_tiny_pipeline
 
     pipe = build_tiny_pipeline(0)
-    pipe.set_progress_bar_config(disable=True)
+    pipes = [pipe] if pipelines == 1 else [pipe, UniPortraitPipeline.from_pipe(pipe)]
     watched = _WatchedTokenizer(pipe.tokenizer)
-    object.__setattr__(pipe, "tokenizer", watched)
+    for p in pipes:
+        p.set_progress_bar_config(disable=True)
+        object.__setattr__(p, "tokenizer", watched)
     barrier = threading.Barrier(4)
     errors: list[BaseException] = []
 
     def work(seed: int) -> None:
         try:
             barrier.wait(timeout=30)
-            run_pipe(pipe, seed=seed, steps=1, negative_prompt="" if seed % 2 else None)
+            run_pipe(pipes[seed % len(pipes)], seed=seed, steps=1, negative_prompt="" if seed < 2 else None)
         except BaseException as exc:  # reported in the main thread
             errors.append(exc)
 

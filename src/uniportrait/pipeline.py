@@ -218,10 +218,15 @@ class UniPortraitPipeline(
         self._lora_fusion = LoRAFusion()
         self._fuse_lora = True
         self._uncond_features: tuple | None = None  # (signature, (intrinsic, structure))
-        # Fast tokenizers keep their padding/truncation settings on the shared object, and
-        # diffusers' encode_prompt tokenizes twice with different ones ("max_length", then
-        # "longest"): concurrent calls must not interleave there.
-        self._text_lock = threading.Lock()
+
+    @property
+    def _text_lock(self) -> _GuardLock:
+        """The lock prompt encoding holds. Fast tokenizers keep their padding/truncation settings on
+        the tokenizer object, and diffusers' encode_prompt tokenizes twice with different ones
+        ("max_length", then "longest"): concurrent calls must not interleave there, nor may calls
+        of other pipelines holding the same tokenizer (``from_pipe`` shares components), so the
+        lock lives on the tokenizer."""
+        return _guard_lock(self.tokenizer if self.tokenizer is not None else self)
 
     # -- construction --------------------------------------------------------------------------
 
@@ -1199,3 +1204,28 @@ def _controlnets(controlnet) -> list:
     if controlnet is None:
         return []
     return list(controlnet.nets) if isinstance(controlnet, MultiControlNetModel) else [controlnet]
+
+
+class _GuardLock:
+    """A lock kept on the object it guards; a copy or an unpickled object gets a fresh one."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> bool:
+        return self._lock.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self._lock.release()
+
+    def __reduce__(self):
+        return (_GuardLock, ())
+
+    def __deepcopy__(self, memo) -> _GuardLock:
+        return _GuardLock()
+
+
+def _guard_lock(owner: Any) -> _GuardLock:
+    """The :class:`_GuardLock` of ``owner``, created on first use (``dict.setdefault`` is atomic)."""
+    lock = owner.__dict__.get("_uniportrait_guard_lock")
+    return lock if lock is not None else owner.__dict__.setdefault("_uniportrait_guard_lock", _GuardLock())
