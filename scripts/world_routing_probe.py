@@ -1,11 +1,15 @@
-"""Does a stage-II router send face pixels to the right identity? :func:`uniportrait.training.probe.routing_probe`
-on held-out world group pictures (their ground-truth face masks), per group size::
+"""Does a stage-II router send face pixels to the right identity, and does one person's identity
+reach another's face? :func:`uniportrait.training.probe.routing_probe` and, with ``--leakage``,
+:func:`~uniportrait.training.probe.leakage_probe` on held-out world group pictures (their
+ground-truth face masks), per group size::
 
     uniportrait world render --out runs/world/heldout-groups --count 200 --people 2,3 \\
         --identities 50 --held-out --seed 32
     python scripts/world_routing_probe.py runs/world/heldout-groups runs/world/train-stage2/adapter
+    python scripts/world_routing_probe.py runs/world/heldout-groups ADAPTER --leakage router,everywhere,masks
 
-Prints one JSON line per adapter and group size (accuracy, its standard error over batches, chance).
+Prints one JSON line per adapter and group size (accuracy, its standard error over batches,
+chance), and with ``--leakage`` one per way of placing identities (leakage, its standard error).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import json
 import torch
 
 from uniportrait.training.config import load_config
-from uniportrait.training.probe import PROBE_OVERRIDES, routing_probe
+from uniportrait.training.probe import LEAKAGE_ROUTINGS, PROBE_OVERRIDES, leakage_probe, routing_probe
 from uniportrait.training.trainer import Trainer
 
 
@@ -27,6 +31,12 @@ def main() -> None:
     )
     parser.add_argument("adapters", nargs="+", help="adapter or training checkpoint folders")
     parser.add_argument("--count", type=int, default=100, help="pictures per group size (default 100)")
+    parser.add_argument(
+        "--leakage",
+        metavar="ROUTINGS",
+        help=f"measure leakage instead, for these comma-separated ways of placing identities "
+        f"({', '.join(LEAKAGE_ROUTINGS)})",
+    )
     parser.add_argument("--config", default="configs/world/stage2.yaml")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -35,8 +45,13 @@ def main() -> None:
             overrides = [f"data.path={args.data}", f"model.init_adapter={adapter}", "output_dir=outputs/routing-probe",
                          f"data.min_faces={people}", f"data.max_faces={people}"]  # fmt: skip
             trainer = Trainer(load_config(args.config, overrides + list(PROBE_OVERRIDES), stage=2))
-            result = routing_probe(trainer, count=args.count, batch=20)
-            print(json.dumps({"adapter": adapter, "people": people, **result}), flush=True)
+            if args.leakage is None:
+                result = routing_probe(trainer, count=args.count, batch=20)
+                print(json.dumps({"adapter": adapter, "people": people, **result}), flush=True)
+                continue
+            for routing in args.leakage.split(","):
+                result = leakage_probe(trainer, routing=routing, count=args.count, batch=20)
+                print(json.dumps({"adapter": adapter, "people": people, **result}), flush=True)
 
 
 if __name__ == "__main__":

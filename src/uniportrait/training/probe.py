@@ -71,6 +71,20 @@ def identity_probe(
     }
 
 
+def _group_batches(trainer, count: int, batch: int, seed: int, what: str):
+    """The prepared inputs of ``trainer.dataset``'s first ``count`` pictures (whole batches) of two
+    or more people, each batch's randomness seeded from ``seed`` and its position."""
+    n = min(count, len(trainer.dataset)) // batch * batch
+    if n < batch:
+        raise ValueError(f"{what}: need at least {batch} pictures")
+    for start in range(0, n, batch):
+        items = collate([trainer.dataset[(i, seed + i)] for i in range(start, start + batch)])
+        inputs = trainer.prepare_inputs(items, seed=seed * 100_003 + start)
+        if inputs["masks"] is None:
+            raise ValueError(f"{what}: the pictures need two or more people")
+        yield inputs
+
+
 @torch.no_grad()
 def routing_probe(trainer, count: int = 120, batch: int = 20, seed: int = 0) -> dict:
     """How often the router sends face pixels to the right identity, on ``trainer.dataset``
@@ -79,20 +93,13 @@ def routing_probe(trainer, count: int = 120, batch: int = 20, seed: int = 0) -> 
     routing loss), per batch. Returns ``accuracy`` (mean over batches), ``se`` and ``chance``
     (1 / people per picture)."""
     model = trainer.model.eval()
-    n = min(count, len(trainer.dataset)) // batch * batch
-    if n < batch:
-        raise ValueError(f"routing probe: need at least {batch} pictures")
     accs, people = [], []
-    for start in range(0, n, batch):
-        items = collate([trainer.dataset[(i, seed + i)] for i in range(start, start + batch)])
-        inputs = trainer.prepare_inputs(items, seed=seed * 100_003 + start)
-        if inputs["masks"] is None:
-            raise ValueError("routing probe: the pictures need two or more people")
+    for inputs in _group_batches(trainer, count, batch, seed, "routing probe"):
         accs.append(float(model(**inputs)["route_accuracy"]))
         people.append(inputs["intrinsic"].shape[1])
     a = np.array(accs)
     return {
-        "pictures": n,
+        "pictures": len(accs) * batch,
         "accuracy": float(a.mean()),
         "se": float(a.std(ddof=1) / math.sqrt(len(a))) if len(a) > 1 else 0.0,
         "chance": float(np.mean([1.0 / p for p in people])),
@@ -122,16 +129,9 @@ def leakage_probe(trainer, routing: str = "router", count: int = 120, batch: int
             f"leakage probe: routing must be one of {', '.join(LEAKAGE_ROUTINGS)}, got {routing!r}"
         )
     model = trainer.model.eval()
-    n = min(count, len(trainer.dataset)) // batch * batch
-    if n < batch:
-        raise ValueError(f"leakage probe: need at least {batch} pictures")
     own_sums, other_sums = [], []
-    for start in range(0, n, batch):
-        items = collate([trainer.dataset[(i, seed + i)] for i in range(start, start + batch)])
-        inputs = trainer.prepare_inputs(items, seed=seed * 100_003 + start)
+    for inputs in _group_batches(trainer, count, batch, seed, "leakage probe"):
         masks = inputs.pop("masks")  # (B, N, H, W); no routing loss here
-        if masks is None:
-            raise ValueError("leakage probe: the pictures need two or more people")
         people = masks.shape[1]
         h, w = inputs["noisy_latents"].shape[-2:]
         face = F.interpolate(
@@ -160,6 +160,7 @@ def leakage_probe(trainer, routing: str = "router", count: int = 120, batch: int
         other_sums.append(others)
     o, t = np.array(own_sums), np.array(other_sums)
     ratios = t / np.maximum(o, 1e-30)
+    n = len(own_sums) * batch
     return {
         "pictures": n,
         "routing": routing,
