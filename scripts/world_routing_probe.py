@@ -39,6 +39,10 @@ def main() -> None:
     )
     parser.add_argument("--config", default="configs/world/stage2.yaml")
     args = parser.parse_args()
+    routings = args.leakage.split(",") if args.leakage is not None else []
+    unknown = sorted(set(routings) - set(LEAKAGE_ROUTINGS))
+    if unknown:
+        parser.error(f"--leakage: {', '.join(unknown)} not among {', '.join(LEAKAGE_ROUTINGS)}")
     torch.set_num_threads(1)
     for adapter in args.adapters:
         for people in (2, 3):
@@ -49,7 +53,7 @@ def main() -> None:
                 result = routing_probe(trainer, count=args.count, batch=20)
                 print(json.dumps({"adapter": adapter, "people": people, **result}), flush=True)
                 continue
-            for routing in args.leakage.split(","):
+            for routing in routings:
                 result = leakage_probe(trainer, routing=routing, count=args.count, batch=20)
                 print(json.dumps({"adapter": adapter, "people": people, **result}), flush=True)
 

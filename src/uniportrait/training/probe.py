@@ -29,6 +29,9 @@ PROBE_OVERRIDES = (
     "data.id_augment=1.0",
 )  # fmt: skip
 
+#: The training model's inputs that carry identities (B, N, ...): what a probe swaps between people.
+IDENTITY_INPUTS = ("intrinsic", "structure", "structure_scale", "structure_keep")
+
 
 @torch.no_grad()
 def identity_probe(
@@ -53,7 +56,7 @@ def identity_probe(
         items = collate([trainer.dataset[(i, seed + i)] for i in range(start, start + batch)])
         inputs = trainer.prepare_inputs(items, seed=seed * 100_003 + start)
         own.append(model(**inputs)["diffusion_per_sample"].cpu())
-        for key in ("intrinsic", "structure", "structure_scale", "structure_keep"):
+        for key in IDENTITY_INPUTS:
             if inputs.get(key) is not None:
                 inputs[key] = inputs[key].roll(shift, dims=0)
         other.append(model(**inputs)["diffusion_per_sample"].cpu())
@@ -145,7 +148,7 @@ def leakage_probe(trainer, routing: str = "router", count: int = 120, batch: int
         own, others = 0.0, 0.0
         for j in range(people):
             swapped = dict(inputs)
-            for key in ("intrinsic", "structure", "structure_scale", "structure_keep"):
+            for key in IDENTITY_INPUTS:
                 if inputs.get(key) is not None:
                     value = inputs[key].clone()
                     value[:, j] = inputs[key][:, j].roll(1, dims=0)

@@ -83,6 +83,8 @@ def finetune_vae_decoder(
     seed: int = 0,
     identity_weight: float = 0.0,
     backbone_dir: Path | None = None,
+    vae=None,
+    warmup: int = 50,
 ):
     """Fine-tune the VAE's decoder only, with the reconstruction loss weighted up on heads.
 
@@ -95,6 +97,9 @@ def finetune_vae_decoder(
     face backbone's embeddings (``backbone_dir``: the generator side's backbone, never an oracle)
     of one aligned face of each reconstruction and of its picture, as a perceptual loss
     (LPIPS for SD's decoder) aimed at what a recogniser reads instead of the blur MSE prefers.
+
+    ``vae``: the model whose decoder to train (e.g. a wider ``AsymmetricAutoencoderKL`` holding
+    the same encoder; ``scripts/world_wide_decoder.py``); default the VAE in ``vae_dir``.
     """
     from diffusers import AutoencoderKL
 
@@ -108,7 +113,7 @@ def finetune_vae_decoder(
         if backbone_dir is None:
             raise ValueError("identity_weight > 0 needs backbone_dir (the face backbone)")
         backbone = IRBackbone.from_pretrained(backbone_dir).float().eval().requires_grad_(False)
-    vae = AutoencoderKL.from_pretrained(vae_dir / "vae")
+    vae = vae if vae is not None else AutoencoderKL.from_pretrained(vae_dir / "vae")
     vae.requires_grad_(False)
     decoder = [vae.decoder, vae.post_quant_conv]
     for part in decoder:
@@ -140,7 +145,7 @@ def finetune_vae_decoder(
         mse = err.detach().pow(2).mean()
         return {"loss": loss.item(), "psnr": (10 * torch.log10(4.0 / mse)).item(), **row}
 
-    run_loop(out / "run", {"vae": vae}, opt, step, steps, lr, "VAE decoder", warmup=50)
+    run_loop(out / "run", {"vae": vae}, opt, step, steps, lr, "VAE decoder", warmup=warmup)
     vae.save_pretrained(out / "vae")
     return vae
 
