@@ -6,7 +6,8 @@ held-out world portraits::
     python scripts/world_identity_probe.py runs/world/train-stage1/adapter runs/world/heldout-singles 300
 
 ``ADAPTER`` is an adapter folder or a training checkpoint folder; the model and the rest of the
-training set-up are ``configs/world/stage1.yaml``'s. Prints one JSON line.
+training set-up are ``configs/world/stage1.yaml``'s (``--set KEY=VALUE`` overrides it, e.g. the
+base model an adapter was trained on). Prints one JSON line.
 """
 
 from __future__ import annotations
@@ -30,12 +31,17 @@ def main() -> None:
     parser.add_argument(
         "--faceid-scale", type=float, default=1.0, help="identity attention weight (default 1)"
     )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="config override, e.g. model.pretrained_model=runs/world/traits/base (repeatable)",
+    )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(1)
     overrides = [
         f"data.path={args.data}",
         f"model.init_adapter={args.adapter}",
         "output_dir=outputs/identity-probe",
+        *args.set,
     ]
     trainer = Trainer(load_config(args.config, overrides + list(PROBE_OVERRIDES), stage=1))
     trainer.model.faceid_scale = args.faceid_scale

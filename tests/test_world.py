@@ -76,6 +76,24 @@ def test_caption_mentions_what_is_requested():
     assert all(p["hat"] == 2 for p in requested["people"])
 
 
+def test_identity_phrase_says_the_persons_traits_in_known_words():
+    from uniportrait.world.scenes import identity_phrase, identity_vocabulary
+    from uniportrait.world.traits import EYE_COLOURS, FACIAL_HAIR, HAIR_COLOURS
+
+    rng = np.random.default_rng(0)
+    words = set(identity_vocabulary())
+    for identity in range(40):
+        traits = Traits.of(identity)
+        full = identity_phrase(traits, rng, p=1.0)
+        assert set(full.replace(",", " ").split()) <= words
+        assert f"{EYE_COLOURS[traits.eye_colour]} eyes" in full
+        assert traits.hair_style == 0 or HAIR_COLOURS[traits.hair_colour] in full
+        assert traits.facial_hair == 0 or FACIAL_HAIR[traits.facial_hair] in full
+        assert identity_phrase(traits, rng, p=0.0) == ""
+    some = [identity_phrase(Traits.of(i), rng, p=0.5) for i in range(200)]
+    assert sum(s == "" for s in some) < 20 and len(set(some)) > 150  # traits said at random
+
+
 def test_tokenizer_spells_every_caption_word_as_one_token(tmp_path):
     from transformers import CLIPTokenizer
 

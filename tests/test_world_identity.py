@@ -129,6 +129,9 @@ def test_identity_report_refuses_bad_input(tmp_path, capsys):
     assert "unknown part(s) tables" in capsys.readouterr().err
     assert main(["world", "identity-report", "--out", str(out), "--seeds", "0"]) == 2
     assert not out.exists()
+    assert main(["world", "identity-report", "--out", str(out), "--base", str(tmp_path)]) == 2
+    assert "is not a base model folder" in capsys.readouterr().err
+    assert not out.exists()
     assert main(["world", "export-adapter", str(tmp_path), "--out", str(out)]) == 2  # not an adapter
     assert "not an adapter folder or a training checkpoint" in capsys.readouterr().err
     assert main(["demo", "--preset", "world", "--adapter", str(tmp_path / "none"), "--out", str(out)]) == 2

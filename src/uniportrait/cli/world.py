@@ -83,6 +83,11 @@ def register(subparsers) -> None:
     )
     ident.add_argument("--adapter", default=None, help="adapter folder (default: the shipped world adapter)")
     ident.add_argument(
+        "--base",
+        default=None,
+        help="base model folder the adapter was trained on (default: the shipped world base)",
+    )
+    ident.add_argument(
         "--out", default="outputs/world-identity", help="report folder (default outputs/world-identity)"
     )
     ident.add_argument(
@@ -204,7 +209,7 @@ def _identity_report(args: argparse.Namespace) -> int:
 
     from uniportrait.cli._common import check_output_folder
     from uniportrait.errors import UniPortraitError
-    from uniportrait.presets.pipelines import build_world_pipeline
+    from uniportrait.presets.pipelines import build_world_pipeline, world_base_folder
     from uniportrait.settings import GUIDANCE_SCALE
     from uniportrait.world.identity_report import run_identity_report
     from uniportrait.world.oracles import WorldOracles
@@ -218,8 +223,9 @@ def _identity_report(args: argparse.Namespace) -> int:
     if args.singles < 2 or args.groups < 2 or args.seeds < 1:
         raise UniPortraitError("--singles and --groups must be at least 2 and --seeds at least 1")
     guidance = GUIDANCE_SCALE.check(args.guidance_scale, style="cli")
+    base = world_base_folder(args.base)
     check_output_folder(args.out)
-    pipe = build_world_pipeline(args.adapter)
+    pipe = build_world_pipeline(args.adapter, base=base)
     pipe.set_progress_bar_config(disable=True)
     report = run_identity_report(
         pipe, WorldOracles(), args.out, singles=args.singles, groups=args.groups,

@@ -130,14 +130,32 @@ def _randomise_batchnorm(module: torch.nn.Module) -> None:
 # -- world: the identity world (docs/world.md) ---------------------------------------------------
 
 
-def build_world_pipeline(adapter=None, device=None, torch_dtype=None):
+def world_base_folder(base=None):
+    """``base`` (default: the shipped world base) as a Path, checked to be a pipeline folder.
+
+    Raises:
+        WeightsNotFoundError: it has no ``model_index.json``.
+    """
+    from pathlib import Path
+
+    from uniportrait.world.build import WORLD_ASSETS
+
+    base = Path(base) if base is not None else WORLD_ASSETS / "base"
+    if not (base / "model_index.json").is_file():
+        raise WeightsNotFoundError(f"{base} is not a base model folder (no model_index.json)")
+    return base
+
+
+def build_world_pipeline(adapter=None, device=None, torch_dtype=None, base=None):
     """The identity world's shipped models: its SD base, CLIP vision tower and face backbone
     (``uniportrait/assets/world``), with ``adapter`` (a folder in our format, e.g. from
     ``uniportrait train --config configs/world/stage1.yaml``) or the shipped world adapter.
-    Its photos are world pictures, read with the ``"world"`` face analyzer.
+    Its photos are world pictures, read with the ``"world"`` face analyzer. ``base``: another
+    SD pipeline folder for the world (one the adapter was trained on) instead of the shipped one.
 
     Raises:
-        WeightsNotFoundError: no adapter given and none shipped yet.
+        WeightsNotFoundError: no adapter given and none shipped yet, or ``base`` is not a
+            pipeline folder.
     """
     from pathlib import Path
 
@@ -152,9 +170,10 @@ def build_world_pipeline(adapter=None, device=None, torch_dtype=None):
             "(uniportrait train --config configs/world/stage1.yaml) and pass it with --adapter DIR"
         )
     folder = Path(adapter) if adapter is not None else shipped
+    base = world_base_folder(base)
     own = (folder / BACKBONE_WEIGHTS).is_file() or (folder / BACKBONE_FOLDER).is_dir()
     pipe = UniPortraitPipeline.from_pretrained(
-        WORLD_ASSETS / "base",
+        base,
         uniportrait=folder,
         image_encoder=WORLD_ASSETS / "image_encoder",
         face_backbone=None if own else WORLD_ASSETS / "face_backbone",

@@ -17,6 +17,8 @@ from uniportrait.world.traits import (
     BACKGROUNDS,
     COLOURS,
     EXPRESSIONS,
+    EYE_COLOURS,
+    HAIR_COLOURS,
     HATS,
     HELD_OUT_START,
     LIGHTING,
@@ -210,6 +212,67 @@ def caption(spec: SceneSpec, rng: np.random.Generator | None = None) -> str:
     return text
 
 
+_HAIR_STYLE_PHRASES = ("bald", "short", "long", "bob", "spiky", "bun", "curly")
+_FACIAL_HAIR_PHRASES = ("no beard", "a moustache", "a beard", "a goatee")
+_MOLE_PHRASES = ("", "a mole on the left cheek", "a mole on the right cheek", "a mole on the chin")
+
+
+def _third(value: float, low: str, mid: str, high: str) -> str:
+    return low if value < 1 / 3 else high if value > 2 / 3 else mid
+
+
+def identity_phrase(traits: Traits, rng: np.random.Generator, p: float = 0.5) -> str:
+    """Words for some of a person's identity traits ("with curly red hair, a beard and blue eyes").
+
+    World captions never describe identity; these phrases are for experiments that teach the base
+    model to steer identity traits through its text cross-attention, as SD learnt from captions
+    like "a bearded man with red hair" (docs/world.md). Each trait is said with probability ``p``;
+    the phrase is empty when none is.
+    """
+    parts: list[str] = []
+    if rng.random() < p:
+        style, colour = traits.hair_style, HAIR_COLOURS[traits.hair_colour]
+        if style == 0:
+            parts.append("a bald head")
+        elif style in (3, 5):
+            parts.append(f"{colour} hair in a {_HAIR_STYLE_PHRASES[style]}")
+        else:
+            parts.append(f"{_HAIR_STYLE_PHRASES[style]} {colour} hair")
+    if rng.random() < p:
+        parts.append(f"{EYE_COLOURS[traits.eye_colour]} eyes")
+    if rng.random() < p:
+        parts.append(_FACIAL_HAIR_PHRASES[traits.facial_hair])
+    if rng.random() < p:
+        parts.append(_third(traits.skin, "light skin", "medium skin", "dark skin"))
+    if rng.random() < p:
+        parts.append(_third(traits.head_width, "a narrow face", "an oval face", "a wide face"))
+    if rng.random() < p:
+        parts.append(_third(traits.jaw, "a pointed chin", "a round chin", "a square jaw"))
+    if traits.mole and rng.random() < p:
+        parts.append(_MOLE_PHRASES[traits.mole])
+    if not parts:
+        return ""
+    order = rng.permutation(len(parts))
+    parts = [parts[k] for k in order]
+    return "with " + (parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1])
+
+
+def identity_vocabulary() -> list[str]:
+    """Every word :func:`identity_phrase` can use."""
+    words = {"with", "and", "a", "an", "hair", "in", "eyes", "head", "skin", "face", "chin", "jaw"}
+    phrases = [
+        *_HAIR_STYLE_PHRASES,
+        *HAIR_COLOURS,
+        *EYE_COLOURS,
+        *_FACIAL_HAIR_PHRASES,
+        *_MOLE_PHRASES,
+        "light medium dark narrow oval wide pointed round square",
+    ]
+    for phrase in phrases:
+        words.update(phrase.split())
+    return sorted(words)
+
+
 def vocabulary() -> list[str]:
     """Every word a caption can use (for the world's tokenizer)."""
     words: set[str] = set()
@@ -241,6 +304,8 @@ __all__ = [
     "SceneSpec",
     "caption",
     "identity_number",
+    "identity_phrase",
+    "identity_vocabulary",
     "layout",
     "sample_spec",
     "vocabulary",
