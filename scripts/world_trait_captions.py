@@ -197,6 +197,43 @@ def trait_following(base: Path, count: int = 100, seed: int = 0) -> dict[str, fl
     return result
 
 
+@torch.no_grad()
+def colour_binding(base: Path, per_colour: int = 40) -> dict[str, dict[str, float]]:
+    """Where a hair colour that is also a clothing/hat colour goes: "with long red hair" → how
+    often the oracles see red hair, a red shirt, a red hat (portraits with one face)."""
+    from diffusers import StableDiffusionPipeline
+
+    from uniportrait.world.identity_report import _split_traits
+    from uniportrait.world.oracles import WorldOracles
+    from uniportrait.world.traits import COLOURS, HAIR_COLOURS, HATS
+
+    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    oracles = WorldOracles()
+    rows = {}
+    for colour in ("black", "red", "white"):
+        counts = {"hair": 0, "shirt": 0, "hat": 0, "faces": 0}
+        for k in range(per_colour):
+            image = pipe(
+                f"a photo of a person, with long {colour} hair", height=64, width=64,
+                num_inference_steps=25, guidance_scale=7.5,
+                generator=torch.Generator().manual_seed(k), output_type="np",
+            ).images[0]  # fmt: skip
+            image = (image * 255).round().astype(np.uint8)
+            found = oracles.detect(image)
+            if len(found) != 1:
+                continue
+            counts["faces"] += 1
+            traits = _split_traits(oracles.describe(image, found)["traits"][0])
+            person = oracles.person_attributes(image[None], np.asarray([found[0].box], np.float32))
+            counts["hair"] += HAIR_COLOURS[traits["hair_colour"]] == colour
+            counts["shirt"] += COLOURS[int(person["clothing"][0])] == colour
+            counts["hat"] += HATS[int(person["hat"][0])] == colour
+        n = max(counts.pop("faces"), 1)
+        rows[colour] = {key: value / n for key, value in counts.items()} | {"faces": n}
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
@@ -215,6 +252,8 @@ def main(argv=None) -> int:
         rows = {
             "shipped base": trait_following(WORLD_ASSETS / "base"),
             "trait-caption base": trait_following(folder),
+            "colour binding, shipped base": colour_binding(WORLD_ASSETS / "base"),
+            "colour binding, trait-caption base": colour_binding(folder),
         }
         (args.out / "trait_following.json").write_text(json.dumps(rows, indent=2))
         print(json.dumps(rows, indent=2))

@@ -460,3 +460,33 @@ def test_decoder_identity_loss_reads_the_aligned_faces_and_reaches_the_decoder()
     assert (cos < 0.99).all()
     (1 - cos).mean().backward()
     assert blurred.grad is not None and blurred.grad.abs().sum() > 0
+
+
+def test_identity_words_are_added_without_changing_old_captions():
+    """scripts/world_trait_captions.py: new trait words become single learnt tokens, and every
+    caption without them tokenizes and encodes exactly as before."""
+    import importlib.util
+    from pathlib import Path
+
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "world_trait_captions.py"
+    spec = importlib.util.spec_from_file_location("world_trait_captions", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    tokenizer = CLIPTokenizer.from_pretrained(WORLD_ASSETS / "base" / "tokenizer")
+    encoder = CLIPTextModel.from_pretrained(WORLD_ASSETS / "base" / "text_encoder", torch_dtype=torch.float32)
+    rng = np.random.default_rng(0)
+    old = [caption(sample_spec(rng, [n], seed=k), rng) for k, n in enumerate([1, 2, 3, 1, 2, 4])]
+    old.append("a person against a grey background")  # a new word ("round") inside an old one
+    ids = tokenizer(old, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        before = encoder(ids)[0]
+    new_ids = script.add_identity_words(tokenizer, encoder)
+    assert len(new_ids) > 10 and len(tokenizer) == encoder.get_input_embeddings().weight.shape[0]
+    after_ids = tokenizer(old, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    assert torch.equal(ids, after_ids)
+    with torch.no_grad():
+        assert torch.equal(encoder(after_ids)[0], before)
+    pieces = tokenizer.tokenize("with curly auburn hair and a goatee")
+    assert len(pieces) == 7 and tokenizer.convert_tokens_to_ids("auburn") in new_ids
