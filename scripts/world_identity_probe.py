@@ -17,6 +17,7 @@ import json
 
 import torch
 
+from uniportrait.errors import UniPortraitError
 from uniportrait.training.config import load_config
 from uniportrait.training.probe import PROBE_OVERRIDES, identity_probe
 from uniportrait.training.trainer import Trainer
@@ -43,7 +44,11 @@ def main() -> None:
         "output_dir=outputs/identity-probe",
         *args.set,
     ]
-    trainer = Trainer(load_config(args.config, overrides + list(PROBE_OVERRIDES), stage=1))
+    try:
+        config = load_config(args.config, overrides + list(PROBE_OVERRIDES), stage=1)
+    except UniPortraitError as error:
+        parser.error(str(error))
+    trainer = Trainer(config)
     trainer.model.faceid_scale = args.faceid_scale
     result = identity_probe(trainer, args.count)
     print(json.dumps({"adapter": args.adapter, "faceid_scale": args.faceid_scale, **result}))

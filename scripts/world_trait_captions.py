@@ -28,9 +28,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 logger = logging.getLogger("world_trait_captions")
+#: The world build's training renders (``uniportrait world build --work runs/world``).
+DATA = Path("runs/world/data")
 
 
 def add_identity_words(tokenizer, text_encoder) -> list[int]:
@@ -52,38 +53,33 @@ def add_identity_words(tokenizer, text_encoder) -> list[int]:
 
 
 def trait_captions(captions, identities, rng, p: float) -> list[str]:
+    from uniportrait.world.scenes import identity_phrase
     from uniportrait.world.traits import Traits
 
     out = []
     for text, ident in zip(captions, identities):
-        phrase = identity_phrase_of(Traits.of(int(ident)), rng, p)
+        phrase = identity_phrase(Traits.of(int(ident)), rng, p)
         out.append(f"{text}, {phrase}" if phrase else str(text))
     return out
-
-
-def identity_phrase_of(traits, rng, p):
-    from uniportrait.world.scenes import identity_phrase
-
-    return identity_phrase(traits, rng, p)
 
 
 def train(out: Path, steps: int, lr: float, word_lr: float, p: float, batch: int = 32) -> Path:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    from uniportrait.atomic import atomic_directory
     from uniportrait.presets.tiny import published_ddim_scheduler
     from uniportrait.world.build import WORLD_ASSETS
     from uniportrait.world.data import load_set
     from uniportrait.world.loop import run_loop
-    from uniportrait.world.train_base import encode_latents, tokenize
+    from uniportrait.world.train_base import denoising_step, ema_update, encode_latents, tokenize
 
     base = WORLD_ASSETS / "base"
     tokenizer = CLIPTokenizer.from_pretrained(base / "tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(base / "text_encoder", torch_dtype=torch.float32)
     unet = UNet2DConditionModel.from_pretrained(base / "unet", torch_dtype=torch.float32)
     vae = AutoencoderKL.from_pretrained(base / "vae", torch_dtype=torch.float32).eval()
-    data = Path("runs/world/data")
-    s, g = load_set(data / "singles_train.npz"), load_set(data / "groups_train.npz")
+    s, g = load_set(DATA / "singles_train.npz"), load_set(DATA / "groups_train.npz")
     before = [tokenize(tokenizer, s["captions"][:3000]), tokenize(tokenizer, g["captions"][:1000])]
     new_ids = add_identity_words(tokenizer, text_encoder)
     after = [tokenize(tokenizer, s["captions"][:3000]), tokenize(tokenizer, g["captions"][:1000])]
@@ -130,32 +126,33 @@ def train(out: Path, steps: int, lr: float, word_lr: float, p: float, batch: int
         drop = torch.rand(batch, generator=gen) < 0.1
         texts = ["" if d else t for t, d in zip(texts, drop.tolist())]
         cond = text_encoder(tokenize(tokenizer, texts))[0]
-        z0 = z[key][idx].float()
-        noise = torch.randn(z0.shape, generator=gen)
-        t = torch.randint(0, schedule.config.num_train_timesteps, (batch,), generator=gen)
-        pred = unet(schedule.add_noise(z0, noise, t), t, encoder_hidden_states=cond).sample
-        loss = F.mse_loss(pred, noise)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        return {"loss" + key: loss.item()}
+        return {"loss" + key: denoising_step(unet, schedule, z[key][idx].float(), cond, gen)}
 
-    def update_ema(decay: float = 0.995) -> None:
-        with torch.no_grad():
-            for pe, p_ in zip(ema.parameters(), unet.parameters()):
-                pe.lerp_(p_, 1.0 - decay)
+    def update_ema() -> None:
+        ema_update(ema, unet, 0.995)
 
     modules = {"unet": unet, "ema": ema, "text_encoder": text_encoder}
     run_loop(out / "run", modules, opt, step, steps, lr, "UNet+words", warmup=100, after_step=update_ema)
-    folder = out / "base"
-    if folder.exists():
-        shutil.rmtree(folder)
-    shutil.copytree(base, folder)
-    for name in ("unet", "text_encoder", "tokenizer"):
-        shutil.rmtree(folder / name)
-    ema.save_pretrained(folder / "unet")
-    text_encoder.save_pretrained(folder / "text_encoder")
-    tokenizer.save_pretrained(folder / "tokenizer")
-    return folder
+    with atomic_directory(out / "base") as folder:  # the shipped base with the three parts replaced
+        shutil.copytree(
+            base,
+            folder,
+            dirs_exist_ok=True,
+            ignore=shutil.ignore_patterns("unet", "text_encoder", "tokenizer"),
+        )
+        ema.save_pretrained(folder / "unet")
+        text_encoder.save_pretrained(folder / "text_encoder")
+        tokenizer.save_pretrained(folder / "tokenizer")
+    return out / "base"
+
+
+def _portrait(pipe, prompt: str, seed: int) -> np.ndarray:
+    """One 64 px portrait, (64, 64, 3) uint8 (DDIM 25 steps, CFG 7.5)."""
+    image = pipe(
+        prompt, height=64, width=64, num_inference_steps=25, guidance_scale=7.5,
+        generator=torch.Generator().manual_seed(seed), output_type="np",
+    ).images[0]  # fmt: skip
+    return (image * 255).round().astype(np.uint8)
 
 
 TRAITS_CHECKED = ("hair_colour", "hair_style", "facial_hair", "eye_colour")
@@ -164,26 +161,21 @@ TRAITS_CHECKED = ("hair_colour", "hair_style", "facial_hair", "eye_colour")
 @torch.no_grad()
 def trait_following(base: Path, count: int = 100, seed: int = 0) -> dict[str, float]:
     """How often the base model, asked for a held-out person's traits, draws them (oracle)."""
-    from diffusers import StableDiffusionPipeline
-
     from uniportrait.world.identity_report import _split_traits
     from uniportrait.world.oracles import WorldOracles
+    from uniportrait.world.report import base_pipeline
+    from uniportrait.world.scenes import identity_phrase
     from uniportrait.world.traits import HELD_OUT_START, Traits
 
-    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, torch_dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = base_pipeline(base)
     oracles = WorldOracles()
     rng = np.random.default_rng(seed)
     hits = {name: [] for name in TRAITS_CHECKED}
     faces = 0
     for k in range(count):
         traits = Traits.of(HELD_OUT_START + 5000 + k)
-        prompt = "a photo of a person, " + identity_phrase_of(traits, rng, 1.0)
-        image = pipe(
-            prompt, height=64, width=64, num_inference_steps=25, guidance_scale=7.5,
-            generator=torch.Generator().manual_seed(seed + k), output_type="np",
-        ).images[0]  # fmt: skip
-        image = (image * 255).round().astype(np.uint8)
+        prompt = "a photo of a person, " + identity_phrase(traits, rng, 1.0)
+        image = _portrait(pipe, prompt, seed + k)
         found = oracles.detect(image)
         if len(found) != 1:
             continue
@@ -201,25 +193,18 @@ def trait_following(base: Path, count: int = 100, seed: int = 0) -> dict[str, fl
 def colour_binding(base: Path, per_colour: int = 40) -> dict[str, dict[str, float]]:
     """Where a hair colour that is also a clothing/hat colour goes: "with long red hair" → how
     often the oracles see red hair, a red shirt, a red hat (portraits with one face)."""
-    from diffusers import StableDiffusionPipeline
-
     from uniportrait.world.identity_report import _split_traits
     from uniportrait.world.oracles import WorldOracles
+    from uniportrait.world.report import base_pipeline
     from uniportrait.world.traits import COLOURS, HAIR_COLOURS, HATS
 
-    pipe = StableDiffusionPipeline.from_pretrained(base, safety_checker=None, torch_dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = base_pipeline(base)
     oracles = WorldOracles()
     rows = {}
     for colour in ("black", "red", "white"):
         counts = {"hair": 0, "shirt": 0, "hat": 0, "faces": 0}
         for k in range(per_colour):
-            image = pipe(
-                f"a photo of a person, with long {colour} hair", height=64, width=64,
-                num_inference_steps=25, guidance_scale=7.5,
-                generator=torch.Generator().manual_seed(k), output_type="np",
-            ).images[0]  # fmt: skip
-            image = (image * 255).round().astype(np.uint8)
+            image = _portrait(pipe, f"a photo of a person, with long {colour} hair", k)
             found = oracles.detect(image)
             if len(found) != 1:
                 continue
@@ -243,6 +228,11 @@ def main(argv=None) -> int:
     parser.add_argument("--p", type=float, default=0.5, help="probability that a caption says each trait")
     parser.add_argument("--check", action="store_true", help="measure trait following afterwards")
     args = parser.parse_args(argv)
+    if args.steps < 1 or not 0.0 <= args.p <= 1.0 or args.lr <= 0 or args.word_lr <= 0:
+        parser.error("--steps must be at least 1, --p in [0, 1], and the learning rates positive")
+    missing = [n for n in ("singles_train.npz", "groups_train.npz") if not (DATA / n).is_file()]
+    if missing:
+        parser.error(f"{DATA} lacks {', '.join(missing)}: run `uniportrait world build --stages render`")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     folder = train(args.out, args.steps, args.lr, args.word_lr, args.p)
     print(f"{folder}: written")

@@ -297,6 +297,24 @@ def encode_text(text_encoder, tokenizer, captions, batch: int = 512) -> torch.Te
     return torch.cat(parts)
 
 
+def denoising_step(unet, schedule, z0: torch.Tensor, cond: torch.Tensor, gen: torch.Generator) -> float:
+    """One ε-prediction step on latents ``z0`` (B, 4, h, w) with text states ``cond``: noise, a
+    random timestep, MSE, backward and gradient clipping to 1 (the optimiser steps outside)."""
+    noise = torch.randn(z0.shape, generator=gen)
+    t = torch.randint(0, schedule.config.num_train_timesteps, (len(z0),), generator=gen)
+    pred = unet(schedule.add_noise(z0, noise, t), t, encoder_hidden_states=cond).sample
+    loss = F.mse_loss(pred, noise)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+    return loss.item()
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    for pe, p in zip(ema.parameters(), model.parameters()):
+        pe.lerp_(p, 1.0 - decay)
+
+
 def train_unet(
     data_dir: Path,
     vae_dir: Path,
@@ -348,18 +366,10 @@ def train_unet(
         z0, cond = z_all[idx], c_all[idx].float()
         drop = torch.rand(batch, generator=gen) < uncond_p
         cond = torch.where(drop[:, None, None], null.expand_as(cond), cond)
-        noise = torch.randn(z0.shape, generator=gen)
-        t = torch.randint(0, schedule.config.num_train_timesteps, (batch,), generator=gen)
-        pred = unet(schedule.add_noise(z0, noise, t), t, encoder_hidden_states=cond).sample
-        loss = F.mse_loss(pred, noise)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        return {"loss" + key: loss.item()}
+        return {"loss" + key: denoising_step(unet, schedule, z0, cond, gen)}
 
-    def update_ema(decay: float = 0.999) -> None:
-        with torch.no_grad():
-            for pe, p in zip(ema.parameters(), unet.parameters()):
-                pe.lerp_(p, 1.0 - decay)
+    def update_ema() -> None:
+        ema_update(ema, unet, 0.999)
 
     run_loop(
         out / "run",
