@@ -433,3 +433,48 @@ assert not missing, missing
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_unet_learning_rate_fine_tunes_the_base_resumes_and_writes_it_as_a_pipeline(dataset, tmp_path):
+    """``train.unet_learning_rate``: the base UNet's own weights train with the adapter, are
+    checkpointed and resumed with it, and end up, without the adapter's processors, in a
+    pipeline folder that loads with the adapter; by default the UNet stays frozen."""
+    from diffusers import StableDiffusionPipeline
+
+    from uniportrait.pipeline import UniPortraitPipeline
+    from uniportrait.presets.tiny import build_tiny_base
+
+    with pytest.raises(ConfigError, match="unet_learning_rate must be positive"):
+        _config(1, dataset, tmp_path / "bad", "train.unet_learning_rate=0")
+    frozen = tmp_path / "frozen"
+    Trainer(_config(1, dataset, frozen, "train.max_steps=1", "validation.every=null")).train()
+    assert not (frozen / "base").exists()
+    names = load_file(str(find_checkpoint(frozen) / "state" / "trainable.safetensors"))
+    assert not any(n.startswith("base_unet.") for n in names)
+
+    common = (
+        "train.max_steps=2",
+        "train.unet_learning_rate=1e-3",
+        "train.ema_decay=0.5",
+        "validation.every=null",
+    )
+    straight = tmp_path / "straight"
+    Trainer(_config(1, dataset, straight, *common)).train()
+    parts = tmp_path / "parts"
+    Trainer(_config(1, dataset, parts, *common, "train.stop_after_steps=1", "checkpoint.every=1")).train()
+    assert not (parts / "base").exists()
+    Trainer(_config(1, dataset, parts, *common), resume="latest").train()
+
+    start = build_tiny_base(0)["unet"].state_dict()
+    units = [
+        StableDiffusionPipeline.from_pretrained(run / "base").unet.state_dict() for run in (straight, parts)
+    ]
+    assert units[0].keys() == start.keys()  # the UNet's own weights, no processor
+    assert max(float((units[0][k] - units[1][k]).abs().max()) for k in start) <= 1e-6  # resumed exactly
+    moved = [k for k in start if not torch.equal(units[0][k], start[k])]
+    assert len(moved) > len(start) // 2  # trained, not only copied
+
+    base = tmp_path / "straight" / "base"
+    encoder = build_tiny_base(0)["image_encoder"]
+    pipe = UniPortraitPipeline.from_pretrained(base, uniportrait=straight / "adapter", image_encoder=encoder)
+    assert torch.equal(pipe.unet.state_dict()["conv_in.weight"], units[0]["conv_in.weight"])

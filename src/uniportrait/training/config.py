@@ -125,6 +125,10 @@ class OptimConfig:
             even if ``max_steps`` is not reached: for preemptible jobs and tests.
         learning_rate: published 1e-5 (at batch 128).
         lora_lr_scale: stage II multiplies the multi-ID LoRA's learning rate by this (published 0.1).
+        unet_learning_rate: also train the base UNet's own weights at this learning rate (full
+            fine-tuning; None, the paper's recipe: the UNet stays frozen). The trained UNet is
+            written with the rest of the base model as a diffusers pipeline folder,
+            ``<output_dir>/base``, which the adapter then needs (docs/training.md).
         weight_decay, adam_beta1, adam_beta2, adam_epsilon: AdamW (ours: 0.01, 0.9, 0.999, 1e-8).
         max_grad_norm: gradient clipping (ours: 1.0; 0 disables).
         lr_scheduler, lr_warmup_steps: a diffusers schedule name ("constant",
@@ -155,6 +159,7 @@ class OptimConfig:
     stop_after_steps: int | None = None
     learning_rate: float = 1e-5
     lora_lr_scale: float = 0.1
+    unet_learning_rate: float | None = None
     weight_decay: float = 0.01
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
@@ -284,6 +289,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be at least 1")
         if t.mixed_precision not in (None, "no", "fp16", "bf16"):
             raise ConfigError(f"train.mixed_precision must be no, fp16 or bf16, got {t.mixed_precision!r}")
+        if t.unet_learning_rate is not None and t.unet_learning_rate <= 0:
+            raise ConfigError("train.unet_learning_rate must be positive (or null: the UNet stays frozen)")
         if t.gumbel_tau <= 0:
             raise ConfigError("train.gumbel_tau must be positive")
         if t.face_loss_weight <= 0:

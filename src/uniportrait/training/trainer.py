@@ -61,6 +61,7 @@ CHECKPOINTS = "checkpoints"
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE = "trainer_state.json"
 TRAINABLE_FILE = "trainable.safetensors"
+UNET_PREFIX = "base_unet."  # the base UNet's parameters among the trained ones (train.unet_learning_rate)
 EMA_FILE = "ema.safetensors"
 CUSTOM_STATE_FILE = "custom_state.json"  # LR schedule, data position, EMA counters (not pickled)
 
@@ -248,13 +249,22 @@ class Trainer:
         _import_what_later_steps_need()
         c = self.components = load_components(cfg)
         self.trained = set_trainable(c.adapter, cfg.stage)
+        train_unet = cfg.train.unet_learning_rate is not None
         for module in c.frozen_modules():
             module.to(self.device)
-            # The VAE stays float32: encoding is cheap and SDXL's VAE overflows in float16.
-            if self.weight_dtype != torch.float32 and module is not c.vae:
+            # The VAE stays float32: encoding is cheap and SDXL's VAE overflows in float16. A
+            # trained UNet stays float32 too (its updates would vanish in half precision).
+            if (
+                self.weight_dtype != torch.float32
+                and module is not c.vae
+                and not (train_unet and module is c.unet)
+            ):
                 # nn.Module.to: diffusers' ModelMixin.to warns on every dtype cast; these frozen
                 # copies are cast on purpose (none of their modules needs float32).
                 nn.Module.to(module, dtype=self.weight_dtype)
+        if train_unet:  # before attach: the UNet's own parameters, not the adapter's processors
+            for name, param in c.unet.named_parameters():
+                self.trained[UNET_PREFIX + name] = param.requires_grad_(True)
         nn.Module.to(c.adapter, self.device, dtype=torch.float32)  # ModelMixin.to warns on casts
         c.adapter.attach(c.unet)  # after the cast: the processors stay float32
         if cfg.train.gradient_checkpointing:
@@ -342,7 +352,10 @@ class Trainer:
         lora_scale = t.lora_lr_scale if self.cfg.stage == 2 else 1.0
         groups: dict[float, list[nn.Parameter]] = defaultdict(list)
         for name, param in self.trained.items():
-            groups[t.learning_rate * (lora_scale if _role(name) == "multi_lora" else 1.0)].append(param)
+            if name.startswith(UNET_PREFIX):
+                groups[t.unet_learning_rate].append(param)
+            else:
+                groups[t.learning_rate * (lora_scale if _role(name) == "multi_lora" else 1.0)].append(param)
         param_groups = [{"params": params, "lr": lr} for lr, params in sorted(groups.items())]
         kwargs = {
             "betas": (t.adam_beta1, t.adam_beta2),
@@ -465,6 +478,38 @@ class Trainer:
             if backbone is not None:
                 saved_backbone = _float32_copy(backbone)
             return c.adapter.save_pretrained(directory, face_backbone=saved_backbone)
+
+    def save_base(self, directory: Path) -> Path:
+        """Write the base model with the trained UNet (EMA weights if enabled, without the
+        adapter's processors) as a diffusers pipeline folder, atomically."""
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+        from uniportrait.atomic import atomic_directory
+
+        c = self.components
+        unet = type(c.unet).from_config(c.unet.config)
+        with self.averaged_weights():
+            own = {
+                n.removeprefix(UNET_PREFIX): p.detach()
+                for n, p in self.trained.items()
+                if n.startswith(UNET_PREFIX)
+            }
+            unet.load_state_dict(own, strict=True)
+        parts = dict(vae=c.vae, unet=unet.to(torch.float32), scheduler=c.scheduler)
+        if len(c.text_encoders) == 1:
+            pipe = StableDiffusionPipeline(
+                **parts, text_encoder=c.text_encoders[0], tokenizer=c.tokenizers[0],
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            )  # fmt: skip
+        else:
+            pipe = StableDiffusionXLPipeline(
+                **parts, text_encoder=c.text_encoders[0], text_encoder_2=c.text_encoders[1],
+                tokenizer=c.tokenizers[0], tokenizer_2=c.tokenizers[1],
+            )  # fmt: skip
+        with atomic_directory(directory) as folder:
+            pipe.save_pretrained(folder)
+        logger.info("the base model with the trained UNet is in %s", directory)
+        return directory
 
     def save_checkpoint(self) -> Path:
         """Write ``checkpoints/checkpoint-<step>`` (every process must call this)."""
@@ -688,6 +733,8 @@ class Trainer:
         final = self.output_dir / "adapter"
         if acc.is_main_process:
             self.save_adapter(final)
+            if cfg.train.unet_learning_rate is not None:
+                self.save_base(self.output_dir / "base")
             if cfg.checkpoint.export_published:
                 export_published(
                     self.components.adapter, self.output_dir / "published", self.averaged_weights
@@ -817,7 +864,7 @@ def _float32_copy(module: nn.Module) -> nn.Module:
 def _role(name: str) -> str:
     from uniportrait.training.components import parameter_role
 
-    return parameter_role(name) or "other"
+    return "unet" if name.startswith(UNET_PREFIX) else (parameter_role(name) or "other")
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
