@@ -283,6 +283,28 @@ def test_world_preset_generates_a_world_person_from_a_render(tmp_path, capsys):
     assert "not a world picture" in capsys.readouterr().err and not (tmp_path / "refused").exists()
     assert main(["-q", "id", "--home", home, "add", "carol", str(real), *model]) != 0
     assert "not a world picture" in capsys.readouterr().err
+    # another world base (one the adapter was trained on), and a folder that is not one
+    based = [*model, "--prompt", "a person", "--id", str(photo), "--steps", "2"]
+    assert (
+        main(
+            [
+                "-q",
+                "generate",
+                *based,
+                "--base-model",
+                str(WORLD_ASSETS / "base"),
+                "--out",
+                str(tmp_path / "b"),
+            ]
+        )
+        == 0
+    )
+    assert len(list((tmp_path / "b").glob("run-*/image_00.png"))) == 1
+    capsys.readouterr()
+    assert main(["-q", "generate", *based, "--base-model", str(tmp_path), "--out", str(tmp_path / "nb")]) == 2
+    assert "not a base model folder" in capsys.readouterr().err and not (tmp_path / "nb").exists()
+    assert main(["-q", "generate", *based, "--vae", str(tmp_path), "--out", str(tmp_path / "nv")]) == 2
+    assert "use them with --preset sd15" in capsys.readouterr().err
 
 
 @shipped

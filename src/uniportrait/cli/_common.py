@@ -84,10 +84,15 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
             f"--{flag}",
             default=None,
             metavar="PATH_OR_ID",
-            help=f"sd15: {what} (a local folder/file or a Hub id; default: the published one)",
+            help=f"sd15: {what} (a local folder/file or a Hub id; default: the published one)"
+            + (WORLD_BASE_HELP if flag == "base-model" else ""),
         )
     group.add_argument("--seed-model", type=int, default=0, help=argparse.SUPPRESS)  # tiny preset weights
 
+
+WORLD_BASE_HELP = (
+    "; world: a world base folder, e.g. <output_dir>/base of a run with train.unet_learning_rate"
+)
 
 #: --option → what it replaces in the sd15 preset (the argument of build_sd15_pipeline: dashes → _).
 SD15_PARTS = {
@@ -117,6 +122,9 @@ def load_pipeline_from_args(args: argparse.Namespace):
     if adapter is not None and not Path(adapter).is_dir():
         raise UniPortraitError(f"--adapter {adapter}: not a folder")
     given = [f"--{f}" for f in SD15_PARTS if getattr(args, f.replace("-", "_"), None) is not None]
+    if args.preset == "world" and "--base-model" in given:  # a world base an adapter was trained on
+        given.remove("--base-model")
+        kwargs["base"] = args.base_model
     if given and args.preset != "sd15":
         raise UniPortraitError(
             f"{', '.join(given)} replace parts of the sd15 preset: use them with --preset sd15"
