@@ -353,11 +353,15 @@ def test_world_backend_matches_people_in_a_group_picture():
         assert abs(faces[face_index].box[0] - group.boxes[ref_index][0]) < 4
 
 
-def test_world_commands_refuse_bad_input_before_writing(tmp_path):
+def test_world_commands_refuse_bad_input_before_writing(tmp_path, capsys):
     from uniportrait.cli import main
 
     out = tmp_path / "report"
     assert main(["-q", "world", "report", "--work", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+    assert main(["-q", "world", "report", "--sections", "base,nope", "--out", str(out)]) == 2
+    assert (
+        main(["-q", "world", "report", "--sections", "base", "--base", str(tmp_path), "--out", str(out)]) == 2
+    )
     assert not out.exists()
     (tmp_path / "file.txt").write_text("x")
     assert main(["-q", "world", "render", "--out", str(tmp_path / "file.txt" / "data"), "--count", "1"]) == 2

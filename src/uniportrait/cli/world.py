@@ -65,6 +65,17 @@ def register(subparsers) -> None:
         "--out", default="outputs/world-report", help="report folder (default outputs/world-report)"
     )
     report.add_argument("--quick", action="store_true", help="fewer pictures and one seed")
+    report.add_argument(
+        "--sections",
+        default="oracles,vae,backbone,base",
+        help="comma-separated parts to measure: oracles, vae, backbone, base (default all)",
+    )
+    report.add_argument(
+        "--base",
+        default=None,
+        help="base model folder to measure (its VAE and generations; default: the exported one), "
+        "e.g. <output_dir>/base of a training run with train.unet_learning_rate",
+    )
     _add_guidance(report, " of the base-model measurements")
     report.set_defaults(func=_report)
 
@@ -176,15 +187,17 @@ def _report(args: argparse.Namespace) -> int:
 
     from uniportrait.cli._common import check_output_folder
     from uniportrait.errors import UniPortraitError
+    from uniportrait.presets.pipelines import world_base_folder
     from uniportrait.world.build import WORLD_ASSETS
-    from uniportrait.world.report import REPORT_INPUTS, run_report
+    from uniportrait.world.report import REPORT_INPUTS, REPORT_SECTIONS, run_report
 
+    sections = _sections(args.sections, REPORT_SECTIONS)
     missing = [
         str(Path(args.work) / "data" / name)
         for name in REPORT_INPUTS
         if not (Path(args.work) / "data" / name).is_file()
     ]
-    if missing:
+    if missing and set(sections) & {"oracles", "vae", "backbone"}:  # the base model's captions are drawn
         raise UniPortraitError(
             f"world report needs the build's held-out data; missing: {', '.join(missing)} (run `uniportrait world build --work {args.work} --stages render,crops`)"
         )
@@ -193,16 +206,38 @@ def _report(args: argparse.Namespace) -> int:
         raise UniPortraitError(
             f"world report: {assets} holds no world weights (base/model_index.json is missing)"
         )
+    base = world_base_folder(args.base) if args.base is not None else None
     from uniportrait.settings import GUIDANCE_SCALE
 
     guidance = GUIDANCE_SCALE.check(args.guidance_scale, style="cli")
     check_output_folder(args.out)
-    report = run_report(Path(args.work), assets, Path(args.out), quick=args.quick, guidance=guidance)
+    report = run_report(
+        Path(args.work),
+        assets,
+        Path(args.out),
+        quick=args.quick,
+        guidance=guidance,
+        sections=sections,
+        base=base,
+    )
     print(json.dumps(report, indent=2))
     return 0
 
 
 IDENTITY_SECTIONS = ("single", "curve", "multi", "router", "controls")
+
+
+def _sections(text: str, known: tuple[str, ...]) -> tuple[str, ...]:
+    """``--sections a,b`` → ("a", "b"), refusing an unknown or empty list with one line."""
+    from uniportrait.errors import UniPortraitError
+
+    sections = tuple(s for s in text.split(",") if s)
+    unknown = sorted(set(sections) - set(known))
+    if unknown or not sections:
+        raise UniPortraitError(
+            f"--sections: unknown part(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(known)}"
+        )
+    return sections
 
 
 def _identity_report(args: argparse.Namespace) -> int:
@@ -214,12 +249,7 @@ def _identity_report(args: argparse.Namespace) -> int:
     from uniportrait.world.identity_report import run_identity_report
     from uniportrait.world.oracles import WorldOracles
 
-    sections = tuple(s for s in args.sections.split(",") if s)
-    unknown = sorted(set(sections) - set(IDENTITY_SECTIONS))
-    if unknown or not sections:
-        raise UniPortraitError(
-            f"--sections: unknown part(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(IDENTITY_SECTIONS)}"
-        )
+    sections = _sections(args.sections, IDENTITY_SECTIONS)
     if args.singles < 2 or args.groups < 2 or args.seeds < 1:
         raise UniPortraitError("--singles and --groups must be at least 2 and --seeds at least 1")
     guidance = GUIDANCE_SCALE.check(args.guidance_scale, style="cli")

@@ -417,8 +417,20 @@ def contact_sheet(
     return path
 
 
-def run_report(work: Path, assets: Path, out: Path, quick: bool = False, guidance: float = 7.5) -> dict:
-    """Measure everything; write ``out/report.json`` and the contact sheets."""
+REPORT_SECTIONS = ("oracles", "vae", "backbone", "base")
+
+
+def run_report(
+    work: Path,
+    assets: Path,
+    out: Path,
+    quick: bool = False,
+    guidance: float = 7.5,
+    sections: tuple[str, ...] = REPORT_SECTIONS,
+    base: Path | None = None,
+) -> dict:
+    """Measure ``sections`` (default all); write ``out/report.json`` and the contact sheets.
+    ``base``: the base-model folder to measure (default ``assets/base``)."""
     from diffusers import AutoencoderKL
 
     from uniportrait.world.oracles import WorldOracles
@@ -426,29 +438,35 @@ def run_report(work: Path, assets: Path, out: Path, quick: bool = False, guidanc
     oracles = WorldOracles(assets / "oracles")
     out.mkdir(parents=True, exist_ok=True)
     data_dir = work / "data"
-    report = {"oracles": oracle_report(oracles, data_dir)}
-    logger.info("oracles: %s", json.dumps(report["oracles"]["recogniser"]))
-    vae = AutoencoderKL.from_pretrained(assets / "base" / "vae", dtype=torch.float32).eval()
-    report["vae"] = vae_report(vae, oracles, data_dir)
-    from uniportrait.models.face_backbone import IRBackbone
+    base = assets / "base" if base is None else base
+    report: dict = {}
+    if "oracles" in sections:
+        report["oracles"] = oracle_report(oracles, data_dir)
+        logger.info("oracles: %s", json.dumps(report["oracles"]["recogniser"]))
+    if "vae" in sections:
+        vae = AutoencoderKL.from_pretrained(base / "vae", dtype=torch.float32).eval()
+        report["vae"] = vae_report(vae, oracles, data_dir)
+        logger.info("vae: %s", json.dumps(report["vae"]))
+    if "backbone" in sections:
+        from uniportrait.models.face_backbone import IRBackbone
 
-    report["face_backbone"] = backbone_report(
-        IRBackbone.from_pretrained(assets / "face_backbone").float().eval(), data_dir
-    )
-    logger.info("vae: %s", json.dumps(report["vae"]))
-    pipe = base_pipeline(assets / "base")
-    sizes = (40, 12, (0,)) if quick else (200, 60, (0, 1, 2))
-    report["base_model"] = base_report(pipe, oracles, *sizes, guidance=guidance)
-    report["guidance_sweep"] = guidance_sweep(pipe, oracles, singles=min(100, sizes[0]))
-    specs, captions = held_out_specs(24, 1, seed=11)
-    images = generate(pipe, captions, seed=0, guidance=guidance)
-    contact_sheet(images, captions, out / "base_singles.png")
-    specs, captions = held_out_specs(12, 2, seed=12)
-    contact_sheet(
-        generate(pipe, captions, seed=0, guidance=guidance, size=(128, 64)),
-        captions,
-        out / "base_groups.png",
-        columns=4,
-    )
+        report["face_backbone"] = backbone_report(
+            IRBackbone.from_pretrained(assets / "face_backbone").float().eval(), data_dir
+        )
+    if "base" in sections:
+        pipe = base_pipeline(base)
+        sizes = (40, 12, (0,)) if quick else (200, 60, (0, 1, 2))
+        report["base_model"] = base_report(pipe, oracles, *sizes, guidance=guidance)
+        report["guidance_sweep"] = guidance_sweep(pipe, oracles, singles=min(100, sizes[0]))
+        specs, captions = held_out_specs(24, 1, seed=11)
+        images = generate(pipe, captions, seed=0, guidance=guidance)
+        contact_sheet(images, captions, out / "base_singles.png")
+        specs, captions = held_out_specs(12, 2, seed=12)
+        contact_sheet(
+            generate(pipe, captions, seed=0, guidance=guidance, size=(128, 64)),
+            captions,
+            out / "base_groups.png",
+            columns=4,
+        )
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
