@@ -173,3 +173,25 @@ def test_identification_picks_out_the_person_among_the_rows_people():
     assert right["pairwise_identification"] >= 0.95
     wrong = measure_identity_pictures(oracles, np.roll(images, 1, axis=0), cases)
     assert wrong["identification"] <= 0.2 and wrong["pairwise_identification"] <= 0.7
+
+
+@shipped_adapter
+def test_sdedit_probe_denoises_the_persons_own_render_from_the_asked_step(capsys):
+    """scripts/world_sdedit_probe.py: started one step before the end, the picture is the
+    person's render through the VAE (the oracle knows them); started at the first step, it is a
+    new picture. This fails if the restart does not feed the render's noised latents."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "world_sdedit_probe.py"
+    spec = importlib.util.spec_from_file_location("world_sdedit_probe", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    capsys.readouterr()
+    assert script.main(["--cases", "3", "--starts", "24,0", "--conditions", "none"]) == 0
+    late, early = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert (late["start"], early["start"]) == (24, 0)
+    assert late["face_sim"] > 0.5 and late["identification"] == 1.0, late  # VAE round trip: ~0.76
+    assert early["face_sim"] < late["face_sim"] - 0.3, (early, late)
+    with pytest.raises(SystemExit):
+        script.main(["--starts", "25"])
