@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from uniportrait.world.data import load_set
 from uniportrait.world.loop import run_loop
-from uniportrait.world.models import clip_configs, make_backbone, make_unet, make_vae
+from uniportrait.world.models import WorldSizes, clip_configs, make_backbone, make_unet, make_vae
 
 logger = logging.getLogger(__name__)
 
@@ -36,11 +36,20 @@ def _square_crops(groups: np.ndarray, gen: torch.Generator, count: int) -> np.nd
 # -- VAE ------------------------------------------------------------------------------------------
 
 
-def train_vae(data_dir: Path, out: Path, steps: int = 3000, batch: int = 32, lr: float = 1e-3, seed: int = 0):
+def train_vae(
+    data_dir: Path,
+    out: Path,
+    steps: int = 3000,
+    batch: int = 32,
+    lr: float = 1e-3,
+    seed: int = 0,
+    sizes: WorldSizes = WorldSizes(),
+):
+    """Train the world's KL VAE (``sizes``: its levels and latent channels) from scratch."""
     singles = load_set(data_dir / "singles_train.npz")["images"]
     groups = load_set(data_dir / "groups_train.npz")["images"]
     torch.manual_seed(seed)
-    vae = make_vae()
+    vae = make_vae(sizes)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(seed)
 
