@@ -289,7 +289,7 @@ def _with_prefix(state: dict, prefix: str, target: dict) -> dict:
 
 @torch.no_grad()
 def encode_latents(vae, images: np.ndarray, batch: int = 256) -> torch.Tensor:
-    """Posterior means × scaling factor: (N, 4, H/4, W/4)."""
+    """Posterior means × scaling factor: (N, latent channels, H / f, W / f), f the VAE's downsampling."""
     parts = []
     for k in range(0, len(images), batch):
         parts.append(
