@@ -28,19 +28,23 @@ from uniportrait.errors import UniPortraitError
 CONDITIONS = ("none", "own", "other")
 
 
-def _pictures(pipe, cases, crops, start: int, seed: int, guidance: float, steps: int = 25) -> np.ndarray:
-    """(N, H, W, 3) uint8: each case's render noised to step ``start`` and denoised from there."""
-    from uniportrait.world.train_base import to_pixels
+@torch.no_grad()
+def _render_latents(pipe, cases) -> list[torch.Tensor]:
+    """Each case's own render as the VAE's posterior mean × scaling factor: (1, C, h, w) each."""
+    from uniportrait.world.train_base import encode_latents
 
+    images = np.stack([case.spec.render().image for case in cases])
+    return list(encode_latents(pipe.vae, images).split(1))
+
+
+def _pictures(pipe, cases, latents, identities, start, seed, guidance, steps=25) -> np.ndarray:
+    """(N, H, W, 3) uint8: each case's render latents noised to step ``start`` and denoised from
+    there, with ``identities[k]`` (a list of identities, or None)."""
     scheduler = pipe.scheduler
     scheduler.set_timesteps(steps)
     t_start = scheduler.timesteps[start]
-    vae = pipe.vae
     out = []
-    for index, case in enumerate(cases):
-        render = case.spec.render().image
-        with torch.no_grad():
-            z0 = vae.encode(to_pixels(render[None])).latent_dist.mean * vae.config.scaling_factor
+    for index, (case, z0) in enumerate(zip(cases, latents)):
         noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed + index))
         noised = scheduler.add_noise(z0, noise, t_start.reshape(1))
 
@@ -49,7 +53,7 @@ def _pictures(pipe, cases, crops, start: int, seed: int, guidance: float, steps:
                 kwargs["latents"] = noised
             return kwargs
 
-        call = {} if crops[index] is None else {"identities": [pipe.encode_identity(c) for c in crops[index]]}
+        call = {} if identities[index] is None else {"identities": identities[index]}
         image = pipe(
             case.caption,
             height=case.spec.height,
@@ -109,13 +113,14 @@ def main(argv=None) -> int:
     pipe.set_progress_bar_config(disable=True)
     oracles = WorldOracles()
     cases = identity_cases(oracles, args.cases, 1)
-    own = [conditioning_crops(c) for c in cases]
+    latents = _render_latents(pipe, cases)
+    own = [[pipe.encode_identity(crop) for crop in conditioning_crops(c)] for c in cases]
     shift = [(k + 1) % len(cases) for k in range(len(cases))]  # "other": the next case's person
-    crops = {"none": [None] * len(cases), "own": own, "other": [own[j] for j in shift]}
+    identities = {"none": [None] * len(cases), "own": own, "other": [own[j] for j in shift]}
     as_other = [dataclasses.replace(c, reference=cases[j].reference) for c, j in zip(cases, shift)]
     for start in starts:
         for condition in conditions:
-            images = _pictures(pipe, cases, crops[condition], start, args.seed, args.guidance)
+            images = _pictures(pipe, cases, latents, identities[condition], start, args.seed, args.guidance)
             m = measure_identity_pictures(oracles, images, cases)
             row = {"start": start, "timestep": int(pipe.scheduler.timesteps[start]), "condition": condition}
             row |= {k: m[k] for k in ("face_sim", "identification", "pairwise_identification") if k in m}

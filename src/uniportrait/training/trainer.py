@@ -495,7 +495,7 @@ class Trainer:
                 if n.startswith(UNET_PREFIX)
             }
             unet.load_state_dict(own, strict=True)
-        parts = dict(vae=c.vae, unet=unet.to(torch.float32), scheduler=c.scheduler)
+        parts = dict(vae=c.vae, unet=unet, scheduler=c.scheduler)  # unet: float32, from its config
         if len(c.text_encoders) == 1:
             pipe = StableDiffusionPipeline(
                 **parts, text_encoder=c.text_encoders[0], tokenizer=c.tokenizers[0],
