@@ -1,8 +1,8 @@
 """At which noise level does a world adapter fail to set identity? A partial-denoising (SDEdit)
 probe on held-out portraits::
 
-    python scripts/world_sdedit_probe.py [--adapter DIR] [--base DIR] [--cases 60] [--starts 0,6,12,18]
-        [--conditions none,own,other]
+    python scripts/world_sdedit_probe.py [--adapter DIR | --no-adapter] [--base DIR] [--cases 60]
+        [--starts 0,6,12,18] [--conditions none,own,other]
 
 For each held-out caption (the identity report's single-ID cases), the caption's own render of
 the person is encoded, noised to the timestep where the 25-step DDIM schedule is at step
@@ -11,7 +11,9 @@ the person is encoded, noised to the timestep where the 25-step DDIM schedule is
 the identity report does (Face Sim to a third render of the person, and identification among
 all cases). ``start`` 0 is almost a plain generation (the render survives only as a faint
 trace); larger starts keep more of the render's layout and colours. Prints one JSON line per
-start and condition, and for "other" also the Face Sim to the other person.
+start and condition, and for "other" also the Face Sim to the other person. ``--no-adapter``
+measures the base alone, through diffusers' own ``StableDiffusionPipeline`` (condition "none"
+only): for a base no adapter has been trained on yet.
 """
 
 from __future__ import annotations
@@ -74,6 +76,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--adapter", default=None, help="adapter folder (default: the shipped world adapter)")
     parser.add_argument(
+        "--no-adapter",
+        action="store_true",
+        help="the base alone, in diffusers' StableDiffusionPipeline (condition none only)",
+    )
+    parser.add_argument(
         "--base", default=None, help="base folder the adapter was trained on (default: shipped)"
     )
     parser.add_argument("--cases", type=int, default=60, help="held-out captions (default 60)")
@@ -97,6 +104,8 @@ def main(argv=None) -> int:
     conditions = [c for c in args.conditions.split(",") if c]
     if not conditions or not set(conditions) <= set(CONDITIONS):
         parser.error(f"--conditions must be among {', '.join(CONDITIONS)}, got {args.conditions!r}")
+    if args.no_adapter and (args.adapter is not None or conditions != ["none"]):
+        parser.error("--no-adapter takes no --adapter and only --conditions none")
     from uniportrait.presets.pipelines import build_world_pipeline, world_base_folder
     from uniportrait.world.identity_report import (
         conditioning_crops,
@@ -107,16 +116,27 @@ def main(argv=None) -> int:
 
     try:
         base = world_base_folder(args.base)
-        pipe = build_world_pipeline(args.adapter, base=base)
+        if args.no_adapter:
+            from diffusers import StableDiffusionPipeline
+
+            pipe = StableDiffusionPipeline.from_pretrained(
+                base, safety_checker=None, torch_dtype=torch.float32
+            )
+        else:
+            pipe = build_world_pipeline(args.adapter, base=base)
     except UniPortraitError as error:
         parser.error(str(error))
     pipe.set_progress_bar_config(disable=True)
     oracles = WorldOracles()
     cases = identity_cases(oracles, args.cases, 1)
     latents = _render_latents(pipe, cases)
-    own = [[pipe.encode_identity(crop) for crop in conditioning_crops(c)] for c in cases]
+    own = (
+        []
+        if args.no_adapter
+        else [[pipe.encode_identity(crop) for crop in conditioning_crops(c)] for c in cases]
+    )
     shift = [(k + 1) % len(cases) for k in range(len(cases))]  # "other": the next case's person
-    identities = {"none": [None] * len(cases), "own": own, "other": [own[j] for j in shift]}
+    identities = {"none": [None] * len(cases), "own": own, "other": [own[j] for j in shift if own]}
     as_other = [dataclasses.replace(c, reference=cases[j].reference) for c, j in zip(cases, shift)]
     for start in starts:
         for condition in conditions:

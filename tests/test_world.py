@@ -184,8 +184,9 @@ def test_shipped_oracles_measure_renders():
     assert set(attrs) == set(PERSON_ATTRIBUTES)
 
 
-def _random_world_adapter(folder):
-    """An untrained adapter for the shipped world base model (with the world's face backbone)."""
+def _random_world_adapter(folder, unet=None):
+    """An untrained adapter for ``unet`` (default: the shipped world base's), with the world's
+    face backbone."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPVisionModelWithProjection
 
@@ -193,7 +194,7 @@ def _random_world_adapter(folder):
     from uniportrait.models.face_backbone import IRBackbone
     from uniportrait.models.qformer import QFormerConfig
 
-    unet = UNet2DConditionModel.from_pretrained(WORLD_ASSETS / "base" / "unet")
+    unet = unet or UNet2DConditionModel.from_pretrained(WORLD_ASSETS / "base" / "unet")
     encoder = CLIPVisionModelWithProjection.from_pretrained(WORLD_ASSETS / "image_encoder")
     backbone = IRBackbone.from_pretrained(WORLD_ASSETS / "face_backbone")
     channels = backbone.config.channels
@@ -231,6 +232,49 @@ def test_shipped_base_model_generates_through_uniportrait_pipeline(tmp_path):
     )
     image = np.asarray(out.images[0])
     assert image.shape == (64, 64, 3) and np.isfinite(image).all()
+
+
+@shipped
+def test_a_world_base_on_a_2x_vae_and_a_first_level_without_attention_generates_with_identity(tmp_path):
+    """Another world base (``WorldSizes``: a 2-level VAE → 32×32 latents for 64 px, a UNet whose
+    first level has no attention, as SDXL's): saved as a diffusers pipeline folder, it loads
+    through ``build_world_pipeline(base=)`` and an adapter sized from its UNet sets identity."""
+    from diffusers import StableDiffusionPipeline
+
+    from uniportrait.presets.pipelines import build_world_pipeline
+    from uniportrait.world.faces import aligned_crops
+    from uniportrait.world.models import WorldSizes, make_unet, make_vae
+
+    sizes = WorldSizes(vae_block_out_channels=(16, 32), unet_block_out_channels=(32, 64, 96),
+                       unet_levels_without_attention=1)  # fmt: skip
+    unet = make_unet(sizes)
+    assert unet.config.sample_size == 32 and unet.config.down_block_types[0] == "DownBlock2D"
+    shipped_base = StableDiffusionPipeline.from_pretrained(WORLD_ASSETS / "base", safety_checker=None)
+    base = StableDiffusionPipeline(
+        vae=make_vae(sizes), text_encoder=shipped_base.text_encoder, tokenizer=shipped_base.tokenizer,
+        unet=unet, scheduler=shipped_base.scheduler, safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )  # fmt: skip
+    base.save_pretrained(tmp_path / "base")
+    adapter = _random_world_adapter(tmp_path / "adapter", unet=unet)
+    pipe = build_world_pipeline(adapter, base=tmp_path / "base")
+    assert pipe.vae_scale_factor == 2
+    render = sample_spec(np.random.default_rng(0), [HELD_OUT_START], seed=1).render()
+    person = pipe.encode_identity(aligned_crops(render.image[None], render.landmarks[:1], size=224)[0])
+    images = [
+        pipe(
+            "a person on a beach",
+            num_inference_steps=3,
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+            **kw,
+        ).images[0]  # fmt: skip
+        for kw in ({}, {"identities": [person]})
+    ]
+    assert images[0].shape == (64, 64, 3) and np.isfinite(images[1]).all()
+    assert np.abs(images[0] - images[1]).max() > 1e-3  # the identity reaches the UNet
+    with pytest.raises(ValueError, match="unet_levels_without_attention"):
+        make_unet(WorldSizes(unet_levels_without_attention=3))
 
 
 @shipped

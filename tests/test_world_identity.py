@@ -193,5 +193,14 @@ def test_sdedit_probe_denoises_the_persons_own_render_from_the_asked_step(capsys
     assert (late["start"], early["start"]) == (24, 0)
     assert late["face_sim"] > 0.5 and late["identification"] == 1.0, late  # VAE round trip: ~0.76
     assert early["face_sim"] < late["face_sim"] - 0.3, (early, late)
-    with pytest.raises(SystemExit):
-        script.main(["--starts", "25"])
+    # the base alone, in diffusers' own pipeline, reads the same late start the same way
+    assert script.main(["--no-adapter", "--cases", "3", "--starts", "24", "--conditions", "none"]) == 0
+    alone = json.loads(capsys.readouterr().out)
+    assert alone["identification"] == 1.0 and abs(alone["face_sim"] - late["face_sim"]) < 0.05, (alone, late)
+    for bad in (
+        ["--starts", "25"],
+        ["--no-adapter", "--conditions", "own"],
+        ["--no-adapter", "--adapter", "x"],
+    ):
+        with pytest.raises(SystemExit):
+            script.main(bad)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from uniportrait.world.scenes import SIZES
+
 
 @dataclass(frozen=True)
 class WorldSizes:
@@ -36,6 +38,9 @@ class WorldSizes:
     unet_block_out_channels: tuple[int, ...] = (64, 96, 128)
     unet_layers_per_block: int = 1
     unet_head_dim: int = 32
+    # the first levels can go without attention (as SDXL's first level does): on a larger latent
+    # they add detail at the cost of convolutions only
+    unet_levels_without_attention: int = 0
     # face-recognition backbone (IR layout, 64 px aligned faces → 4×4 intrinsic tokens)
     backbone_blocks: tuple[int, ...] = (1, 2, 2, 1)
     backbone_channels: tuple[int, ...] = (32, 48, 64, 128)
@@ -56,7 +61,7 @@ def make_vae(sizes: WorldSizes = WorldSizes()):
         layers_per_block=1,
         latent_channels=sizes.latent_channels,
         norm_num_groups=sizes.vae_norm_num_groups,
-        sample_size=64,
+        sample_size=SIZES[1][1],
     )
 
 
@@ -94,12 +99,17 @@ def make_unet(sizes: WorldSizes = WorldSizes()):
     from diffusers import UNet2DConditionModel
 
     levels = len(sizes.unet_block_out_channels)
+    plain = sizes.unet_levels_without_attention
+    if not 0 <= plain < levels:
+        raise ValueError(f"unet_levels_without_attention must be in [0, {levels - 1}], got {plain}")
+    down = ("DownBlock2D",) * plain + ("CrossAttnDownBlock2D",) * (levels - plain)
     return UNet2DConditionModel(
-        sample_size=16,
+        # the latent side of a portrait under this VAE
+        sample_size=SIZES[1][1] // 2 ** (len(sizes.vae_block_out_channels) - 1),
         in_channels=sizes.latent_channels,
         out_channels=sizes.latent_channels,
-        down_block_types=("CrossAttnDownBlock2D",) * levels,
-        up_block_types=("CrossAttnUpBlock2D",) * levels,
+        down_block_types=down,
+        up_block_types=tuple(d.replace("Down", "Up") for d in reversed(down)),
         block_out_channels=sizes.unet_block_out_channels,
         layers_per_block=sizes.unet_layers_per_block,
         norm_num_groups=16,

@@ -335,6 +335,7 @@ def train_unet(
     seed: int = 0,
     group_every: int = 3,
     uncond_p: float = 0.1,
+    sizes: WorldSizes = WorldSizes(),
 ):
     from diffusers import AutoencoderKL, DDPMScheduler
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -360,8 +361,8 @@ def train_unet(
         torch.save(tensors, cache)
     schedule = DDPMScheduler.from_config(published_ddim_scheduler().config)
     torch.manual_seed(seed)
-    unet = make_unet()
-    ema = make_unet()
+    unet = make_unet(sizes)
+    ema = make_unet(sizes)
     ema.load_state_dict(unet.state_dict())
     ema.requires_grad_(False)
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
