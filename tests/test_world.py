@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -410,7 +411,29 @@ def test_world_commands_refuse_bad_input_before_writing(tmp_path, capsys):
     (tmp_path / "file.txt").write_text("x")
     assert main(["-q", "world", "render", "--out", str(tmp_path / "file.txt" / "data"), "--count", "1"]) == 2
     assert main(["-q", "world", "build", "--work", str(tmp_path / "w"), "--stages", "nope"]) == 2
+    assert main(["-q", "world", "build", "--work", str(tmp_path / "w"), "--layout", "3x"]) == 2
     assert not (tmp_path / "w").exists()
+    (tmp_path / "w4" / "vae").mkdir(parents=True)  # a 4x build under way (plans before layouts: 4x)
+    (tmp_path / "w4" / "plan.json").write_text("{}")
+    assert main(["-q", "world", "build", "--work", str(tmp_path / "w4"), "--layout", "2x"]) == 2
+    assert "holds a 4x build" in capsys.readouterr().err
+    assert (tmp_path / "w4" / "plan.json").read_text() == "{}"
+
+
+def test_world_build_trains_the_2x_layout(tmp_path):
+    """``world build --layout 2x`` (a smoke run): the VAE has two levels, the UNet works on 32×32
+    latents with a first level without attention, and the plan records the layout."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    from uniportrait.world.build import BuildPlan, run_build
+
+    plan = dataclasses.replace(BuildPlan().scaled(0.0001), layout="2x")
+    run_build(tmp_path / "w", tmp_path / "out", plan, stages=("render", "vae", "clip", "unet"))
+    vae = AutoencoderKL.from_pretrained(tmp_path / "w" / "vae" / "vae")
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "w" / "unet" / "unet")
+    assert len(vae.config.block_out_channels) == 2 and unet.config.sample_size == 32
+    assert unet.config.down_block_types[0] == "DownBlock2D"
+    assert json.loads((tmp_path / "w" / "plan.json").read_text())["layout"] == "2x"
 
 
 @shipped

@@ -42,6 +42,12 @@ def register(subparsers) -> None:
         help="train the UNet this long instead of the plan's steps (the shipped UNet trained longer "
         "than fits in the build's time; see docs/world.md)",
     )
+    build.add_argument(
+        "--layout",
+        default="4x",
+        help="the base's sizes: 4x (the shipped: 16x16x4 latents for 64 px) or 2x (32x32x4 latents, "
+        "a UNet with a first level without attention; docs/world.md)",
+    )
     build.set_defaults(func=_build)
 
     render = sub.add_parser("render", help="write world pictures as a prepare-data dataset folder")
@@ -138,7 +144,7 @@ def _build(args: argparse.Namespace) -> int:
         )
     if not 0 < args.scale <= 1:
         raise UniPortraitError("--scale must be in (0, 1]")
-    plan = BuildPlan().scaled(args.scale)
+    plan = dataclasses.replace(BuildPlan().scaled(args.scale), layout=args.layout)
     if args.unet_steps is not None:
         if args.unet_steps < 1:
             raise UniPortraitError("--unet-steps must be at least 1")

@@ -45,9 +45,10 @@ class BuildPlan:
     person_oracle_steps: int = 500
     scene_oracle_steps: int = 300
     face_detector_steps: int = 500
+    layout: str = "4x"  # the base's sizes: a key of models.WORLD_LAYOUTS
 
     def scaled(self, scale: float) -> BuildPlan:
-        values = {k: max(2, int(v * scale)) for k, v in asdict(self).items()}
+        values = {k: max(2, int(v * scale)) if isinstance(v, int) else v for k, v in asdict(self).items()}
         values["train_identities"] = max(8, values["train_identities"])
         values["val_identities"] = max(8, values["val_identities"])
         return BuildPlan(**values)
@@ -117,17 +118,34 @@ def _train_face_detector(data: Path, folder: Path, plan: BuildPlan) -> None:
 def run_build(
     work: str | Path, out: str | Path = WORLD_ASSETS, plan: BuildPlan = BuildPlan(), stages=None
 ) -> Path:
-    """Run every stage (or the named ``stages``) and export to ``out``."""
-    from uniportrait.world import train_base
+    """Run every stage (or the named ``stages``) and export to ``out``.
 
+    Raises:
+        UniPortraitError: ``plan.layout`` is unknown, or ``work`` holds a build of another layout
+            (its VAE and UNet would not fit together).
+    """
+    from uniportrait.errors import UniPortraitError
+    from uniportrait.world import train_base
+    from uniportrait.world.models import WORLD_LAYOUTS
+
+    if plan.layout not in WORLD_LAYOUTS:
+        raise UniPortraitError(f"unknown layout {plan.layout!r}; known: {', '.join(WORLD_LAYOUTS)}")
+    sizes = WORLD_LAYOUTS[plan.layout]
     work, out = Path(work), Path(out)
+    previous = work / "plan.json"
+    if previous.is_file():
+        built = json.loads(previous.read_text()).get("layout", "4x")  # plans before layouts: 4x
+        if built != plan.layout and (work / "vae").exists():
+            raise UniPortraitError(
+                f"{work} holds a {built} build; build the {plan.layout} layout in another --work folder"
+            )
     work.mkdir(parents=True, exist_ok=True)
-    (work / "plan.json").write_text(json.dumps(asdict(plan), indent=2))
+    previous.write_text(json.dumps(asdict(plan), indent=2))
     data = work / "data"
     steps = {
         "render": (lambda: _render_stage(work, plan), data / "groups_train.npz"),
         "vae": (
-            lambda: train_base.train_vae(data, work / "vae", steps=plan.vae_steps, batch=16),
+            lambda: train_base.train_vae(data, work / "vae", steps=plan.vae_steps, batch=16, sizes=sizes),
             work / "vae" / "vae",
         ),
         "vae_decoder": (
@@ -142,7 +160,7 @@ def run_build(
         ),
         "unet": (
             lambda: train_base.train_unet(
-                data, work / "vae", work / "clip", work / "unet", steps=plan.unet_steps
+                data, work / "vae", work / "clip", work / "unet", steps=plan.unet_steps, sizes=sizes
             ),
             work / "unet" / "unet",
         ),

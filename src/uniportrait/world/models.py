@@ -48,6 +48,20 @@ class WorldSizes:
     backbone_embedding_dim: int = 128
 
 
+#: Named sizes of the world's base (``uniportrait world build --layout``). "4x": the shipped base
+#: (a 3-level VAE, 16×16×4 latents for a 64 px portrait). "2x": a 2-level VAE (32×32×4 latents, so a
+#: face is about 11 × 14 latent pixels instead of 5.5 × 7) and a UNet with a 48-channel first level
+#: without attention in front of the shipped UNet's three (docs/world.md).
+WORLD_LAYOUTS: dict[str, WorldSizes] = {
+    "4x": WorldSizes(),
+    "2x": WorldSizes(
+        vae_block_out_channels=(32, 64),
+        unet_block_out_channels=(48, 64, 96, 128),
+        unet_levels_without_attention=1,
+    ),
+}
+
+
 def make_vae(sizes: WorldSizes = WorldSizes()):
     from diffusers import AutoencoderKL
 
