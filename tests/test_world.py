@@ -583,3 +583,36 @@ def test_identity_words_are_added_without_changing_old_captions():
         assert torch.equal(encoder(after_ids)[0], before)
     pieces = tokenizer.tokenize("with curly auburn hair and a goatee")
     assert len(pieces) == 7 and tokenizer.convert_tokens_to_ids("auburn") in new_ids
+
+
+def test_offset_noise_adds_one_value_per_picture_and_channel():
+    """``train_base.denoising_step(offset_noise=)``: the noise the UNet sees (and must predict) gets
+    a per-picture, per-channel constant; without it, its spatial means are near zero."""
+    from types import SimpleNamespace
+
+    from diffusers import DDPMScheduler
+
+    from uniportrait.presets.tiny import published_ddim_scheduler
+    from uniportrait.world.train_base import denoising_step
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bias = torch.nn.Parameter(torch.zeros(()))
+            self.seen = []
+
+        def forward(self, x, t, encoder_hidden_states):
+            self.seen.append((x, t))
+            return SimpleNamespace(sample=x * 0 + self.bias)
+
+    schedule = DDPMScheduler.from_config(published_ddim_scheduler().config)
+    z0, cond = torch.zeros(8, 4, 32, 32), torch.zeros(8, 77, 128)
+    spreads = []
+    for offset in (0.0, 0.5):
+        unet = Recorder()
+        denoising_step(unet, schedule, z0, cond, torch.Generator().manual_seed(0), offset_noise=offset)
+        x, t = unet.seen[0]
+        noise = x / (1 - schedule.alphas_cumprod[t]).sqrt()[:, None, None, None]  # z0 = 0
+        spreads.append(noise.mean(dim=(2, 3)).std().item())
+        assert unet.bias.grad is not None
+    assert spreads[0] < 0.1 and spreads[1] > 0.25, spreads

@@ -306,10 +306,16 @@ def encode_text(text_encoder, tokenizer, captions, batch: int = 512) -> torch.Te
     return torch.cat(parts)
 
 
-def denoising_step(unet, schedule, z0: torch.Tensor, cond: torch.Tensor, gen: torch.Generator) -> float:
+def denoising_step(
+    unet, schedule, z0: torch.Tensor, cond: torch.Tensor, gen: torch.Generator, offset_noise: float = 0.0
+) -> float:
     """One ε-prediction step on latents ``z0`` (B, 4, h, w) with text states ``cond``: noise, a
-    random timestep, MSE, backward and gradient clipping to 1 (the optimiser steps outside)."""
+    random timestep, MSE, backward and gradient clipping to 1 (the optimiser steps outside).
+    ``offset_noise``: add that much of one random value per picture and channel to the noise (offset
+    noise), so the noisiest steps no longer give away a picture's mean colour (docs/world.md)."""
     noise = torch.randn(z0.shape, generator=gen)
+    if offset_noise:
+        noise = noise + offset_noise * torch.randn((*z0.shape[:2], 1, 1), generator=gen)
     t = torch.randint(0, schedule.config.num_train_timesteps, (len(z0),), generator=gen)
     pred = unet(schedule.add_noise(z0, noise, t), t, encoder_hidden_states=cond).sample
     loss = F.mse_loss(pred, noise)
@@ -336,6 +342,7 @@ def train_unet(
     group_every: int = 3,
     uncond_p: float = 0.1,
     sizes: WorldSizes = WorldSizes(),
+    offset_noise: float = 0.0,
 ):
     from diffusers import AutoencoderKL, DDPMScheduler
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -376,7 +383,7 @@ def train_unet(
         z0, cond = z_all[idx], c_all[idx].float()
         drop = torch.rand(batch, generator=gen) < uncond_p
         cond = torch.where(drop[:, None, None], null.expand_as(cond), cond)
-        return {"loss" + key: denoising_step(unet, schedule, z0, cond, gen)}
+        return {"loss" + key: denoising_step(unet, schedule, z0, cond, gen, offset_noise)}
 
     def update_ema() -> None:
         ema_update(ema, unet, 0.999)
