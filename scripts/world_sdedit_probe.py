@@ -136,7 +136,7 @@ def main(argv=None) -> int:
         else [[pipe.encode_identity(crop) for crop in conditioning_crops(c)] for c in cases]
     )
     shift = [(k + 1) % len(cases) for k in range(len(cases))]  # "other": the next case's person
-    identities = {"none": [None] * len(cases), "own": own, "other": [own[j] for j in shift if own]}
+    identities = {"none": [None] * len(cases), "own": own, "other": [own[j] for j in shift] if own else []}
     as_other = [dataclasses.replace(c, reference=cases[j].reference) for c, j in zip(cases, shift)]
     for start in starts:
         for condition in conditions:

@@ -49,7 +49,7 @@ def main(argv=None) -> int:
     import torch
     from diffusers import AutoencoderKL
 
-    from uniportrait.world.models import WorldSizes
+    from uniportrait.world.models import WorldSizes, latent_side
     from uniportrait.world.oracles import WorldOracles
     from uniportrait.world.report import vae_report
     from uniportrait.world.train_base import finetune_vae_decoder, train_vae
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
         vae = AutoencoderKL.from_pretrained(folder).float().eval()
         with torch.no_grad():
             report = vae_report(vae, oracles, DATA)
-        latent = 64 // 2 ** (len(channels) - 1)
+        latent = latent_side(sizes)
         print(
             json.dumps(
                 {

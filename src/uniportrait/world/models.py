@@ -62,6 +62,11 @@ WORLD_LAYOUTS: dict[str, WorldSizes] = {
 }
 
 
+def latent_side(sizes: WorldSizes = WorldSizes()) -> int:
+    """The latent side of a portrait under the VAE of ``sizes`` (each level past the first halves it)."""
+    return SIZES[1][1] // 2 ** (len(sizes.vae_block_out_channels) - 1)
+
+
 def make_vae(sizes: WorldSizes = WorldSizes()):
     from diffusers import AutoencoderKL
 
@@ -118,8 +123,7 @@ def make_unet(sizes: WorldSizes = WorldSizes()):
         raise ValueError(f"unet_levels_without_attention must be in [0, {levels - 1}], got {plain}")
     down = ("DownBlock2D",) * plain + ("CrossAttnDownBlock2D",) * (levels - plain)
     return UNet2DConditionModel(
-        # the latent side of a portrait under this VAE
-        sample_size=SIZES[1][1] // 2 ** (len(sizes.vae_block_out_channels) - 1),
+        sample_size=latent_side(sizes),
         in_channels=sizes.latent_channels,
         out_channels=sizes.latent_channels,
         down_block_types=down,
