@@ -412,6 +412,10 @@ def test_world_commands_refuse_bad_input_before_writing(tmp_path, capsys):
     assert main(["-q", "world", "render", "--out", str(tmp_path / "file.txt" / "data"), "--count", "1"]) == 2
     assert main(["-q", "world", "build", "--work", str(tmp_path / "w"), "--stages", "nope"]) == 2
     assert main(["-q", "world", "build", "--work", str(tmp_path / "w"), "--layout", "3x"]) == 2
+    for offset in ("-0.1", "2", "nan"):
+        assert (
+            main(["-q", "world", "build", "--work", str(tmp_path / "w"), "--unet-offset-noise", offset]) == 2
+        )
     assert not (tmp_path / "w").exists()
     (tmp_path / "w4" / "vae").mkdir(parents=True)  # a 4x build under way (plans before layouts: 4x)
     (tmp_path / "w4" / "plan.json").write_text("{}")
@@ -420,20 +424,32 @@ def test_world_commands_refuse_bad_input_before_writing(tmp_path, capsys):
     assert (tmp_path / "w4" / "plan.json").read_text() == "{}"
 
 
-def test_world_build_trains_the_2x_layout(tmp_path):
+def test_world_build_trains_the_2x_layout(tmp_path, monkeypatch):
     """``world build --layout 2x`` (a smoke run): the VAE has two levels, the UNet works on 32×32
-    latents with a first level without attention, and the plan records the layout."""
+    latents with a first level without attention, and the plan records the layout; the plan's
+    offset noise reaches every UNet training step."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
+    from uniportrait.world import train_base
     from uniportrait.world.build import BuildPlan, run_build
 
-    plan = dataclasses.replace(BuildPlan().scaled(0.0001), layout="2x")
+    offsets = []
+
+    def recording_step(*args):
+        offsets.append(args[5])
+        return denoising_step(*args)
+
+    denoising_step = train_base.denoising_step
+    monkeypatch.setattr(train_base, "denoising_step", recording_step)
+    plan = dataclasses.replace(BuildPlan().scaled(0.0001), layout="2x", unet_offset_noise=0.1)
     run_build(tmp_path / "w", tmp_path / "out", plan, stages=("render", "vae", "clip", "unet"))
     vae = AutoencoderKL.from_pretrained(tmp_path / "w" / "vae" / "vae")
     unet = UNet2DConditionModel.from_pretrained(tmp_path / "w" / "unet" / "unet")
     assert len(vae.config.block_out_channels) == 2 and unet.config.sample_size == 32
     assert unet.config.down_block_types[0] == "DownBlock2D"
-    assert json.loads((tmp_path / "w" / "plan.json").read_text())["layout"] == "2x"
+    recorded = json.loads((tmp_path / "w" / "plan.json").read_text())
+    assert recorded["layout"] == "2x" and recorded["unet_offset_noise"] == 0.1
+    assert offsets == [0.1] * plan.unet_steps
 
 
 @shipped

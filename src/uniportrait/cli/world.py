@@ -43,6 +43,12 @@ def register(subparsers) -> None:
         "than fits in the build's time; see docs/world.md)",
     )
     build.add_argument(
+        "--unet-offset-noise",
+        type=float,
+        default=0.0,
+        help="train the UNet with offset noise of this size (0 to 1; default 0, off; docs/world.md)",
+    )
+    build.add_argument(
         "--layout",
         default="4x",
         help="the base's sizes: 4x (the shipped: 16x16x4 latents for 64 px) or 2x (32x32x4 latents, "
@@ -149,6 +155,9 @@ def _build(args: argparse.Namespace) -> int:
         if args.unet_steps < 1:
             raise UniPortraitError("--unet-steps must be at least 1")
         plan = dataclasses.replace(plan, unet_steps=args.unet_steps)
+    if not 0 <= args.unet_offset_noise <= 1:
+        raise UniPortraitError(f"--unet-offset-noise must be in [0, 1], got {args.unet_offset_noise}")
+    plan = dataclasses.replace(plan, unet_offset_noise=args.unet_offset_noise)
     out = run_build(args.work, args.out or WORLD_ASSETS, plan, stages)
     print(out)
     return 0

@@ -46,6 +46,7 @@ class BuildPlan:
     scene_oracle_steps: int = 300
     face_detector_steps: int = 500
     layout: str = "4x"  # the base's sizes: a key of models.WORLD_LAYOUTS
+    unet_offset_noise: float = 0.0  # train_base.train_unet's offset_noise (docs/world.md)
 
     def scaled(self, scale: float) -> BuildPlan:
         values = {k: max(2, int(v * scale)) if isinstance(v, int) else v for k, v in asdict(self).items()}
@@ -160,7 +161,13 @@ def run_build(
         ),
         "unet": (
             lambda: train_base.train_unet(
-                data, work / "vae", work / "clip", work / "unet", steps=plan.unet_steps, sizes=sizes
+                data,
+                work / "vae",
+                work / "clip",
+                work / "unet",
+                steps=plan.unet_steps,
+                sizes=sizes,
+                offset_noise=plan.unet_offset_noise,
             ),
             work / "unet" / "unet",
         ),
