@@ -4,6 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # CPU build of torch; on a GPU machine install the torch you want first (see README).
 TORCH_SPEC ?= torch==2.13.0
+# Test processes (pytest-xdist): every test runs torch on one thread (tests/conftest.py), so one
+# process per core. TEST_WORKERS=0 runs the suite in this process.
+TEST_WORKERS ?= 2
 
 .PHONY: setup demo test lint bench clean browser-deps world world-report
 
@@ -20,7 +23,7 @@ demo: setup
 	$(BIN)/uniportrait demo --preset world --out outputs/demo
 
 test: setup
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=15
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
