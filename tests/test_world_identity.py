@@ -204,3 +204,24 @@ def test_sdedit_probe_denoises_the_persons_own_render_from_the_asked_step(capsys
     ):
         with pytest.raises(SystemExit):
             script.main(bad)
+
+
+def test_base_table_script_measures_tint_and_refuses_a_folder_without_a_base(tmp_path, capsys):
+    """scripts/world_base_table.py: the colour spread is zero for pictures of one mean colour and
+    grows with their differences; a folder that is no base is refused (exit 2) before writing."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "world_base_table.py"
+    spec = importlib.util.spec_from_file_location("world_base_table", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    flat = np.full((4, 8, 8, 3), 128, np.uint8)
+    assert script.colour_spread(flat) == 0.0
+    varied = flat.copy()
+    varied[:2] = 0  # half the pictures black: each channel's mean colour is 0 or 128/255
+    assert script.colour_spread(varied) == pytest.approx(64 / 255)
+    with pytest.raises(SystemExit) as exit_info:
+        script.main([str(tmp_path), str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and "not a base folder" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
