@@ -34,11 +34,13 @@ def main(argv=None) -> int:
     base, out = Path(args.base), Path(args.out)
     if not (base / "model_index.json").is_file():
         parser.error(f"{base} is not a base folder (no model_index.json)")
+    if out.exists() and not out.is_dir():
+        parser.error(f"{out} is a file; give a folder to write to")
 
     from uniportrait.world.oracles import WorldOracles
     from uniportrait.world.report import (
+        base_contact_sheets,
         base_pipeline,
-        contact_sheet,
         generate,
         held_out_specs,
         measure_pictures,
@@ -58,11 +60,7 @@ def main(argv=None) -> int:
         row["colour_spread"], row["renders_colour_spread"] = colour_spread(images), colour_spread(renders)
         result[people] = row
         print(people, json.dumps(row), flush=True)
-    _, captions = held_out_specs(24, 1, seed=11)
-    contact_sheet(generate(pipe, captions, seed=args.seed), captions, out / "base_singles.png")
-    _, captions = held_out_specs(12, 2, seed=12)
-    pictures = generate(pipe, captions, seed=args.seed, size=(128, 64))
-    contact_sheet(pictures, captions, out / "base_groups.png", columns=4)
+    base_contact_sheets(pipe, out, seed=args.seed)
     (out / "table.json").write_text(json.dumps(result, indent=2))
     return 0
 

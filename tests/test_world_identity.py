@@ -208,7 +208,8 @@ def test_sdedit_probe_denoises_the_persons_own_render_from_the_asked_step(capsys
 
 def test_base_table_script_measures_tint_and_refuses_a_folder_without_a_base(tmp_path, capsys):
     """scripts/world_base_table.py: the colour spread is zero for pictures of one mean colour and
-    grows with their differences; a folder that is no base is refused (exit 2) before writing."""
+    grows with their differences; a folder that is no base, or an output that is a file, is refused
+    (exit 2) before writing."""
     import importlib.util
     from pathlib import Path
 
@@ -225,3 +226,9 @@ def test_base_table_script_measures_tint_and_refuses_a_folder_without_a_base(tmp
         script.main([str(tmp_path), str(tmp_path / "out")])
     assert exit_info.value.code == 2 and "not a base folder" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+    (tmp_path / "model_index.json").write_text("{}")
+    (tmp_path / "file.txt").write_text("x")
+    with pytest.raises(SystemExit) as exit_info:
+        script.main([str(tmp_path), str(tmp_path / "file.txt")])
+    assert exit_info.value.code == 2 and "is a file" in capsys.readouterr().err
+    assert (tmp_path / "file.txt").read_text() == "x"

@@ -155,9 +155,7 @@ def _build(args: argparse.Namespace) -> int:
         if args.unet_steps < 1:
             raise UniPortraitError("--unet-steps must be at least 1")
         plan = dataclasses.replace(plan, unet_steps=args.unet_steps)
-    if not 0 <= args.unet_offset_noise <= 1:
-        raise UniPortraitError(f"--unet-offset-noise must be in [0, 1], got {args.unet_offset_noise}")
-    plan = dataclasses.replace(plan, unet_offset_noise=args.unet_offset_noise)
+    plan = dataclasses.replace(plan, unet_offset_noise=args.unet_offset_noise)  # checked by run_build
     out = run_build(args.work, args.out or WORLD_ASSETS, plan, stages)
     print(out)
     return 0

@@ -122,8 +122,9 @@ def run_build(
     """Run every stage (or the named ``stages``) and export to ``out``.
 
     Raises:
-        UniPortraitError: ``plan.layout`` is unknown, or ``work`` holds a build of another layout
-            (its VAE and UNet would not fit together).
+        UniPortraitError: ``plan.layout`` is unknown, ``plan.unet_offset_noise`` is outside
+            [0, 1], or ``work`` holds a build of another layout (its VAE and UNet would not fit
+            together). Nothing is written then.
     """
     from uniportrait.errors import UniPortraitError
     from uniportrait.world import train_base
@@ -131,6 +132,10 @@ def run_build(
 
     if plan.layout not in WORLD_LAYOUTS:
         raise UniPortraitError(f"unknown layout {plan.layout!r}; known: {', '.join(WORLD_LAYOUTS)}")
+    if not 0 <= plan.unet_offset_noise <= 1:
+        raise UniPortraitError(
+            f"the UNet's offset noise (--unet-offset-noise) must be in [0, 1], got {plan.unet_offset_noise}"
+        )
     sizes = WORLD_LAYOUTS[plan.layout]
     work, out = Path(work), Path(out)
     previous = work / "plan.json"

@@ -394,6 +394,16 @@ def summarise_runs(runs: list[dict]) -> dict:
     return out
 
 
+def base_contact_sheets(pipe, out: Path, seed: int = 0, guidance: float = 7.5) -> None:
+    """``out/base_singles.png`` (24 held-out portraits) and ``out/base_groups.png`` (12 two-person
+    pictures) of a base pipeline: the sheets the base-model section shows."""
+    _, captions = held_out_specs(24, 1, seed=11)
+    contact_sheet(generate(pipe, captions, seed=seed, guidance=guidance), captions, out / "base_singles.png")
+    _, captions = held_out_specs(12, 2, seed=12)
+    pictures = generate(pipe, captions, seed=seed, guidance=guidance, size=(128, 64))
+    contact_sheet(pictures, captions, out / "base_groups.png", columns=4)
+
+
 def contact_sheet(
     images: np.ndarray, captions: list[str], path: Path, columns: int = 6, scale: int = 3
 ) -> Path:
@@ -458,15 +468,6 @@ def run_report(
         sizes = (40, 12, (0,)) if quick else (200, 60, (0, 1, 2))
         report["base_model"] = base_report(pipe, oracles, *sizes, guidance=guidance)
         report["guidance_sweep"] = guidance_sweep(pipe, oracles, singles=min(100, sizes[0]))
-        specs, captions = held_out_specs(24, 1, seed=11)
-        images = generate(pipe, captions, seed=0, guidance=guidance)
-        contact_sheet(images, captions, out / "base_singles.png")
-        specs, captions = held_out_specs(12, 2, seed=12)
-        contact_sheet(
-            generate(pipe, captions, seed=0, guidance=guidance, size=(128, 64)),
-            captions,
-            out / "base_groups.png",
-            columns=4,
-        )
+        base_contact_sheets(pipe, out, guidance=guidance)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
