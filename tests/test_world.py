@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -416,6 +417,10 @@ def test_world_commands_refuse_bad_input_before_writing(tmp_path, capsys):
         assert (
             main(["-q", "world", "build", "--work", str(tmp_path / "w"), "--unet-offset-noise", offset]) == 2
         )
+    shipped_unet = str(WORLD_ASSETS / "base" / "unet")  # the 4x layout
+    for init in ([str(tmp_path / "nowhere")], [shipped_unet, "--layout", "2x"]):
+        assert main(["-q", "world", "build", "--work", str(tmp_path / "w"), "--unet-init", *init]) == 2
+    assert "another layout" in capsys.readouterr().err
     assert not (tmp_path / "w").exists()
     (tmp_path / "w4" / "vae").mkdir(parents=True)  # a 4x build under way (plans before layouts: 4x)
     (tmp_path / "w4" / "plan.json").write_text("{}")
@@ -427,16 +432,19 @@ def test_world_commands_refuse_bad_input_before_writing(tmp_path, capsys):
 def test_world_build_trains_the_2x_layout(tmp_path, monkeypatch):
     """``world build --layout 2x`` (a smoke run): the VAE has two levels, the UNet works on 32×32
     latents with a first level without attention, and the plan records the layout; the plan's
-    offset noise reaches every UNet training step."""
+    offset noise reaches every UNet training step; a second run continues from the first's UNet
+    (``unet_init``)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from uniportrait.world import train_base
     from uniportrait.world.build import BuildPlan, run_build
 
-    offsets = []
+    offsets, first_weights = [], []
 
     def recording_step(*args):
         offsets.append(args[5])
+        if not first_weights:
+            first_weights.append({k: v.clone() for k, v in args[0].state_dict().items()})
         return denoising_step(*args)
 
     denoising_step = train_base.denoising_step
@@ -450,6 +458,18 @@ def test_world_build_trains_the_2x_layout(tmp_path, monkeypatch):
     recorded = json.loads((tmp_path / "w" / "plan.json").read_text())
     assert recorded["layout"] == "2x" and recorded["unet_offset_noise"] == 0.1
     assert offsets == [0.1] * plan.unet_steps
+
+    init = tmp_path / "init"
+    shutil.move(tmp_path / "w" / "unet" / "unet", init)
+    shutil.rmtree(tmp_path / "w" / "unet")
+    first_weights.clear()
+    run_build(
+        tmp_path / "w", tmp_path / "out", dataclasses.replace(plan, unet_init=str(init)), stages=("unet",)
+    )
+    start = UNet2DConditionModel.from_pretrained(init).state_dict()
+    assert first_weights[0].keys() == start.keys()
+    assert all(torch.equal(first_weights[0][k], start[k]) for k in start)
+    assert json.loads((tmp_path / "w" / "plan.json").read_text())["unet_init"] == str(init)
 
 
 @shipped

@@ -49,6 +49,13 @@ def register(subparsers) -> None:
         help="train the UNet with offset noise of this size (0 to 1; default 0, off; docs/world.md)",
     )
     build.add_argument(
+        "--unet-init",
+        default="",
+        metavar="FOLDER",
+        help="continue the UNet from this trained UNet folder of the same layout (e.g. BASE/unet), "
+        "with a fresh optimizer and schedule (default: from scratch)",
+    )
+    build.add_argument(
         "--layout",
         default="4x",
         help="the base's sizes: 4x (the shipped: 16x16x4 latents for 64 px) or 2x (32x32x4 latents, "
@@ -155,7 +162,9 @@ def _build(args: argparse.Namespace) -> int:
         if args.unet_steps < 1:
             raise UniPortraitError("--unet-steps must be at least 1")
         plan = dataclasses.replace(plan, unet_steps=args.unet_steps)
-    plan = dataclasses.replace(plan, unet_offset_noise=args.unet_offset_noise)  # checked by run_build
+    plan = dataclasses.replace(  # both checked by run_build
+        plan, unet_offset_noise=args.unet_offset_noise, unet_init=args.unet_init
+    )
     out = run_build(args.work, args.out or WORLD_ASSETS, plan, stages)
     print(out)
     return 0

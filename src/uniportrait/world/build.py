@@ -47,6 +47,7 @@ class BuildPlan:
     face_detector_steps: int = 500
     layout: str = "4x"  # the base's sizes: a key of models.WORLD_LAYOUTS
     unet_offset_noise: float = 0.0  # train_base.train_unet's offset_noise (docs/world.md)
+    unet_init: str = ""  # a trained UNet folder of the same layout to continue from ("": from scratch)
 
     def scaled(self, scale: float) -> BuildPlan:
         values = {k: max(2, int(v * scale)) if isinstance(v, int) else v for k, v in asdict(self).items()}
@@ -123,8 +124,9 @@ def run_build(
 
     Raises:
         UniPortraitError: ``plan.layout`` is unknown, ``plan.unet_offset_noise`` is outside
-            [0, 1], or ``work`` holds a build of another layout (its VAE and UNet would not fit
-            together). Nothing is written then.
+            [0, 1], ``plan.unet_init`` is not a UNet folder of the layout, or ``work`` holds a
+            build of another layout (its VAE and UNet would not fit together). Nothing is
+            written then.
     """
     from uniportrait.errors import UniPortraitError
     from uniportrait.world import train_base
@@ -137,6 +139,8 @@ def run_build(
             f"the UNet's offset noise (--unet-offset-noise) must be in [0, 1], got {plan.unet_offset_noise}"
         )
     sizes = WORLD_LAYOUTS[plan.layout]
+    if plan.unet_init:
+        train_base.check_unet_init(Path(plan.unet_init), sizes)
     work, out = Path(work), Path(out)
     previous = work / "plan.json"
     if previous.is_file():
@@ -173,6 +177,7 @@ def run_build(
                 steps=plan.unet_steps,
                 sizes=sizes,
                 offset_noise=plan.unet_offset_noise,
+                init=Path(plan.unet_init) if plan.unet_init else None,
             ),
             work / "unet" / "unet",
         ),

@@ -330,6 +330,23 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         pe.lerp_(p, 1.0 - decay)
 
 
+def check_unet_init(folder: Path, sizes: WorldSizes):
+    """The fp32 UNet saved in ``folder`` (a diffusers UNet folder, e.g. a base's ``unet/``), if it
+    has the layout ``sizes`` gives; else a one-line :class:`UniPortraitError`."""
+    from diffusers import UNet2DConditionModel
+
+    from uniportrait.errors import UniPortraitError
+
+    if not (Path(folder) / "config.json").is_file():
+        raise UniPortraitError(f"{folder} is not a UNet folder (no config.json)")
+    unet = UNet2DConditionModel.from_pretrained(folder, torch_dtype=torch.float32)
+    expected = make_unet(sizes).config
+    keys = ("block_out_channels", "down_block_types", "cross_attention_dim", "in_channels", "sample_size")
+    if any(tuple(np.ravel(unet.config[k])) != tuple(np.ravel(expected[k])) for k in keys):
+        raise UniPortraitError(f"{folder} holds a UNet of another layout than the build's")
+    return unet
+
+
 def train_unet(
     data_dir: Path,
     vae_dir: Path,
@@ -343,7 +360,11 @@ def train_unet(
     uncond_p: float = 0.1,
     sizes: WorldSizes = WorldSizes(),
     offset_noise: float = 0.0,
+    init: Path | None = None,
 ):
+    """Train the base UNet on the VAE's latents of the build's pictures and their captions; the EMA
+    weights are saved to ``out/unet``. With ``init`` (a UNet folder, see :func:`check_unet_init`)
+    training continues from those weights with a fresh optimizer, warm-up and cosine schedule."""
     from diffusers import AutoencoderKL, DDPMScheduler
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -369,6 +390,8 @@ def train_unet(
     schedule = DDPMScheduler.from_config(published_ddim_scheduler().config)
     torch.manual_seed(seed)
     unet = make_unet(sizes)
+    if init is not None:
+        unet.load_state_dict(check_unet_init(init, sizes).state_dict())  # strict
     ema = make_unet(sizes)
     ema.load_state_dict(unet.state_dict())
     ema.requires_grad_(False)
