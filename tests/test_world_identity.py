@@ -159,10 +159,17 @@ def test_world_demo_shows_held_out_people_with_oracle_scores(tmp_path, capsys):
     not (WORLD_ASSETS / "oracles" / "detector" / "config.json").is_file(), reason="no oracles"
 )
 def test_identification_picks_out_the_person_among_the_rows_people():
-    """The report's identification on renders: the caption's own person is picked out among the
-    row's people; the same pictures credited to the wrong people are not."""
-    from uniportrait.world.identity_report import identity_cases, measure_identity_pictures
+    """The report's identification and trait agreement on renders: the caption's own person is
+    picked out among the row's people and their traits read back; the same pictures credited to
+    the wrong people are not."""
+    from uniportrait.world.identity_report import (
+        ATTRIBUTION_TRAITS,
+        identity_cases,
+        markdown_tables,
+        measure_identity_pictures,
+    )
     from uniportrait.world.oracles import WorldOracles, default_oracles_dir
+    from uniportrait.world.report import summarise_runs
 
     oracles = WorldOracles(default_oracles_dir())
     cases = identity_cases(oracles, 12, 1)
@@ -173,6 +180,11 @@ def test_identification_picks_out_the_person_among_the_rows_people():
     assert right["pairwise_identification"] >= 0.95
     wrong = measure_identity_pictures(oracles, np.roll(images, 1, axis=0), cases)
     assert wrong["identification"] <= 0.2 and wrong["pairwise_identification"] <= 0.7
+    # trait agreement: the renders show their own person's traits, the rolled pictures another's
+    assert set(right["trait_agreement"]) == set(ATTRIBUTION_TRAITS)
+    assert np.mean(list(right["trait_agreement"].values())) >= 0.7  # measured 0.80
+    assert np.mean(list(wrong["trait_agreement"].values())) <= 0.4  # measured 0.20
+    assert "Trait agreement" in markdown_tables({"single": {"renders": summarise_runs([right])}})
 
 
 @shipped_adapter

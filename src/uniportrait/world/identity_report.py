@@ -16,6 +16,9 @@ read the pictures:
   identification**: over the pictures with a face, the share of the row's other people whose
   reference the face is less similar to than its own (chance 50%); unlike the first, one
   reference that happens to resemble every generated face (a hub) costs it little.
+- **Trait agreement** (single-ID, :func:`trait_agreement`): per facial trait, the share of
+  matched faces whose trait, read by the trait regressor, is their person's: which parts of an
+  identity come through. The base model's row is the agreement by chance.
 - **Prompt following**: the share of caption-mentioned attributes the oracles read back.
 - **Copy rate**: among the attributes a caption asks for that *differ* from the conditioning
   photo's (expression, tilt, hat, sunglasses, lighting), the share where the picture shows the
@@ -208,6 +211,19 @@ def trait_shares(face: np.ndarray, a: np.ndarray, b: np.ndarray) -> tuple[float,
     return (n_a / total, n_b / total) if total else (0.0, 0.0)
 
 
+def trait_agreement(face: np.ndarray, person: np.ndarray) -> dict[str, bool]:
+    """Per :data:`ATTRIBUTION_TRAITS` trait, whether ``face`` (trait vector, from the trait
+    regressor) shows ``person``'s value (ground-truth trait vector): the same class for a discrete
+    trait, within half of :data:`TRAIT_GAP` for a continuous one (as :func:`trait_shares` counts)."""
+    f, x = _split_traits(face), _split_traits(person)
+    return {
+        name: bool(f[name] == x[name])
+        if name in DISCRETE_TRAITS
+        else bool(abs(f[name] - x[name]) < TRAIT_GAP / 2)
+        for name in ATTRIBUTION_TRAITS
+    }
+
+
 def blends(face: np.ndarray, references: np.ndarray, closest: list[int]) -> bool:
     """Whether ``face`` (trait vector) blends the two references ``closest`` names (indices into
     ``references``, (P, T) ground-truth trait vectors): see :func:`trait_shares`."""
@@ -277,6 +293,7 @@ def measure_identity_pictures(
     singles = all(len(c.spec.people) == 1 for c in cases)
     everyone = np.concatenate([c.reference for c in cases]) if singles else None  # (C, E)
     identified, pairwise = 0, []
+    agree = {name: [] for name in ATTRIBUTION_TRAITS}  # singles: matched face vs its person
     for k, (image, case, faces) in enumerate(zip(images, cases, detections)):
         n = len(case.spec.people)
         described = oracles.describe(image, faces) if faces else None
@@ -289,6 +306,11 @@ def measure_identity_pictures(
             to_all = everyone @ emb[result.face_of_reference[0]]  # (C,)
             identified += int(np.argmax(to_all) == k)
             pairwise.append(float((np.delete(to_all, k) < to_all[k]).mean()))
+            person = Traits.of(case.spec.people[0].identity).vector()
+            for name, same in trait_agreement(
+                described["traits"][result.face_of_reference[0]], person
+            ).items():
+                agree[name].append(same)
         if n > 1 and faces:
             truth = np.stack([Traits.of(p.identity).vector() for p in case.spec.people])
             for f in range(len(faces)):
@@ -324,6 +346,7 @@ def measure_identity_pictures(
         out.update(identification=identified / len(cases), identification_chance=1 / len(cases))
         if pairwise:
             out["pairwise_identification"] = float(np.mean(pairwise))
+            out["trait_agreement"] = {name: float(np.mean(v)) for name, v in agree.items()}
     return out
 
 
@@ -527,5 +550,20 @@ def markdown_tables(report: dict) -> str:
         ]
         for name, row in rows.items():
             lines.append(f"| {name} | " + " | ".join(_cell(row, k, percent=p) for _, k, p in cols) + " |")
+        lines.append("")
+    agreeing = {name: row["trait_agreement"] for name, row in report.get("single", {}).items()
+                if "trait_agreement" in row}  # fmt: skip
+    if agreeing:
+        lines += [
+            "**Trait agreement, single-ID** (a matched face's traits, read by the trait regressor, "
+            "against its person's; the base model's row is agreement by chance)",
+            "",
+            "| | " + " | ".join(n.replace("_", " ") for n in ATTRIBUTION_TRAITS) + " |",
+            "|---|" + "---|" * len(ATTRIBUTION_TRAITS),
+        ]
+        for name, rates in agreeing.items():
+            lines.append(
+                f"| {name} | " + " | ".join(f"{100 * rates[t]:.0f}%" for t in ATTRIBUTION_TRAITS) + " |"
+            )
         lines.append("")
     return "\n".join(lines)
