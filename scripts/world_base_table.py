@@ -37,6 +37,7 @@ def main(argv=None) -> int:
     if out.exists() and not out.is_dir():
         parser.error(f"{out} is a file; give a folder to write to")
 
+    from uniportrait.atomic import write_text_atomic
     from uniportrait.world.oracles import WorldOracles
     from uniportrait.world.report import (
         base_contact_sheets,
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
         result[people] = row
         print(people, json.dumps(row), flush=True)
     base_contact_sheets(pipe, out, seed=args.seed)
-    (out / "table.json").write_text(json.dumps(result, indent=2))
+    write_text_atomic(out / "table.json", json.dumps(result, indent=2))
     return 0
 
 

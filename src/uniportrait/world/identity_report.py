@@ -302,14 +302,13 @@ def measure_identity_pictures(
         sims.append(result.face_sim_min if len(result.missing) < n else 0.0)
         dup += bool(result.duplicated)
         missing += len(result.missing)
-        if singles and result.face_of_reference[0] is not None:
-            to_all = everyone @ emb[result.face_of_reference[0]]  # (C,)
+        matched = result.face_of_reference[0]  # the person's face, or None
+        if singles and matched is not None:
+            to_all = everyone @ emb[matched]  # (C,)
             identified += int(np.argmax(to_all) == k)
             pairwise.append(float((np.delete(to_all, k) < to_all[k]).mean()))
             person = Traits.of(case.spec.people[0].identity).vector()
-            for name, same in trait_agreement(
-                described["traits"][result.face_of_reference[0]], person
-            ).items():
+            for name, same in trait_agreement(described["traits"][matched], person).items():
                 agree[name].append(same)
         if n > 1 and faces:
             truth = np.stack([Traits.of(p.identity).vector() for p in case.spec.people])
