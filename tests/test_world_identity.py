@@ -185,6 +185,13 @@ def test_identification_picks_out_the_person_among_the_rows_people():
     assert np.mean(list(right["trait_agreement"].values())) >= 0.7  # measured 0.80
     assert np.mean(list(wrong["trait_agreement"].values())) <= 0.4  # measured 0.20
     assert "Trait agreement" in markdown_tables({"single": {"renders": summarise_runs([right])}})
+    # a person captioned more than once is one person: chance is one over the people, and a face
+    # nearest to any reference of its own person is identified
+    repeated = identity_cases(oracles, 12, 1, identities=4)
+    people = {c.spec.people[0].identity for c in repeated}
+    again = measure_identity_pictures(oracles, np.stack([c.spec.render().image for c in repeated]), repeated)
+    assert len(people) < 12 and again["identification_chance"] == pytest.approx(1 / len(people))
+    assert again["identification"] >= 0.9 and again["pairwise_identification"] >= 0.95
 
 
 @shipped_adapter
@@ -244,3 +251,36 @@ def test_base_table_script_measures_tint_and_refuses_a_folder_without_a_base(tmp
         script.main([str(tmp_path), str(tmp_path / "file.txt")])
     assert exit_info.value.code == 2 and "is a file" in capsys.readouterr().err
     assert (tmp_path / "file.txt").read_text() == "x"
+
+
+def test_trait_probe_reads_a_trait_a_stage_carries_and_not_one_it_lacks():
+    """scripts/world_trait_probe.py: the ridge read-out recovers a trait written linearly into the
+    features and stays near chance on features without it; its stages have one row per crop."""
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+
+    from uniportrait.presets.pipelines import build_world_pipeline
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "world_trait_probe.py"
+    spec = importlib.util.spec_from_file_location("world_trait_probe", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    crops, traits = script.render_crops(400, clean=False, seed=0)
+    assert crops.shape == (400, 224, 224, 3) and len(traits) == 400
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(400, 32, generator=gen)
+    colour = torch.nn.functional.one_hot(torch.tensor([t["hair_colour"] for t in traits]), 8).float()
+    skin = torch.tensor([[t["skin"]] for t in traits])
+    test, val = torch.zeros(400, dtype=torch.bool), torch.zeros(400, dtype=torch.bool)
+    test[:80], val[80:120] = True, True
+    carried = script.probe(torch.cat([noise, colour, skin], 1), traits, test, val)
+    assert carried["hair_colour"] >= 0.95 and carried["skin"] >= 0.95, carried
+    lacking = script.probe(noise, traits, test, val)
+    chance = script.chance(traits, test)
+    assert lacking["hair_colour"] <= chance["hair_colour"] + 0.15, (lacking, chance)
+    features = script.stage_features(build_world_pipeline(), crops[:6], batch=4)
+    assert set(features) == {"pixels", "intrinsic", "structure_backbone", "structure_clip", "tokens",
+                             "tokens_structure_off"}  # fmt: skip
+    assert all(x.shape[0] == 6 and x.ndim == 2 for x in features.values())

@@ -10,8 +10,8 @@ read the pictures:
   reference; faces are matched to people one-to-one (:func:`~uniportrait.evaluation.matching.match_faces`),
   the picture's value is the lowest matched one (the paper's multi-ID value).
 - **Identification** (single-ID): the share of pictures whose face is nearer (oracle cosine) to
-  its own person's reference than to every other person's of the same row (chance: one over the
-  number of captions); a picture without a face is a miss. Where Face Sim says how much a face
+  a reference of its own person than to every other person's of the same row (chance: one over the
+  number of people in the row's captions); a picture without a face is a miss. Where Face Sim says how much a face
   resembles its person, this says whether it would be picked out among the others. **Pairwise
   identification**: over the pictures with a face, the share of the row's other people whose
   reference the face is less similar to than its own (chance 50%); unlike the first, one
@@ -80,12 +80,15 @@ class IdentityCase:
     reference: np.ndarray  # (P, E) oracle embeddings of a third render of each person
 
 
-def identity_cases(oracles, count: int, num_people: int, seed: int = 5) -> list[IdentityCase]:
-    """Held-out captions (as :func:`~uniportrait.world.report.held_out_specs`) with their photos."""
+def identity_cases(
+    oracles, count: int, num_people: int, seed: int = 5, identities: int = 200
+) -> list[IdentityCase]:
+    """Held-out captions (as :func:`~uniportrait.world.report.held_out_specs`) with their photos,
+    of the first ``identities`` held-out people."""
     from uniportrait.world.report import held_out_specs, reference_embeddings
     from uniportrait.world.scenes import sample_spec
 
-    specs, captions = held_out_specs(count, num_people, seed=seed)
+    specs, captions = held_out_specs(count, num_people, seed=seed, identities=identities)
     refs = reference_embeddings(oracles, specs)  # third renders (seed 99)
     rng = np.random.default_rng([seed, num_people, 77])
     cases = []
@@ -224,6 +227,16 @@ def trait_agreement(face: np.ndarray, person: np.ndarray) -> dict[str, bool]:
     }
 
 
+def trait_agreement_shares(faces: np.ndarray, people: list[np.ndarray] | np.ndarray) -> dict[str, float]:
+    """Per :data:`ATTRIBUTION_TRAITS` trait, the share of ``faces`` (trait vectors read by the trait
+    regressor, (N, T)) that show their own person's value (``people``, (N, T) ground truth)."""
+    agree: dict[str, list[bool]] = {name: [] for name in ATTRIBUTION_TRAITS}
+    for face, person in zip(faces, people):
+        for name, same in trait_agreement(face, person).items():
+            agree[name].append(same)
+    return {name: float(np.mean(v)) if v else float("nan") for name, v in agree.items()}
+
+
 def blends(face: np.ndarray, references: np.ndarray, closest: list[int]) -> bool:
     """Whether ``face`` (trait vector) blends the two references ``closest`` names (indices into
     ``references``, (P, T) ground-truth trait vectors): see :func:`trait_shares`."""
@@ -292,8 +305,9 @@ def measure_identity_pictures(
     copy_hits, copy_total = 0, 0
     singles = all(len(c.spec.people) == 1 for c in cases)
     everyone = np.concatenate([c.reference for c in cases]) if singles else None  # (C, E)
+    who = np.array([c.spec.people[0].identity for c in cases]) if singles else None  # (C,)
     identified, pairwise = 0, []
-    agree = {name: [] for name in ATTRIBUTION_TRAITS}  # singles: matched face vs its person
+    seen_traits, true_traits = [], []  # singles: the matched face's traits read, and its person's
     for k, (image, case, faces) in enumerate(zip(images, cases, detections)):
         n = len(case.spec.people)
         described = oracles.describe(image, faces) if faces else None
@@ -305,11 +319,11 @@ def measure_identity_pictures(
         matched = result.face_of_reference[0]  # the person's face, or None
         if singles and matched is not None:
             to_all = everyone @ emb[matched]  # (C,)
-            identified += int(np.argmax(to_all) == k)
-            pairwise.append(float((np.delete(to_all, k) < to_all[k]).mean()))
-            person = Traits.of(case.spec.people[0].identity).vector()
-            for name, same in trait_agreement(described["traits"][matched], person).items():
-                agree[name].append(same)
+            # among the cases' people (a person captioned twice counts once, by identity)
+            identified += int(who[np.argmax(to_all)] == who[k])
+            pairwise.append(float((to_all[who != who[k]] < to_all[k]).mean()))
+            seen_traits.append(described["traits"][matched])
+            true_traits.append(Traits.of(case.spec.people[0].identity).vector())
         if n > 1 and faces:
             truth = np.stack([Traits.of(p.identity).vector() for p in case.spec.people])
             for f in range(len(faces)):
@@ -342,10 +356,10 @@ def measure_identity_pictures(
     if faces_total:
         out["blend_rate"] = blend / faces_total
     if singles:
-        out.update(identification=identified / len(cases), identification_chance=1 / len(cases))
+        out.update(identification=identified / len(cases), identification_chance=1 / len(set(who)))
         if pairwise:
             out["pairwise_identification"] = float(np.mean(pairwise))
-            out["trait_agreement"] = {name: float(np.mean(v)) for name, v in agree.items()}
+            out["trait_agreement"] = trait_agreement_shares(seen_traits, true_traits)
     return out
 
 

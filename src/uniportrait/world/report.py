@@ -17,6 +17,7 @@ from uniportrait.world.traits import (
     DISCRETE_TRAITS,
     PERSON_ATTRIBUTES,
     SCENE_ATTRIBUTES,
+    Traits,
 )
 
 logger = logging.getLogger(__name__)
@@ -178,6 +179,7 @@ def backbone_report(backbone, data_dir: Path) -> dict:
 @torch.no_grad()
 def vae_report(vae, oracles, data_dir: Path, count: int = 600) -> dict:
     from uniportrait.world.data import load_set
+    from uniportrait.world.identity_report import trait_agreement_shares
     from uniportrait.world.train_base import to_pixels
 
     data = load_set(data_dir / "singles_val.npz")
@@ -196,12 +198,14 @@ def vae_report(vae, oracles, data_dir: Path, count: int = 600) -> dict:
     idents = data["identities"][:count, 0]
     refs = reference_index(data["identities"][:, 0], np.arange(count))
 
-    def emb(imgs: np.ndarray, idx: np.ndarray) -> np.ndarray:
-        return oracles.describe_crops(aligned_crops(imgs, data["landmarks"][idx, 0]))["embedding"]
+    def describe(imgs: np.ndarray, idx: np.ndarray) -> dict[str, np.ndarray]:
+        return oracles.describe_crops(aligned_crops(imgs, data["landmarks"][idx, 0]))
 
-    ref_emb = emb(data["images"][refs], refs)
-    sim_render = (emb(images, np.arange(count)) * ref_emb).sum(1)
-    sim_rec = (emb(rec_u8, np.arange(count)) * ref_emb).sum(1)
+    ref_emb = describe(data["images"][refs], refs)["embedding"]
+    seen_render, seen_rec = describe(images, np.arange(count)), describe(rec_u8, np.arange(count))
+    sim_render = (seen_render["embedding"] * ref_emb).sum(1)
+    sim_rec = (seen_rec["embedding"] * ref_emb).sum(1)
+    people = [Traits.of(int(i)).vector() for i in idents]
     return {
         "pictures": int(count),
         "identities": int(len(np.unique(idents))),
@@ -212,6 +216,10 @@ def vae_report(vae, oracles, data_dir: Path, count: int = 600) -> dict:
         "face_sim_render_to_reference": float(sim_render.mean()),
         "face_sim_reconstruction_to_reference": float(sim_rec.mean()),
         "face_sim_ratio": float(sim_rec.mean() / sim_render.mean()),
+        # per trait, the share of faces the trait regressor reads as their person's (what any
+        # picture through this VAE can show at most; the identity report's trait agreement)
+        "trait_agreement_render": trait_agreement_shares(seen_render["traits"], people),
+        "trait_agreement_reconstruction": trait_agreement_shares(seen_rec["traits"], people),
     }
 
 
