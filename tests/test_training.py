@@ -177,6 +177,28 @@ def test_trainer_blanks_the_identity_of_a_cut_face(dataset, tmp_path):
     assert torch.equal(full["intrinsic"][1], cut["intrinsic"][1])
 
 
+def test_trainer_draws_timesteps_as_configured(dataset, tmp_path, monkeypatch):
+    """``train.timestep_sampling`` reaches the training step: prepare_inputs returns the
+    timesteps :func:`sample_timesteps` draws with the configured sampling."""
+    import uniportrait.training.trainer as trainer_module
+    from uniportrait.training.model import sample_timesteps
+
+    asked = []
+
+    def spy(count, steps, sampling, generator, device):
+        asked.append(sampling)
+        out = sample_timesteps(count, steps, sampling, generator, device)
+        asked.append(out)
+        return out
+
+    monkeypatch.setattr(trainer_module, "sample_timesteps", spy)
+    for sampling in ("uniform", "cubic"):
+        trainer = Trainer(_config(1, dataset, tmp_path / sampling, f"train.timestep_sampling={sampling}"))
+        batch = collate([trainer.dataset[(0, 5)], trainer.dataset[(1, 6)]])
+        timesteps = trainer.prepare_inputs(batch, seed=3)["timesteps"]
+        assert asked[-2] == sampling and torch.equal(timesteps, asked[-1])
+
+
 # -- the two stages ------------------------------------------------------------------------------
 
 

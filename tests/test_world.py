@@ -184,6 +184,15 @@ def test_shipped_oracles_measure_renders():
     assert emb[0] @ emb[1] > emb[0] @ emb[2]
     attrs = oracles.person_attributes(pictures[0].image[None].repeat(2, 0), pictures[0].boxes)
     assert set(attrs) == set(PERSON_ATTRIBUTES)
+    # the base table's face counts: two blank pictures show no face, the renders their two
+    from uniportrait.world.report import measure_pictures, reference_embeddings
+
+    images = np.stack([pic.image for pic in pictures])
+    images[:2] = 0
+    shares = measure_pictures(oracles, images, specs, reference_embeddings(oracles, specs))[
+        "face_count_shares"
+    ]
+    assert shares["0"] == 0.25 and shares["2"] >= 0.625 and sum(shares.values()) == pytest.approx(1.0)
 
 
 def _random_world_adapter(folder, unet=None):
@@ -652,3 +661,27 @@ def test_offset_noise_adds_one_value_per_picture_and_channel():
         spreads.append(noise.mean(dim=(2, 3)).std().item())
         assert unet.bias.grad is not None
     assert spreads[0] < 0.1 and spreads[1] > 0.25, spreads
+
+
+@shipped
+def test_vae_report_reads_traits_of_renders_and_their_round_trips(tmp_path):
+    """``vae_report``: per attribution trait, the share of faces the trait regressor reads as
+    their person's, on held-out renders and on their VAE round trips (the ceiling of any picture
+    through that VAE); the renders read well, and the round trips no better than the renders."""
+    from diffusers import AutoencoderKL
+
+    from uniportrait.world.data import render_set, save_set
+    from uniportrait.world.identity_report import ATTRIBUTION_TRAITS
+    from uniportrait.world.oracles import WorldOracles
+    from uniportrait.world.report import vae_report
+
+    save_set(render_set(24, 1, seed=3, num_identities=4, held_out=True, workers=1, progress=False),
+             tmp_path / "singles_val.npz")  # fmt: skip
+    vae = AutoencoderKL.from_pretrained(WORLD_ASSETS / "base" / "vae")
+    with torch.no_grad():
+        report = vae_report(vae.float(), WorldOracles(), tmp_path)
+    render, trip = report["trait_agreement_render"], report["trait_agreement_reconstruction"]
+    assert set(render) == set(trip) == set(ATTRIBUTION_TRAITS)
+    assert np.mean(list(render.values())) >= 0.6  # 0.80 on 600 held-out renders
+    assert np.mean(list(trip.values())) <= np.mean(list(render.values())) + 0.05  # 0.60 on those
+    assert report["pictures"] == 24 and 0.5 < report["face_sim_ratio"] < 1.1

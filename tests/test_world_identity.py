@@ -96,6 +96,30 @@ def test_face_loss_weight_must_be_positive():
         load_config(None, ["train.face_loss_weight=0", "model.preset=tiny", "data.path=x"], stage=1)
 
 
+def test_cubic_timestep_sampling_favours_the_noisy_steps_and_uniform_is_unchanged():
+    """``train.timestep_sampling``: "cubic" puts ~79% of the steps in the noisier half and spans
+    [0, T); "uniform" draws exactly what torch.randint drew before the option (runs reproduce);
+    anything else is refused by the config."""
+    import torch
+
+    from uniportrait.errors import ConfigError
+    from uniportrait.training.config import load_config
+    from uniportrait.training.model import sample_timesteps
+
+    t = sample_timesteps(20_000, 1000, "cubic", torch.Generator().manual_seed(0), "cpu")
+    assert t.dtype == torch.int64 and t.min() >= 0 and t.max() <= 999
+    assert 0.77 < (t >= 500).float().mean() < 0.81  # 1 - 0.5 ** (1 / 3) = 0.794
+    uniform = sample_timesteps(64, 1000, "uniform", torch.Generator().manual_seed(3), "cpu")
+    assert torch.equal(uniform, torch.randint(0, 1000, (64,), generator=torch.Generator().manual_seed(3)))
+    assert (
+        0.45
+        < (sample_timesteps(20_000, 1000, "uniform", torch.Generator(), "cpu") >= 500).float().mean()
+        < 0.55
+    )
+    with pytest.raises(ConfigError, match="timestep_sampling"):
+        load_config(None, ["train.timestep_sampling=late", "model.preset=tiny", "data.path=x"], stage=1)
+
+
 @shipped_adapter
 def test_identity_report_measures_a_world_adapter(tmp_path):
     from uniportrait.cli import main

@@ -21,6 +21,9 @@ from typing import Any
 from uniportrait.errors import ConfigError
 from uniportrait.settings import GUIDANCE_SCALE, STEPS
 
+#: ``train.timestep_sampling`` values (see :func:`uniportrait.training.model.sample_timesteps`).
+TIMESTEP_SAMPLING = ("uniform", "cubic")
+
 __all__ = ["ConfigError"]  # re-exported: training configs raise the library's ConfigError
 
 
@@ -144,6 +147,9 @@ class OptimConfig:
         face_loss_weight: weight of face pixels (the union of the face masks, at latent size) in
             the diffusion loss, other pixels weighing 1; the loss is normalised by the mean
             weight. 1.0 is the paper's plain MSE (docs/world.md measures what more does).
+        timestep_sampling: how training timesteps are drawn: ``"uniform"`` (the paper's, SD's) or
+            ``"cubic"`` (t = (1 − u³)·T, u uniform: 79% of the steps in the noisier half, where a
+            picture's layout and colours are decided; T2I-Adapter's choice for its conditions).
         id_warmup_steps: stage I only: before the first step, train the Q-Former alone this
             many steps to give two photos of one person the same tokens
             (:mod:`uniportrait.training.warmup`; ours, not in the paper; 0: off). Needs
@@ -174,6 +180,7 @@ class OptimConfig:
     gumbel_tau: float = 1.0
     routing_loss_weight: float = 0.1
     face_loss_weight: float = 1.0
+    timestep_sampling: str = "uniform"
     id_warmup_steps: int = 0
     id_warmup_lr: float = 1e-3
     overfit_batch: bool = False
@@ -295,6 +302,10 @@ class TrainConfig:
             raise ConfigError("train.gumbel_tau must be positive")
         if t.face_loss_weight <= 0:
             raise ConfigError("train.face_loss_weight must be positive")
+        if t.timestep_sampling not in TIMESTEP_SAMPLING:
+            raise ConfigError(
+                f"train.timestep_sampling must be one of {', '.join(TIMESTEP_SAMPLING)}, got {t.timestep_sampling!r}"
+            )
         if t.id_warmup_steps < 0 or t.id_warmup_lr <= 0:
             raise ConfigError("train.id_warmup_steps must be at least 0 and train.id_warmup_lr positive")
         if t.id_warmup_steps and self.stage != 1:

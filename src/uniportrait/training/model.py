@@ -154,6 +154,19 @@ class TrainingModel(nn.Module):
         return out
 
 
+def sample_timesteps(
+    count: int, num_train_timesteps: int, sampling: str, generator: torch.Generator, device
+) -> torch.Tensor:
+    """(count,) int64 training timesteps in [0, T): uniform, or ``"cubic"``: t = ⌊(1 − u³)·T⌋ with
+    u uniform, which puts 79% of them in the noisier half (``train.timestep_sampling``)."""
+    if sampling == "uniform":
+        return torch.randint(0, num_train_timesteps, (count,), generator=generator, device=device)
+    if sampling == "cubic":
+        u = torch.rand(count, generator=generator, device=device)
+        return ((1 - u**3) * num_train_timesteps).long().clamp_(0, num_train_timesteps - 1)
+    raise ValueError(f"unknown timestep sampling {sampling!r}")
+
+
 def face_weighted_mse(
     pred: torch.Tensor, target: torch.Tensor, masks: torch.Tensor, weight: float
 ) -> torch.Tensor:

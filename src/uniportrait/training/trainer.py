@@ -53,7 +53,7 @@ from uniportrait.training.checkpoints import (
 from uniportrait.training.components import TextConditioner, load_components, set_trainable
 from uniportrait.training.config import ConfigError, TrainConfig
 from uniportrait.training.data import DataPosition, make_loader, open_portrait_dataset, step_seed
-from uniportrait.training.model import TrainingModel
+from uniportrait.training.model import TrainingModel, sample_timesteps
 
 logger = logging.getLogger(__name__)
 
@@ -608,7 +608,7 @@ class Trainer:
         # Noise
         noise = torch.randn(latents.shape, generator=gen, device=dev, dtype=latents.dtype)
         steps = self.noise_scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, steps, (b,), generator=gen, device=dev)
+        timesteps = sample_timesteps(b, steps, cfg.train.timestep_sampling, gen, dev)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         target = (
             noise

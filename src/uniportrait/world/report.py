@@ -290,6 +290,11 @@ def measure_pictures(oracles, images: np.ndarray, specs, reference_embeddings, d
     return {
         "pictures": len(specs),
         "exact_face_count_rate": n_right / len(specs),
+        # how many faces the pictures show: {"0": share, "1": share, ...} (the misses' kind)
+        "face_count_shares": {
+            str(c): float(np.mean([len(f) == c for f in detections]))
+            for c in sorted({len(f) for f in detections})
+        },
         "prompt_following": follow_hits / max(1, follow_total),
         "prompt_following_by_attribute": {k: float(np.mean(v)) for k, v in sorted(per_attr.items())},
         "face_sim_own_reference": float(np.mean(own)) if own else None,
