@@ -146,12 +146,18 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="write the rows here as JSON")
     args = parser.parse_args()
+    if args.people < 50:
+        parser.error(f"--people must be at least 50 (a 20% test split of people), got {args.people}")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(2)
 
+    from uniportrait.errors import UniPortraitError
     from uniportrait.presets.pipelines import build_world_pipeline
 
-    pipe = build_world_pipeline(args.adapter) if args.adapter else build_world_pipeline()
+    try:
+        pipe = build_world_pipeline(args.adapter) if args.adapter else build_world_pipeline()
+    except UniPortraitError as error:
+        parser.exit(2, f"world_trait_probe.py: error: {error}\n")
     crops, traits = render_crops(args.people, args.clean, args.seed)
     features = stage_features(pipe, crops)
     order = np.random.default_rng(args.seed + 1).permutation(args.people)
