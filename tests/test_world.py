@@ -426,6 +426,10 @@ def test_world_commands_refuse_bad_input_before_writing(tmp_path, capsys):
         assert (
             main(["-q", "world", "build", "--work", str(tmp_path / "w"), "--unet-offset-noise", offset]) == 2
         )
+    for weight in ("-1", "101", "nan"):
+        assert (
+            main(["-q", "world", "build", "--work", str(tmp_path / "w"), "--unet-face-weight", weight]) == 2
+        )
     shipped_unet = str(WORLD_ASSETS / "base" / "unet")  # the 4x layout
     for init in ([str(tmp_path / "nowhere")], [shipped_unet, "--layout", "2x"]):
         assert main(["-q", "world", "build", "--work", str(tmp_path / "w"), "--unet-init", *init]) == 2
@@ -441,24 +445,27 @@ def test_world_commands_refuse_bad_input_before_writing(tmp_path, capsys):
 def test_world_build_trains_the_2x_layout(tmp_path, monkeypatch):
     """``world build --layout 2x`` (a smoke run): the VAE has two levels, the UNet works on 32×32
     latents with a first level without attention, and the plan records the layout; the plan's
-    offset noise reaches every UNet training step; a second run continues from the first's UNet
-    (``unet_init``)."""
+    offset noise reaches every UNet training step, and its face weight weights every step's loss
+    up on the pictures' heads; a second run continues from the first's UNet (``unet_init``)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from uniportrait.world import train_base
     from uniportrait.world.build import BuildPlan, run_build
 
-    offsets, first_weights = [], []
+    offsets, first_weights, loss_weights = [], [], []
 
     def recording_step(*args):
         offsets.append(args[5])
+        loss_weights.append(args[6])
         if not first_weights:
             first_weights.append({k: v.clone() for k, v in args[0].state_dict().items()})
         return denoising_step(*args)
 
     denoising_step = train_base.denoising_step
     monkeypatch.setattr(train_base, "denoising_step", recording_step)
-    plan = dataclasses.replace(BuildPlan().scaled(0.0001), layout="2x", unet_offset_noise=0.1)
+    plan = dataclasses.replace(
+        BuildPlan().scaled(0.0001), layout="2x", unet_offset_noise=0.1, unet_face_weight=4.0
+    )
     run_build(tmp_path / "w", tmp_path / "out", plan, stages=("render", "vae", "clip", "unet"))
     vae = AutoencoderKL.from_pretrained(tmp_path / "w" / "vae" / "vae")
     unet = UNet2DConditionModel.from_pretrained(tmp_path / "w" / "unet" / "unet")
@@ -467,6 +474,8 @@ def test_world_build_trains_the_2x_layout(tmp_path, monkeypatch):
     recorded = json.loads((tmp_path / "w" / "plan.json").read_text())
     assert recorded["layout"] == "2x" and recorded["unet_offset_noise"] == 0.1
     assert offsets == [0.1] * plan.unet_steps
+    for weight in loss_weights:  # (batch, 1, 32, 32 or 32 × 64 for groups): 1 outside heads, 5 inside
+        assert weight.shape[1:3] == (1, 32) and weight.min() == 1.0 and weight.max() == 5.0
 
     init = tmp_path / "init"
     shutil.move(tmp_path / "w" / "unet" / "unet", init)
@@ -661,6 +670,47 @@ def test_offset_noise_adds_one_value_per_picture_and_channel():
         spreads.append(noise.mean(dim=(2, 3)).std().item())
         assert unet.bias.grad is not None
     assert spreads[0] < 0.1 and spreads[1] > 0.25, spreads
+
+
+def test_face_weighted_denoising_loss_counts_head_pixels_more():
+    """``latent_head_masks`` gives each latent pixel's share inside a head; ``denoising_step`` with
+    ``face_weights`` of it weights the MSE there ``1 + face_weight`` times, normalised so that a
+    uniform weight gives the plain MSE."""
+    from types import SimpleNamespace
+
+    from diffusers import DDPMScheduler
+
+    from uniportrait.presets.tiny import published_ddim_scheduler
+    from uniportrait.world.train_base import denoising_step, face_weights, latent_head_masks
+
+    masks = np.zeros((1, 2, 16, 32), bool)  # one picture, two people, 16 × 32 pixels
+    masks[0, 0, 0:8, 0:8] = True
+    masks[0, 1, 8:10, 16:18] = True  # half of one 4 × 4 latent pixel
+    share = latent_head_masks(masks, 4)  # 4× smaller: (1, 1, 4, 8)
+    assert share.shape == (1, 1, 4, 8)
+    assert share[0, 0, :2, :2].eq(1).all() and share[0, 0, 2, 4] == 0.25 and share.sum() == 4.25
+    weight = face_weights(share, 4.0)
+    assert weight[0, 0, 0, 0] == 5.0 and weight[0, 0, 3, 7] == 1.0 and weight[0, 0, 2, 4] == 2.0
+
+    class Constant(torch.nn.Module):  # predicts one learnable value per latent pixel
+        def __init__(self):
+            super().__init__()
+            self.pred = torch.nn.Parameter(torch.zeros(1, 4, 4, 8))
+
+        def forward(self, x, t, encoder_hidden_states):
+            return SimpleNamespace(sample=self.pred.expand_as(x))
+
+    schedule = DDPMScheduler.from_config(published_ddim_scheduler().config)
+    z0, cond = torch.zeros(1, 4, 4, 8), torch.zeros(1, 8, 16)
+    losses, grads = [], []
+    for w in (None, torch.ones(1, 1, 4, 8), weight):
+        unet = Constant()
+        losses.append(denoising_step(unet, schedule, z0, cond, torch.Generator().manual_seed(0), weight=w))
+        grads.append(unet.pred.grad.abs().mean(1)[0])  # (4, 8): how much each latent pixel moves
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    assert torch.allclose(grads[0], grads[1])
+    ratio = grads[2] / grads[0]  # inside a head 5 / mean weight, outside 1 / mean weight
+    assert ratio[0, 0].item() == pytest.approx(5 * ratio[3, 7].item(), rel=1e-4)
 
 
 @shipped

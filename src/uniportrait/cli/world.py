@@ -49,6 +49,13 @@ def register(subparsers) -> None:
         help="train the UNet with offset noise of this size (0 to 1; default 0, off; docs/world.md)",
     )
     build.add_argument(
+        "--unet-face-weight",
+        type=float,
+        default=0.0,
+        help="weight the UNet's denoising loss inside head masks 1 + this many times (0 to 100; "
+        "default 0, off; docs/world.md)",
+    )
+    build.add_argument(
         "--unet-init",
         default="",
         metavar="FOLDER",
@@ -163,7 +170,10 @@ def _build(args: argparse.Namespace) -> int:
             raise UniPortraitError("--unet-steps must be at least 1")
         plan = dataclasses.replace(plan, unet_steps=args.unet_steps)
     plan = dataclasses.replace(  # both checked by run_build
-        plan, unet_offset_noise=args.unet_offset_noise, unet_init=args.unet_init
+        plan,
+        unet_offset_noise=args.unet_offset_noise,
+        unet_init=args.unet_init,
+        unet_face_weight=args.unet_face_weight,
     )
     out = run_build(args.work, args.out or WORLD_ASSETS, plan, stages)
     print(out)

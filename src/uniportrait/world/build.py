@@ -48,6 +48,7 @@ class BuildPlan:
     layout: str = "4x"  # the base's sizes: a key of models.WORLD_LAYOUTS
     unet_offset_noise: float = 0.0  # train_base.train_unet's offset_noise (docs/world.md)
     unet_init: str = ""  # a trained UNet folder of the same layout to continue from ("": from scratch)
+    unet_face_weight: float = 0.0  # train_base.train_unet's face_weight (0: off; docs/world.md)
 
     def scaled(self, scale: float) -> BuildPlan:
         values = {k: max(2, int(v * scale)) if isinstance(v, int) else v for k, v in asdict(self).items()}
@@ -124,7 +125,7 @@ def run_build(
 
     Raises:
         UniPortraitError: ``plan.layout`` is unknown, ``plan.unet_offset_noise`` is outside
-            [0, 1], ``plan.unet_init`` is not a UNet folder of the layout, or ``work`` holds a
+            [0, 1], ``plan.unet_face_weight`` outside [0, 100], ``plan.unet_init`` is not a UNet folder of the layout, or ``work`` holds a
             build of another layout (its VAE and UNet would not fit together). Nothing is
             written then.
     """
@@ -137,6 +138,10 @@ def run_build(
     if not 0 <= plan.unet_offset_noise <= 1:
         raise UniPortraitError(
             f"the UNet's offset noise (--unet-offset-noise) must be in [0, 1], got {plan.unet_offset_noise}"
+        )
+    if not 0 <= plan.unet_face_weight <= 100:
+        raise UniPortraitError(
+            f"the UNet's face weight (--unet-face-weight) must be in [0, 100], got {plan.unet_face_weight}"
         )
     sizes = WORLD_LAYOUTS[plan.layout]
     if plan.unet_init:
@@ -178,6 +183,7 @@ def run_build(
                 sizes=sizes,
                 offset_noise=plan.unet_offset_noise,
                 init=Path(plan.unet_init) if plan.unet_init else None,
+                face_weight=plan.unet_face_weight,
             ),
             work / "unet" / "unet",
         ),

@@ -307,21 +307,46 @@ def encode_text(text_encoder, tokenizer, captions, batch: int = 512) -> torch.Te
 
 
 def denoising_step(
-    unet, schedule, z0: torch.Tensor, cond: torch.Tensor, gen: torch.Generator, offset_noise: float = 0.0
+    unet,
+    schedule,
+    z0: torch.Tensor,
+    cond: torch.Tensor,
+    gen: torch.Generator,
+    offset_noise: float = 0.0,
+    weight: torch.Tensor | None = None,
 ) -> float:
     """One ε-prediction step on latents ``z0`` (B, 4, h, w) with text states ``cond``: noise, a
     random timestep, MSE, backward and gradient clipping to 1 (the optimiser steps outside).
     ``offset_noise``: add that much of one random value per picture and channel to the noise (offset
-    noise), so the noisiest steps no longer give away a picture's mean colour (docs/world.md)."""
+    noise), so the noisiest steps no longer give away a picture's mean colour (docs/world.md).
+    ``weight`` (B, 1, h, w): each latent pixel's weight in the MSE (normalised by its mean, so the
+    loss keeps its scale), e.g. :func:`face_weights`."""
     noise = torch.randn(z0.shape, generator=gen)
     if offset_noise:
         noise = noise + offset_noise * torch.randn((*z0.shape[:2], 1, 1), generator=gen)
     t = torch.randint(0, schedule.config.num_train_timesteps, (len(z0),), generator=gen)
     pred = unet(schedule.add_noise(z0, noise, t), t, encoder_hidden_states=cond).sample
-    loss = F.mse_loss(pred, noise)
+    if weight is None:
+        loss = F.mse_loss(pred, noise)
+    else:
+        weight = weight.expand_as(pred)
+        loss = ((pred - noise).pow(2) * weight).mean() / weight.mean()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
     return loss.item()
+
+
+def latent_head_masks(masks: np.ndarray, latent_side: int) -> torch.Tensor:
+    """Ground-truth head masks (N, P, H, W) bool → the share of each latent pixel inside any head,
+    (N, 1, h, w) float16 (``h = latent_side``; the picture's aspect is kept)."""
+    union = torch.from_numpy(masks.any(1)).float()[:, None]  # (N, 1, H, W)
+    factor = masks.shape[-2] // latent_side
+    return F.avg_pool2d(union, factor).half()
+
+
+def face_weights(head_share: torch.Tensor, face_weight: float) -> torch.Tensor:
+    """Per latent pixel loss weights: ``1 + face_weight · share of the pixel inside a head``."""
+    return 1.0 + face_weight * head_share.float()
 
 
 @torch.no_grad()
@@ -361,10 +386,13 @@ def train_unet(
     sizes: WorldSizes = WorldSizes(),
     offset_noise: float = 0.0,
     init: Path | None = None,
+    face_weight: float = 0.0,
 ):
     """Train the base UNet on the VAE's latents of the build's pictures and their captions; the EMA
     weights are saved to ``out/unet``. With ``init`` (a UNet folder, see :func:`check_unet_init`)
-    training continues from those weights with a fresh optimizer, warm-up and cosine schedule."""
+    training continues from those weights with a fresh optimizer, warm-up and cosine schedule.
+    ``face_weight`` > 0 weights the denoising loss on latent pixels inside the ground-truth head
+    masks ``1 + face_weight`` times (as the VAE decoder's fine-tuning weights its pixels)."""
     from diffusers import AutoencoderKL, DDPMScheduler
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -387,6 +415,16 @@ def train_unet(
         }
         out.mkdir(parents=True, exist_ok=True)
         torch.save(tensors, cache)
+    heads = None
+    if face_weight:  # cached apart: caches written before face weights stay valid
+        head_cache = out / "head_masks.pt"
+        if head_cache.is_file():
+            heads = torch.load(head_cache, weights_only=True)
+        else:
+            side = tensors["z1"].shape[-2]
+            s, g = load_set(data_dir / "singles_train.npz"), load_set(data_dir / "groups_train.npz")
+            heads = {"1": latent_head_masks(s["masks"], side), "g": latent_head_masks(g["masks"], side)}
+            torch.save(heads, head_cache)
     schedule = DDPMScheduler.from_config(published_ddim_scheduler().config)
     torch.manual_seed(seed)
     unet = make_unet(sizes)
@@ -406,7 +444,8 @@ def train_unet(
         z0, cond = z_all[idx], c_all[idx].float()
         drop = torch.rand(batch, generator=gen) < uncond_p
         cond = torch.where(drop[:, None, None], null.expand_as(cond), cond)
-        return {"loss" + key: denoising_step(unet, schedule, z0, cond, gen, offset_noise)}
+        weight = face_weights(heads[key][idx], face_weight) if heads is not None else None
+        return {"loss" + key: denoising_step(unet, schedule, z0, cond, gen, offset_noise, weight)}
 
     def update_ema() -> None:
         ema_update(ema, unet, 0.999)
