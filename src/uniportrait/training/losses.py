@@ -1,4 +1,5 @@
-"""The routing loss of stage II (DESIGN §5) and how well routing matches the faces.
+"""The routing loss of stage II (DESIGN §5) and how well routing matches the faces; the
+face-weighted diffusion loss's pieces (:func:`face_share`, :func:`weighted_mse`).
 
 For every cross-attention layer with ``N >= 2`` identities the router gives logits
 ``(B, L, N)`` over the layer's ``L = h·w`` positions. The targets are the N face masks at that
@@ -80,3 +81,16 @@ def routing_loss(
     return RoutingStats(
         torch.stack(losses).mean(), torch.stack(masses).mean().detach(), torch.stack(accs).mean()
     )
+
+
+def face_share(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Face masks (B, N, H, W) at image size → (B, 1, h, w) ``size``: the share of each latent
+    pixel inside any face (area interpolation)."""
+    face = masks.float().amax(1, keepdim=True)  # (B, 1, H, W): any face
+    return F.interpolate(face, size=size, mode="area")
+
+
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """MSE with per-pixel weights (broadcast to ``pred``, e.g. (B, 1, h, w)), normalised by their
+    mean so the loss keeps its scale."""
+    return ((pred - target).square() * weight).mean() / weight.mean()

@@ -15,12 +15,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from uniportrait.models.adapter import UniPortraitAdapter
 from uniportrait.models.attention import AttentionCall
-from uniportrait.training.losses import routing_loss
+from uniportrait.training.losses import face_share, routing_loss, weighted_mse
 
 
 class TrainingModel(nn.Module):
@@ -173,7 +172,5 @@ def face_weighted_mse(
     """MSE with face pixels weighing ``weight`` and the rest 1, normalised by the mean weight.
 
     pred, target: (B, C, h, w); masks: (B, N, H, W) face masks at image size."""
-    face = masks.float().amax(1, keepdim=True)  # (B, 1, H, W): any face
-    face = F.interpolate(face, size=pred.shape[-2:], mode="area")  # (B, 1, h, w) face share per latent pixel
-    w = 1.0 + (weight - 1.0) * face
-    return ((pred - target).square() * w).mean() / w.mean()
+    w = 1.0 + (weight - 1.0) * face_share(masks, pred.shape[-2:])  # (B, 1, h, w)
+    return weighted_mse(pred, target, w)

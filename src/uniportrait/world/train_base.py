@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from uniportrait.training.losses import face_share, weighted_mse
 from uniportrait.world.data import load_set
 from uniportrait.world.loop import run_loop
 from uniportrait.world.models import WorldSizes, clip_configs, make_backbone, make_unet, make_vae
@@ -326,11 +327,7 @@ def denoising_step(
         noise = noise + offset_noise * torch.randn((*z0.shape[:2], 1, 1), generator=gen)
     t = torch.randint(0, schedule.config.num_train_timesteps, (len(z0),), generator=gen)
     pred = unet(schedule.add_noise(z0, noise, t), t, encoder_hidden_states=cond).sample
-    if weight is None:
-        loss = F.mse_loss(pred, noise)
-    else:
-        weight = weight.expand_as(pred)
-        loss = ((pred - noise).pow(2) * weight).mean() / weight.mean()
+    loss = F.mse_loss(pred, noise) if weight is None else weighted_mse(pred, noise, weight)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
     return loss.item()
@@ -339,9 +336,9 @@ def denoising_step(
 def latent_head_masks(masks: np.ndarray, latent_side: int) -> torch.Tensor:
     """Ground-truth head masks (N, P, H, W) bool → the share of each latent pixel inside any head,
     (N, 1, h, w) float16 (``h = latent_side``; the picture's aspect is kept)."""
-    union = torch.from_numpy(masks.any(1)).float()[:, None]  # (N, 1, H, W)
-    factor = masks.shape[-2] // latent_side
-    return F.avg_pool2d(union, factor).half()
+    union = torch.from_numpy(masks.any(1, keepdims=True))  # (N, 1, H, W)
+    size = (latent_side, masks.shape[-1] * latent_side // masks.shape[-2])
+    return face_share(union, size).half()
 
 
 def face_weights(head_share: torch.Tensor, face_weight: float) -> torch.Tensor:
