@@ -169,7 +169,7 @@ def _build(args: argparse.Namespace) -> int:
         if args.unet_steps < 1:
             raise UniPortraitError("--unet-steps must be at least 1")
         plan = dataclasses.replace(plan, unet_steps=args.unet_steps)
-    plan = dataclasses.replace(  # both checked by run_build
+    plan = dataclasses.replace(  # all three checked by run_build
         plan,
         unet_offset_noise=args.unet_offset_noise,
         unet_init=args.unet_init,

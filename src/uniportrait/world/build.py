@@ -125,9 +125,9 @@ def run_build(
 
     Raises:
         UniPortraitError: ``plan.layout`` is unknown, ``plan.unet_offset_noise`` is outside
-            [0, 1], ``plan.unet_face_weight`` outside [0, 100], ``plan.unet_init`` is not a UNet folder of the layout, or ``work`` holds a
-            build of another layout (its VAE and UNet would not fit together). Nothing is
-            written then.
+            [0, 1], ``plan.unet_face_weight`` outside [0, 100], ``plan.unet_init`` is not a UNet
+            folder of the layout, or ``work`` holds a build of another layout (its VAE and UNet
+            would not fit together). Nothing is written then.
     """
     from uniportrait.errors import UniPortraitError
     from uniportrait.world import train_base
