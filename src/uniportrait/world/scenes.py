@@ -64,6 +64,25 @@ _TILT_PHRASES = (
     "with the head tilted to the right",
 )
 
+#: Attribute → its phrases by value (index = value), for the attributes whose phrase names one
+#: value alone in a one-person caption.
+PHRASES: dict[str, tuple[str, ...]] = {
+    "background": _BACKGROUND_PHRASES,
+    "lighting": _LIGHTING_PHRASES,
+    "style": _STYLE_PHRASES,
+    "expression": _EXPRESSION_PHRASES,
+    "tilt": _TILT_PHRASES,
+    "clothing": tuple(f"a {c} shirt" for c in COLOURS),
+}
+#: The attributes :func:`phrase` words.
+PHRASED_ATTRIBUTES = tuple(PHRASES)
+
+
+def phrase(name: str, value: int) -> str:
+    """The words a one-person caption uses for attribute ``name`` at ``value`` ("smiling", "a red
+    shirt", "in a forest"), for the attributes in :data:`PHRASED_ATTRIBUTES`."""
+    return PHRASES[name][value]
+
 
 @dataclass(frozen=True)
 class SceneSpec:
@@ -160,7 +179,7 @@ def _person_phrases(spec: SceneSpec, i: int, skip: set[str]) -> list[str]:
     phrases = []
     wear = []
     if (i, "clothing") in spec.mentions and "clothing" not in skip:
-        wear.append(f"a {COLOURS[look.clothing]} shirt")
+        wear.append(phrase("clothing", look.clothing))
     if (i, "hat") in spec.mentions and "hat" not in skip:
         wear.append(f"a {HATS[look.hat]} hat" if look.hat else "no hat")
     if (i, "sunglasses") in spec.mentions and "sunglasses" not in skip:
@@ -170,9 +189,9 @@ def _person_phrases(spec: SceneSpec, i: int, skip: set[str]) -> list[str]:
             "wearing " + (" and ".join(wear) if len(wear) < 3 else ", ".join(wear[:-1]) + " and " + wear[-1])
         )
     if (i, "expression") in spec.mentions and "expression" not in skip:
-        phrases.append(_EXPRESSION_PHRASES[look.expression])
+        phrases.append(phrase("expression", look.expression))
     if (i, "tilt") in spec.mentions and "tilt" not in skip:
-        phrases.append(_TILT_PHRASES[look.tilt])
+        phrases.append(phrase("tilt", look.tilt))
     return phrases
 
 
@@ -180,7 +199,7 @@ def caption(spec: SceneSpec, rng: np.random.Generator | None = None) -> str:
     """The caption of ``spec`` in natural language (clause order varies with ``rng``)."""
     rng = rng or np.random.default_rng(spec.seed)
     n = len(spec.people)
-    head = f"{_STYLE_PHRASES[spec.scene.style]} " if "style" in spec.mentions else ""
+    head = f"{phrase('style', spec.scene.style)} " if "style" in spec.mentions else ""
     subject = _COUNT_WORDS[n]
     if not head and rng.random() < 0.5:
         subject = subject.replace("a person", "one person") if n == 1 else subject
@@ -192,9 +211,9 @@ def caption(spec: SceneSpec, rng: np.random.Generator | None = None) -> str:
             clauses.append(_GROUP_EXPRESSION[exprs.pop()])
             shared.add("expression")
     if "background" in spec.mentions:
-        clauses.append(_BACKGROUND_PHRASES[spec.scene.background])
+        clauses.append(phrase("background", spec.scene.background))
     if "lighting" in spec.mentions:
-        clauses.append(_LIGHTING_PHRASES[spec.scene.lighting])
+        clauses.append(phrase("lighting", spec.scene.lighting))
     if n == 1:
         clauses.extend(_person_phrases(spec, 0, shared))
         order = rng.permutation(len(clauses))

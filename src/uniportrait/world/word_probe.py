@@ -1,0 +1,114 @@
+"""Does a base model's denoiser use a caption's words for an attribute? (docs/world.md, "Which
+caption words the base model uses")
+
+For held-out portraits whose caption mentions the attribute, the denoising error (ε-prediction
+MSE) is measured twice at the same noise and timestep: with the caption as written, and with that
+attribute's phrase swapped for the next value's ("smiling" → "with an open mouth"). A denoiser that
+reads the words predicts worse with the wrong ones; one that ignores them predicts the same. The
+*gain* is the mean of (MSE with the wrong words − MSE with the right ones) over pictures, as a
+share of the mean right-words MSE, per timestep, with its standard error and z.
+
+This asks the base model what the identity probe (``uniportrait.training.probe.identity_probe``)
+asks the adapter: whether a condition lowers the loss, apart from whether the pictures show it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+#: Timesteps probed by default: from nearly clean (50) to nearly pure noise (900) of 1,000.
+PROBE_TIMESTEPS = (50, 150, 300, 500, 700, 900)
+
+
+def swapped_caption(caption: str, name: str, value: int) -> str | None:
+    """``caption`` with the phrase of ``name`` at ``value`` replaced by the next value's phrase; None
+    when the caption does not say that phrase."""
+    from uniportrait.world.scenes import PHRASES, phrase
+
+    said = phrase(name, value)
+    if said not in caption:
+        return None
+    return caption.replace(said, phrase(name, (value + 1) % len(PHRASES[name])), 1)
+
+
+def probe_cases(name: str, count: int, seed: int = 11) -> list[tuple]:
+    """Up to ``count`` held-out portraits whose caption says ``name``: (spec, caption, swapped)."""
+    from uniportrait.world.report import held_out_specs
+    from uniportrait.world.scenes import SCENE_ATTRIBUTES
+
+    specs, captions = held_out_specs(max(4 * count, 100), 1, seed=seed)
+    cases = []
+    for spec, text in zip(specs, captions):
+        mentioned = name in spec.mentions if name in SCENE_ATTRIBUTES else (0, name) in spec.mentions
+        value = (
+            spec.scene.attribute(name) if name in SCENE_ATTRIBUTES else spec.people[0].look.attribute(name)
+        )
+        other = swapped_caption(text, name, value) if mentioned else None
+        if other is not None:
+            cases.append((spec, text, other))
+        if len(cases) == count:
+            break
+    return cases
+
+
+@torch.no_grad()
+def word_probe(
+    base: str | Path,
+    attributes=("tilt", "expression", "background", "clothing"),
+    count: int = 300,
+    timesteps=PROBE_TIMESTEPS,
+    seed: int = 0,
+    batch: int = 100,
+) -> dict[str, dict]:
+    """The word probe of the base folder ``base`` (a diffusers SD pipeline folder), per attribute:
+    ``{"pictures": n, "timesteps": {t: {"gain", "se", "z"}}}``; see the module docstring."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from uniportrait.errors import UniPortraitError
+    from uniportrait.world.scenes import PHRASED_ATTRIBUTES
+    from uniportrait.world.train_base import to_pixels, tokenize
+
+    base = Path(base)
+    if not (base / "model_index.json").is_file():
+        raise UniPortraitError(f"{base} is not a base folder (no model_index.json)")
+    unknown = [a for a in attributes if a not in PHRASED_ATTRIBUTES]
+    if unknown:
+        raise UniPortraitError(f"no phrase to swap for {unknown}; one of {list(PHRASED_ATTRIBUTES)}")
+    vae = AutoencoderKL.from_pretrained(base / "vae", torch_dtype=torch.float32).eval()
+    unet = UNet2DConditionModel.from_pretrained(base / "unet", torch_dtype=torch.float32).eval()
+    text_encoder = CLIPTextModel.from_pretrained(base / "text_encoder", torch_dtype=torch.float32).eval()
+    tokenizer = CLIPTokenizer.from_pretrained(base / "tokenizer")
+    schedule = DDPMScheduler.from_config(DDPMScheduler.load_config(base / "scheduler"))  # its betas
+    result = {}
+    for name in attributes:
+        cases = probe_cases(name, count)
+        images = np.stack([spec.render().image for spec, _, _ in cases])
+        z0 = vae.encode(to_pixels(images)).latent_dist.mean * vae.config.scaling_factor  # (n, 4, h, w)
+        right = text_encoder(tokenize(tokenizer, [c for _, c, _ in cases]))[0]  # (n, 77, D)
+        wrong = text_encoder(tokenize(tokenizer, [w for _, _, w in cases]))[0]
+        gen = torch.Generator().manual_seed(seed)
+        rows = {}
+        for t in timesteps:
+            noise = torch.randn(z0.shape, generator=gen)
+            tt = torch.full((len(z0),), int(t))
+            noisy = schedule.add_noise(z0, noise, tt)
+            errors = [_errors(unet, noisy, tt, states, noise, batch) for states in (right, wrong)]  # 2 × (n,)
+            diff = (errors[1] - errors[0]) / errors[0].mean()  # (n,)
+            se = float(diff.std() / len(diff) ** 0.5)
+            rows[int(t)] = {"gain": float(diff.mean()), "se": se, "z": float(diff.mean()) / max(se, 1e-12)}
+        result[name] = {"pictures": len(cases), "timesteps": rows}
+    return result
+
+
+def _errors(unet, noisy, t, states, noise, batch: int) -> torch.Tensor:
+    """Per picture, the ε-prediction MSE of ``unet`` on ``noisy`` (n, C, h, w) with text ``states``."""
+    parts = []
+    for k in range(0, len(noisy), batch):
+        part = slice(k, k + batch)
+        pred = unet(noisy[part], t[part], encoder_hidden_states=states[part]).sample
+        parts.append((pred - noise[part]).pow(2).mean((1, 2, 3)))
+    return torch.cat(parts)
