@@ -738,7 +738,7 @@ def test_vae_report_reads_traits_of_renders_and_their_round_trips(tmp_path):
 
 
 def test_phrases_are_the_words_one_person_captions_use_and_swapping_changes_only_them():
-    from uniportrait.world.scenes import PHRASED_ATTRIBUTES, PHRASES, SCENE_ATTRIBUTES, phrase
+    from uniportrait.world.scenes import PHRASED_ATTRIBUTES, PHRASES, phrase
     from uniportrait.world.word_probe import swapped_caption
 
     rng = np.random.default_rng(3)
@@ -746,11 +746,12 @@ def test_phrases_are_the_words_one_person_captions_use_and_swapping_changes_only
     for k in range(300):
         spec = sample_spec(rng, [HELD_OUT_START + k], seed=k)
         text = caption(spec, np.random.default_rng(k))
+        asked = spec.requested()
+        asked = {**asked["scene"], **asked["people"][0]}  # {name: value} the caption says
         for name in PHRASED_ATTRIBUTES:
-            scene = name in SCENE_ATTRIBUTES
-            if (name if scene else (0, name)) not in spec.mentions:
+            if name not in asked:
                 continue
-            value = spec.scene.attribute(name) if scene else spec.people[0].look.attribute(name)
+            value = asked[name]
             assert phrase(name, value) in text, (name, text)
             other = swapped_caption(text, name, value)
             after = phrase(name, (value + 1) % len(PHRASES[name]))

@@ -37,16 +37,13 @@ def swapped_caption(caption: str, name: str, value: int) -> str | None:
 def probe_cases(name: str, count: int, seed: int = 11) -> list[tuple]:
     """Up to ``count`` held-out portraits whose caption says ``name``: (spec, caption, swapped)."""
     from uniportrait.world.report import held_out_specs
-    from uniportrait.world.scenes import SCENE_ATTRIBUTES
 
     specs, captions = held_out_specs(max(4 * count, 100), 1, seed=seed)
     cases = []
     for spec, text in zip(specs, captions):
-        mentioned = name in spec.mentions if name in SCENE_ATTRIBUTES else (0, name) in spec.mentions
-        value = (
-            spec.scene.attribute(name) if name in SCENE_ATTRIBUTES else spec.people[0].look.attribute(name)
-        )
-        other = swapped_caption(text, name, value) if mentioned else None
+        asked = spec.requested()
+        asked = {**asked["scene"], **asked["people"][0]}  # what the caption says: {name: value}
+        other = swapped_caption(text, name, asked[name]) if name in asked else None
         if other is not None:
             cases.append((spec, text, other))
         if len(cases) == count:
@@ -65,10 +62,10 @@ def word_probe(
 ) -> dict[str, dict]:
     """The word probe of the base folder ``base`` (a diffusers SD pipeline folder), per attribute:
     ``{"pictures": n, "timesteps": {t: {"gain", "se", "z"}}}``; see the module docstring."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from diffusers import DDPMScheduler
 
     from uniportrait.errors import UniPortraitError
+    from uniportrait.world.report import base_pipeline
     from uniportrait.world.scenes import PHRASED_ATTRIBUTES
     from uniportrait.world.train_base import to_pixels, tokenize
 
@@ -78,11 +75,9 @@ def word_probe(
     unknown = [a for a in attributes if a not in PHRASED_ATTRIBUTES]
     if unknown:
         raise UniPortraitError(f"no phrase to swap for {unknown}; one of {list(PHRASED_ATTRIBUTES)}")
-    vae = AutoencoderKL.from_pretrained(base / "vae", torch_dtype=torch.float32).eval()
-    unet = UNet2DConditionModel.from_pretrained(base / "unet", torch_dtype=torch.float32).eval()
-    text_encoder = CLIPTextModel.from_pretrained(base / "text_encoder", torch_dtype=torch.float32).eval()
-    tokenizer = CLIPTokenizer.from_pretrained(base / "tokenizer")
-    schedule = DDPMScheduler.from_config(DDPMScheduler.load_config(base / "scheduler"))  # its betas
+    pipe = base_pipeline(base)
+    vae, unet, text_encoder, tokenizer = pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer
+    schedule = DDPMScheduler.from_config(pipe.scheduler.config)  # the base's betas, for add_noise
     result = {}
     for name in attributes:
         cases = probe_cases(name, count)
