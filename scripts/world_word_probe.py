@@ -28,10 +28,15 @@ def main(argv=None) -> int:
         parser.error("--count must be at least 2")
 
     from uniportrait.atomic import write_text_atomic
+    from uniportrait.cli._common import check_output_folder
     from uniportrait.errors import UniPortraitError
     from uniportrait.world.word_probe import word_probe
 
     try:
+        if args.out:  # refused before the probe's minutes, not after
+            if Path(args.out).is_dir():
+                raise UniPortraitError(f"--out {args.out} is a folder; give a JSON file to write")
+            check_output_folder(Path(args.out).parent)
         result = word_probe(args.base, [a for a in args.attributes.split(",") if a], count=args.count)
     except UniPortraitError as err:
         print(f"error: {err}", file=sys.stderr)

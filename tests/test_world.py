@@ -786,3 +786,8 @@ def test_word_probe_finds_the_shipped_base_reading_background_words(tmp_path, ca
     spec.loader.exec_module(script)
     assert script.main([str(tmp_path), "--out", str(tmp_path / "probe.json")]) == 2
     assert "not a base folder" in capsys.readouterr().err and not (tmp_path / "probe.json").exists()
+    base = str(WORLD_ASSETS / "base")
+    assert script.main([base, "--out", str(tmp_path)]) == 2  # a folder, refused before the probe runs
+    assert "is a folder" in capsys.readouterr().err
+    assert script.main([base, "--attributes", ","]) == 2
+    assert "no attribute to probe" in capsys.readouterr().err

@@ -73,6 +73,8 @@ def word_probe(
     if not (base / "model_index.json").is_file():
         raise UniPortraitError(f"{base} is not a base folder (no model_index.json)")
     unknown = [a for a in attributes if a not in PHRASED_ATTRIBUTES]
+    if not attributes:
+        raise UniPortraitError(f"no attribute to probe; give some of {list(PHRASED_ATTRIBUTES)}")
     if unknown:
         raise UniPortraitError(f"no phrase to swap for {unknown}; one of {list(PHRASED_ATTRIBUTES)}")
     pipe = base_pipeline(base)
