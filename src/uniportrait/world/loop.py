@@ -2,7 +2,9 @@
 
 Each run has a folder with ``state.pt`` (model + optimizer + step, tensors only: it is read back
 with ``weights_only=True``), ``metrics.jsonl`` (one row per logging interval) and, when done,
-the exported model folder. Killing a run and starting it again continues from the last save.
+the exported model folder. A row holds, per metric, its mean over the interval's steps that
+reported it (a step may report only some, e.g. a portrait or a group loss). Killing a run and
+starting it again continues from the last save.
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ def run_loop(
 
     for module in modules.values():
         module.train()
-    last_save, sums, count = time.time(), {}, 0
+    last_save, sums, counts = time.time(), {}, {}  # per key: a step may report only some keys
     shown = logger.isEnabledFor(logging.INFO)  # not under `uniportrait -q`
     bar = tqdm(
         range(start, steps),
@@ -93,17 +95,14 @@ def run_loop(
                 after_step()
             for key, value in metrics.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
-            count += 1
+                counts[key] = counts.get(key, 0) + 1
             if (step + 1) % log_every == 0 or step + 1 == steps:
-                row = {
-                    "step": step + 1,
-                    "time": round(time.time(), 1),
-                    **{k: v / count for k, v in sums.items()},
-                }
+                means = {k: v / counts[k] for k, v in sums.items()}
+                row = {"step": step + 1, "time": round(time.time(), 1), **means}
                 log.write(json.dumps(row) + "\n")
                 log.flush()
-                bar.set_postfix({k: f"{v / count:.4f}" for k, v in sums.items()})
-                sums, count = {}, 0
+                bar.set_postfix({k: f"{v:.4f}" for k, v in means.items()})
+                sums, counts = {}, {}
             if time.time() - last_save > save_every_s or step + 1 == steps:
                 save(step + 1)
                 last_save = time.time()
