@@ -28,9 +28,11 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _render_sets(root: Path) -> Path:
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
     from uniportrait.world.dataset import RenderOptions, write_dataset
 
+    root = tmp_path_factory.mktemp("world-learning")
     sets = {
         "singles": RenderOptions(count=1200, people=(1,), identities=200, seed=51),
         "held-singles": RenderOptions(count=1200, people=(1,), identities=200, held_out=True, seed=52),
@@ -39,22 +41,6 @@ def _render_sets(root: Path) -> Path:
     }
     for name, options in sets.items():
         write_dataset(root / name, options, progress=False)
-    (root / "complete").touch()
-    return root
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory, worker_id):
-    """The rendered sets (read only), rendered once per test session: pytest-xdist's workers share
-    them through the session's temporary folder, the first one to get the lock renders."""
-    if worker_id == "master":  # not under xdist
-        return _render_sets(tmp_path_factory.mktemp("world-learning"))
-    from filelock import FileLock
-
-    root = tmp_path_factory.getbasetemp().parent / "world-learning"  # the session's, shared
-    with FileLock(f"{root}.lock"):
-        if not (root / "complete").is_file():
-            _render_sets(root)
     return root
 
 
