@@ -430,6 +430,10 @@ def test_world_commands_refuse_bad_input_before_writing(tmp_path, capsys):
         assert (
             main(["-q", "world", "build", "--work", str(tmp_path / "w"), "--unet-face-weight", weight]) == 2
         )
+    for lr in ("0", "0.5", "nan"):
+        assert main(["-q", "world", "build", "--work", str(tmp_path / "w"), "--unet-lr", lr]) == 2
+    assert "--unet-lr" in capsys.readouterr().err
+    assert main(["-q", "world", "build", "--work", str(tmp_path / "w"), "--unet-seed", "-1"]) == 2
     shipped_unet = str(WORLD_ASSETS / "base" / "unet")  # the 4x layout
     for init in ([str(tmp_path / "nowhere")], [shipped_unet, "--layout", "2x"]):
         assert main(["-q", "world", "build", "--work", str(tmp_path / "w"), "--unet-init", *init]) == 2
@@ -446,23 +450,31 @@ def test_world_build_trains_the_2x_layout(tmp_path, monkeypatch):
     """``world build --layout 2x`` (a smoke run): the VAE has two levels, the UNet works on 32×32
     latents with a first level without attention, and the plan records the layout; the plan's
     offset noise reaches every UNet training step, and its face weight weights every step's loss
-    up on the pictures' heads; a second run continues from the first's UNet (``unet_init``)."""
+    up on the pictures' heads; a second run continues from the first's UNet (``unet_init``), with
+    the plan's learning rate and seed, every step under CPU bf16 autocast (``unet_bf16``)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     from uniportrait.world import train_base
-    from uniportrait.world.build import BuildPlan, run_build
+    from uniportrait.world.build import UNET_LR, BuildPlan, run_build
 
-    offsets, first_weights, loss_weights = [], [], []
+    offsets, first_weights, loss_weights, autocast, peak_lrs = [], [], [], [], []
 
     def recording_step(*args):
         offsets.append(args[5])
         loss_weights.append(args[6])
+        autocast.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"))
         if not first_weights:
             first_weights.append({k: v.clone() for k, v in args[0].state_dict().items()})
         return denoising_step(*args)
 
-    denoising_step = train_base.denoising_step
+    def recording_loop(*args, **kwargs):  # (folder, modules, optimizer, step, steps, lr, desc)
+        if args[6] == "UNet":
+            peak_lrs.append(args[5])
+        return run_loop(*args, **kwargs)
+
+    denoising_step, run_loop = train_base.denoising_step, train_base.run_loop
     monkeypatch.setattr(train_base, "denoising_step", recording_step)
+    monkeypatch.setattr(train_base, "run_loop", recording_loop)
     plan = dataclasses.replace(
         BuildPlan().scaled(0.0001), layout="2x", unet_offset_noise=0.1, unet_face_weight=4.0
     )
@@ -474,6 +486,7 @@ def test_world_build_trains_the_2x_layout(tmp_path, monkeypatch):
     recorded = json.loads((tmp_path / "w" / "plan.json").read_text())
     assert recorded["layout"] == "2x" and recorded["unet_offset_noise"] == 0.1
     assert offsets == [0.1] * plan.unet_steps
+    assert autocast == [False] * plan.unet_steps and peak_lrs == [UNET_LR]  # fp32, the plan's lr
     for weight in loss_weights:  # (batch, 1, 32, 32 or 32 × 64 for groups): 1 outside heads, 5 inside
         assert weight.shape[1:3] == (1, 32) and weight.min() == 1.0 and weight.max() == 5.0
 
@@ -481,13 +494,17 @@ def test_world_build_trains_the_2x_layout(tmp_path, monkeypatch):
     shutil.move(tmp_path / "w" / "unet" / "unet", init)
     shutil.rmtree(tmp_path / "w" / "unet")
     first_weights.clear()
-    run_build(
-        tmp_path / "w", tmp_path / "out", dataclasses.replace(plan, unet_init=str(init)), stages=("unet",)
-    )
+    autocast.clear()
+    again = dataclasses.replace(plan, unet_init=str(init), unet_lr=2e-4, unet_seed=11, unet_bf16=True)
+    run_build(tmp_path / "w", tmp_path / "out", again, stages=("unet",))
+    assert autocast == [torch.bfloat16] * plan.unet_steps and peak_lrs[-1] == 2e-4
     start = UNet2DConditionModel.from_pretrained(init).state_dict()
     assert first_weights[0].keys() == start.keys()
     assert all(torch.equal(first_weights[0][k], start[k]) for k in start)
-    assert json.loads((tmp_path / "w" / "plan.json").read_text())["unet_init"] == str(init)
+    recorded = json.loads((tmp_path / "w" / "plan.json").read_text())
+    assert recorded["unet_init"] == str(init) and recorded["unet_seed"] == 11 and recorded["unet_bf16"]
+    scaled = BuildPlan(unet_seed=5, unet_bf16=True).scaled(0.5)  # seeds and switches are not lengths
+    assert (scaled.unet_seed, scaled.unet_bf16, scaled.unet_steps) == (5, True, 1000)
 
 
 @shipped

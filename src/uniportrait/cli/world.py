@@ -7,7 +7,7 @@ import dataclasses
 
 
 def register(subparsers) -> None:
-    from uniportrait.world.build import STAGES  # standard library only
+    from uniportrait.world.build import STAGES, UNET_LR, UNET_LR_RANGE  # standard library only
 
     parser = subparsers.add_parser(
         "world",
@@ -61,6 +61,19 @@ def register(subparsers) -> None:
         metavar="FOLDER",
         help="continue the UNet from this trained UNet folder of the same layout (e.g. BASE/unet), "
         "with a fresh optimizer and schedule (default: from scratch)",
+    )
+    build.add_argument(
+        "--unet-lr",
+        type=float,
+        default=None,
+        help=f"the UNet's peak learning rate ({UNET_LR_RANGE[0]:g} to {UNET_LR_RANGE[1]:g}; default {UNET_LR:g})",
+    )
+    build.add_argument("--unet-seed", type=int, default=0, help="the UNet's training seed (default 0)")
+    build.add_argument(
+        "--unet-bf16",
+        action="store_true",
+        help="train the UNet under CPU bf16 autocast (weights, optimizer and EMA stay fp32; faster on "
+        "CPUs with bf16 instructions; docs/world.md)",
     )
     build.add_argument(
         "--layout",
@@ -169,11 +182,15 @@ def _build(args: argparse.Namespace) -> int:
         if args.unet_steps < 1:
             raise UniPortraitError("--unet-steps must be at least 1")
         plan = dataclasses.replace(plan, unet_steps=args.unet_steps)
-    plan = dataclasses.replace(  # all three checked by run_build
+    if args.unet_lr is not None:
+        plan = dataclasses.replace(plan, unet_lr=args.unet_lr)
+    plan = dataclasses.replace(  # these and unet_lr checked by run_build
         plan,
         unet_offset_noise=args.unet_offset_noise,
         unet_init=args.unet_init,
         unet_face_weight=args.unet_face_weight,
+        unet_seed=args.unet_seed,
+        unet_bf16=args.unet_bf16,
     )
     out = run_build(args.work, args.out or WORLD_ASSETS, plan, stages)
     print(out)

@@ -23,6 +23,8 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 WORLD_ASSETS = Path(__file__).resolve().parent.parent / "assets" / "world"
+UNET_LR = 3e-4  # the base UNet's peak learning rate (AdamW, warm-up then cosine)
+UNET_LR_RANGE = (1e-6, 1e-2)  # what --unet-lr accepts
 
 
 @dataclass(frozen=True)
@@ -49,14 +51,22 @@ class BuildPlan:
     unet_offset_noise: float = 0.0  # train_base.train_unet's offset_noise (docs/world.md)
     unet_init: str = ""  # a trained UNet folder of the same layout to continue from ("": from scratch)
     unet_face_weight: float = 0.0  # train_base.train_unet's face_weight (0: off; docs/world.md)
+    unet_lr: float = UNET_LR  # the UNet's peak learning rate
+    unet_seed: int = 0  # the UNet's batches, noise and timesteps
+    unet_bf16: bool = False  # train_base.train_unet's bf16: steps under CPU bf16 autocast
 
     def scaled(self, scale: float) -> BuildPlan:
-        values = {k: max(2, int(v * scale)) if isinstance(v, int) else v for k, v in asdict(self).items()}
+        """Every set size and step count times ``scale`` (at least 2); seeds and switches unchanged."""
+        values = {
+            k: max(2, int(v * scale)) if type(v) is int and k not in UNSCALED else v
+            for k, v in asdict(self).items()
+        }
         values["train_identities"] = max(8, values["train_identities"])
         values["val_identities"] = max(8, values["val_identities"])
         return BuildPlan(**values)
 
 
+UNSCALED = ("unet_seed",)  # BuildPlan's integers that are not sizes or lengths
 STAGES = ("render", "vae", "vae_decoder", "clip", "unet", "crops", "backbone", "oracles", "face_detector")
 GROUP_COUNTS = (2, 3, 2, 3, 4)  # people per group picture, cycled
 
@@ -125,7 +135,8 @@ def run_build(
 
     Raises:
         UniPortraitError: ``plan.layout`` is unknown, ``plan.unet_offset_noise`` is outside
-            [0, 1], ``plan.unet_face_weight`` outside [0, 100], ``plan.unet_init`` is not a UNet
+            [0, 1], ``plan.unet_face_weight`` outside [0, 100], ``plan.unet_lr`` outside
+            :data:`UNET_LR_RANGE`, ``plan.unet_seed`` negative, ``plan.unet_init`` is not a UNet
             folder of the layout, or ``work`` holds a build of another layout (its VAE and UNet
             would not fit together). Nothing is written then.
     """
@@ -143,6 +154,13 @@ def run_build(
         raise UniPortraitError(
             f"the UNet's face weight (--unet-face-weight) must be in [0, 100], got {plan.unet_face_weight}"
         )
+    low, high = UNET_LR_RANGE
+    if not low <= plan.unet_lr <= high:
+        raise UniPortraitError(
+            f"the UNet's learning rate (--unet-lr) must be in [{low:g}, {high:g}], got {plan.unet_lr}"
+        )
+    if plan.unet_seed < 0:
+        raise UniPortraitError(f"the UNet's seed (--unet-seed) must be 0 or more, got {plan.unet_seed}")
     sizes = WORLD_LAYOUTS[plan.layout]
     if plan.unet_init:
         train_base.check_unet_init(Path(plan.unet_init), sizes)
@@ -184,6 +202,9 @@ def run_build(
                 offset_noise=plan.unet_offset_noise,
                 init=Path(plan.unet_init) if plan.unet_init else None,
                 face_weight=plan.unet_face_weight,
+                lr=plan.unet_lr,
+                seed=plan.unet_seed,
+                bf16=plan.unet_bf16,
             ),
             work / "unet" / "unet",
         ),
