@@ -779,6 +779,36 @@ def test_phrases_are_the_words_one_person_captions_use_and_swapping_changes_only
 
 
 @shipped
+def test_held_out_error_pairs_pictures_and_tells_a_trained_denoiser(tmp_path, capsys):
+    """``held_out_error`` (scripts/world_heldout_loss.py): the same noise and timesteps for every
+    base, so a base against itself differs by exactly zero; an untrained UNet in the shipped
+    base's place denoises far worse; bad input is refused."""
+    import importlib.util
+    import shutil
+    from pathlib import Path
+
+    from uniportrait.errors import UniPortraitError
+    from uniportrait.world.models import make_unet
+    from uniportrait.world.word_probe import held_out_error
+
+    shipped = held_out_error(WORLD_ASSETS / "base", count=12)
+    assert shipped.shape == (12,) and torch.equal(shipped, held_out_error(WORLD_ASSETS / "base", count=12))
+    untrained = tmp_path / "base"
+    shutil.copytree(WORLD_ASSETS / "base", untrained, ignore=shutil.ignore_patterns("unet"))
+    torch.manual_seed(0)
+    make_unet().save_pretrained(untrained / "unet")
+    assert held_out_error(untrained, count=12).mean() > 5 * shipped.mean()
+    with pytest.raises(UniPortraitError, match="not a base folder"):
+        held_out_error(tmp_path)
+    path = Path(__file__).resolve().parents[1] / "scripts" / "world_heldout_loss.py"
+    spec = importlib.util.spec_from_file_location("world_heldout_loss", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main([str(WORLD_ASSETS / "base"), str(tmp_path), "--count", "4"]) == 2
+    assert "not a base folder" in capsys.readouterr().err
+
+
+@shipped
 def test_word_probe_finds_the_shipped_base_reading_background_words(tmp_path, capsys):
     """The word probe (docs/world.md, "Which caption words the base model uses"): the shipped base
     denoises a held-out portrait worse when its background's words are swapped for another

@@ -101,6 +101,33 @@ def word_probe(
     return result
 
 
+@torch.no_grad()
+def held_out_error(base: str | Path, count: int = 600, seed: int = 0, batch: int = 100) -> torch.Tensor:
+    """Per picture, the base's ε-prediction MSE on ``count`` held-out portraits with their own
+    captions, at uniform random timesteps: (count,). The noise and timesteps depend only on
+    ``seed`` and ``count``, so two bases' errors are paired picture by picture (docs/world.md,
+    "A base trained twice as long")."""
+    from diffusers import DDPMScheduler
+
+    from uniportrait.errors import UniPortraitError
+    from uniportrait.world.report import base_pipeline, held_out_specs
+    from uniportrait.world.train_base import to_pixels, tokenize
+
+    base = Path(base)
+    if not (base / "model_index.json").is_file():
+        raise UniPortraitError(f"{base} is not a base folder (no model_index.json)")
+    pipe = base_pipeline(base)
+    specs, captions = held_out_specs(count, 1, seed=11)
+    images = np.stack([spec.render().image for spec in specs])
+    z0 = pipe.vae.encode(to_pixels(images)).latent_dist.mean * pipe.vae.config.scaling_factor  # (n, 4, h, w)
+    states = pipe.text_encoder(tokenize(pipe.tokenizer, captions))[0]  # (n, 77, D)
+    gen = torch.Generator().manual_seed(seed)
+    noise = torch.randn(z0.shape, generator=gen)
+    t = torch.randint(0, pipe.scheduler.config.num_train_timesteps, (len(z0),), generator=gen)
+    noisy = DDPMScheduler.from_config(pipe.scheduler.config).add_noise(z0, noise, t)
+    return _errors(pipe.unet, noisy, t, states, noise, batch)
+
+
 def _errors(unet, noisy, t, states, noise, batch: int) -> torch.Tensor:
     """Per picture, the ε-prediction MSE of ``unet`` on ``noisy`` (n, C, h, w) with text ``states``."""
     parts = []
