@@ -7,7 +7,7 @@ import dataclasses
 
 
 def register(subparsers) -> None:
-    from uniportrait.world.build import STAGES, UNET_LR, UNET_LR_RANGE  # standard library only
+    from uniportrait.world.build import STAGES, UNET_LR, UNET_LR_RANGE, BuildPlan  # standard library only
 
     parser = subparsers.add_parser(
         "world",
@@ -68,7 +68,12 @@ def register(subparsers) -> None:
         default=None,
         help=f"the UNet's peak learning rate ({UNET_LR_RANGE[0]:g} to {UNET_LR_RANGE[1]:g}; default {UNET_LR:g})",
     )
-    build.add_argument("--unet-seed", type=int, default=0, help="the UNet's training seed (default 0)")
+    build.add_argument(
+        "--unet-seed",
+        type=int,
+        default=BuildPlan.unet_seed,
+        help=f"the UNet's training seed (default {BuildPlan.unet_seed})",
+    )
     build.add_argument(
         "--unet-bf16",
         action="store_true",
