@@ -65,7 +65,7 @@ def register(subparsers) -> None:
     build.add_argument(
         "--unet-lr",
         type=float,
-        default=None,
+        default=UNET_LR,
         help=f"the UNet's peak learning rate ({UNET_LR_RANGE[0]:g} to {UNET_LR_RANGE[1]:g}; default {UNET_LR:g})",
     )
     build.add_argument(
@@ -187,10 +187,9 @@ def _build(args: argparse.Namespace) -> int:
         if args.unet_steps < 1:
             raise UniPortraitError("--unet-steps must be at least 1")
         plan = dataclasses.replace(plan, unet_steps=args.unet_steps)
-    if args.unet_lr is not None:
-        plan = dataclasses.replace(plan, unet_lr=args.unet_lr)
-    plan = dataclasses.replace(  # these and unet_lr checked by run_build
+    plan = dataclasses.replace(  # all checked by run_build
         plan,
+        unet_lr=args.unet_lr,
         unet_offset_noise=args.unet_offset_noise,
         unet_init=args.unet_init,
         unet_face_weight=args.unet_face_weight,
