@@ -10,7 +10,9 @@ Short runs from the shipped world models, exactly as ``uniportrait train`` runs 
   well above chance (:func:`~uniportrait.training.probe.routing_probe`).
 
 The identity values start at zero (``model.zero_faceid_values``), so a stage-I run that does not
-train the identity path leaves own and other identical (z = 0); a router trained without the
+train the identity path leaves own and other identical (no z). Trained on every picture with
+another person's identity features (the batch's identity inputs rolled by half, checked once by
+hand), the stage-I test's run reads z -3.1 instead of +7.4 and fails. A router trained without the
 routing loss barely leaves chance (docs/world.md, "Routing, on held-out renders": 55.7% after 500
 steps, against 74.2% with it; this test trains 100). The fixed-batch overfitting tests of
 ``test_training.py`` check the mechanics only.
