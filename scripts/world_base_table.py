@@ -6,8 +6,10 @@ Generates the base-model section's held-out captions (200 portraits, 60 two-pers
 diffusers' own ``StableDiffusionPipeline`` on ``BASE``, reads them with the oracles as
 ``world report`` does, and adds the *colour spread*: the standard deviation over pictures of
 each picture's mean colour (per channel, averaged), next to the renders' own, the measure of
-pictures washed toward one tint. Writes ``OUT/table.json``, the pictures
-(``pictures_{1,2}.npz``) and the two contact sheets; prints one JSON line per picture kind.
+pictures washed toward one tint, and the renders' own row after a round trip through the base's
+VAE (``through_vae``: what a base on those latents could show at most). Writes
+``OUT/table.json``, the pictures (``pictures_{1,2}.npz``) and the two contact sheets; prints one
+JSON line per picture kind.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ def main(argv=None) -> int:
         held_out_specs,
         measure_pictures,
         reference_embeddings,
+        vae_round_trip,
     )
 
     out.mkdir(parents=True, exist_ok=True)
@@ -57,7 +60,9 @@ def main(argv=None) -> int:
         size = (specs[0].width, specs[0].height)
         images = generate(pipe, captions, args.seed, guidance=7.5, size=size)
         np.savez_compressed(out / f"pictures_{people}.npz", images=images, renders=renders)
-        row = measure_pictures(oracles, images, specs, reference_embeddings(oracles, specs))
+        refs = reference_embeddings(oracles, specs)
+        row = measure_pictures(oracles, images, specs, refs)
+        row["through_vae"] = measure_pictures(oracles, vae_round_trip(pipe.vae, renders), specs, refs)
         row["colour_spread"], row["renders_colour_spread"] = colour_spread(images), colour_spread(renders)
         result[people] = row
         print(people, json.dumps(row), flush=True)

@@ -177,10 +177,24 @@ def backbone_report(backbone, data_dir: Path) -> dict:
 
 
 @torch.no_grad()
+def vae_round_trip(vae, images: np.ndarray, batch: int = 200) -> np.ndarray:
+    """(N, H, W, 3) uint8 pictures encoded (posterior mean) and decoded by ``vae``, as uint8: the
+    most a base model on that VAE's latents can show of them (the base table's "through the VAE")."""
+    from uniportrait.world.train_base import from_pixels, to_pixels
+
+    param = next(vae.parameters())
+    out = []
+    for k in range(0, len(images), batch):
+        x = to_pixels(images[k : k + batch]).to(param.device, param.dtype)
+        out.append(from_pixels(vae.decode(vae.encode(x).latent_dist.mean).sample))
+    return np.concatenate(out)
+
+
+@torch.no_grad()
 def vae_report(vae, oracles, data_dir: Path, count: int = 600) -> dict:
     from uniportrait.world.data import load_set
     from uniportrait.world.identity_report import trait_agreement_shares
-    from uniportrait.world.train_base import to_pixels
+    from uniportrait.world.train_base import from_pixels, to_pixels
 
     data = load_set(data_dir / "singles_val.npz")
     count = min(count, len(data["images"]))
@@ -193,7 +207,7 @@ def vae_report(vae, oracles, data_dir: Path, count: int = 600) -> dict:
     psnr = (10 * torch.log10(4.0 / mse)).numpy()
     z1, z2 = dist.sample(), dist.sample()
     corr = float(torch.corrcoef(torch.stack([z1.flatten(), z2.flatten()]))[0, 1])
-    rec_u8 = ((rec.permute(0, 2, 3, 1).numpy() + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+    rec_u8 = from_pixels(rec)
     # Face Sim against another render of the same identity, for the render and its reconstruction
     idents = data["identities"][:count, 0]
     refs = reference_index(data["identities"][:, 0], np.arange(count))
@@ -371,6 +385,7 @@ def base_report(
         renders = np.stack([s.render().image for s in specs])
         key = "single" if n == 1 else "two_people"
         out[f"renders_{key}"] = measure_pictures(oracles, renders, specs, refs)
+        out[f"through_vae_{key}"] = measure_pictures(oracles, vae_round_trip(pipe.vae, renders), specs, refs)
         runs = []
         for seed in seeds:
             images = generate(pipe, captions, seed, guidance=guidance, size=(specs[0].width, specs[0].height))

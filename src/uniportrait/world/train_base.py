@@ -28,6 +28,12 @@ def to_pixels(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
+def from_pixels(x: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] (clamped) → (B, H, W, 3) uint8; the inverse of :func:`to_pixels`."""
+    x = x.detach().float().clamp(-1, 1).permute(0, 2, 3, 1).cpu().numpy()
+    return ((x + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+
+
 def _square_crops(groups: np.ndarray, gen: torch.Generator, count: int) -> np.ndarray:
     """Random 64×64 windows of 128×64 group pictures."""
     idx = torch.randint(len(groups), (count,), generator=gen).numpy()
