@@ -849,7 +849,7 @@ def test_word_probe_finds_the_shipped_base_reading_background_words(tmp_path, ca
     with pytest.raises(UniPortraitError, match="not a base folder"):
         word_probe(tmp_path, ("background",))
     with pytest.raises(UniPortraitError, match="no phrase to swap"):
-        word_probe(WORLD_ASSETS / "base", ("hat",))
+        word_probe(WORLD_ASSETS / "base", ("hair",))
     path = Path(__file__).resolve().parents[1] / "scripts" / "world_word_probe.py"
     spec = importlib.util.spec_from_file_location("world_word_probe", path)
     script = importlib.util.module_from_spec(spec)

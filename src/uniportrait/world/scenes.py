@@ -63,6 +63,8 @@ _TILT_PHRASES = (
     "with the head upright",
     "with the head tilted to the right",
 )
+_HAT_PHRASES = ("no hat", *(f"a {colour} hat" for colour in HATS[1:]))
+_SUNGLASSES_PHRASES = ("no sunglasses", "sunglasses")
 
 #: Attribute → its phrases by value (index = value), for the attributes whose phrase names one
 #: value alone in a one-person caption.
@@ -73,6 +75,8 @@ PHRASES: dict[str, tuple[str, ...]] = {
     "expression": _EXPRESSION_PHRASES,
     "tilt": _TILT_PHRASES,
     "clothing": tuple(f"a {c} shirt" for c in COLOURS),
+    "hat": _HAT_PHRASES,
+    "sunglasses": _SUNGLASSES_PHRASES,
 }
 #: The attributes :func:`phrase` words.
 PHRASED_ATTRIBUTES = tuple(PHRASES)
@@ -181,9 +185,9 @@ def _person_phrases(spec: SceneSpec, i: int, skip: set[str]) -> list[str]:
     if (i, "clothing") in spec.mentions and "clothing" not in skip:
         wear.append(phrase("clothing", look.clothing))
     if (i, "hat") in spec.mentions and "hat" not in skip:
-        wear.append(f"a {HATS[look.hat]} hat" if look.hat else "no hat")
+        wear.append(phrase("hat", look.hat))
     if (i, "sunglasses") in spec.mentions and "sunglasses" not in skip:
-        wear.append("sunglasses" if look.sunglasses else "no sunglasses")
+        wear.append(phrase("sunglasses", look.sunglasses))
     if wear:
         phrases.append(
             "wearing " + (" and ".join(wear) if len(wear) < 3 else ", ".join(wear[:-1]) + " and " + wear[-1])
