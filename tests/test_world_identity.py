@@ -277,6 +277,47 @@ def test_base_table_script_measures_tint_and_refuses_a_folder_without_a_base(tmp
     assert (tmp_path / "file.txt").read_text() == "x"
 
 
+@pytest.mark.skipif(
+    not (WORLD_ASSETS / "oracles" / "detector" / "config.json").is_file(), reason="no oracles"
+)
+def test_attribute_confusion_counts_what_was_asked_against_what_the_oracles_read(tmp_path, capsys):
+    """scripts/world_attribute_confusion.py: on renders its per-attribute accuracy is the base
+    table's prompt following by attribute (the same faces, the same rule); balanced accuracy
+    weighs every asked value alike, so always drawing the common value scores chance; counts of
+    several tables add up; a folder without the base table's pictures is refused (exit 2)."""
+    import importlib.util
+    from pathlib import Path
+
+    from uniportrait.world.oracles import WorldOracles
+    from uniportrait.world.report import held_out_specs, measure_pictures, reference_embeddings
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "world_attribute_confusion.py"
+    spec = importlib.util.spec_from_file_location("world_attribute_confusion", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    oracles = WorldOracles()
+    specs, _ = held_out_specs(24, 1, seed=5)
+    renders = np.stack([s.render().image for s in specs])
+    counts = script.confusion(oracles, renders, specs)
+    summary = script.summarise(counts)
+    table = measure_pictures(oracles, renders, specs, reference_embeddings(oracles, specs))
+    assert set(summary) == set(table["prompt_following_by_attribute"])
+    for name, row in summary.items():
+        assert row["accuracy"] == pytest.approx(table["prompt_following_by_attribute"][name]), name
+    assert summary["style"]["balanced_accuracy"] > 0.8  # renders show what their captions say
+
+    common = {"sunglasses": {"no": {"no": 90}, "yes": {"no": 10}}}  # never draws sunglasses
+    row = script.summarise(common)["sunglasses"]
+    assert row["accuracy"] == 0.9 and row["balanced_accuracy"] == 0.5
+    assert row["right_by_asked_value"] == {"no": 1.0, "yes": 0.0} and row["asked"] == {"no": 90, "yes": 10}
+    both = script.merge(script.merge({}, common), {"sunglasses": {"yes": {"yes": 10, "no": 5}}})
+    assert both == {"sunglasses": {"no": {"no": 90}, "yes": {"no": 15, "yes": 10}}}
+
+    with pytest.raises(SystemExit) as exit_info:
+        script.main([str(tmp_path)])
+    assert exit_info.value.code == 2 and "no pictures_1.npz" in capsys.readouterr().err
+
+
 def test_trait_probe_reads_a_trait_a_stage_carries_and_not_one_it_lacks():
     """scripts/world_trait_probe.py: the ridge read-out recovers a trait written linearly into the
     features and stays near chance on features without it; its stages have one row per crop."""

@@ -286,7 +286,7 @@ def measure_pictures(oracles, images: np.ndarray, specs, reference_embeddings, d
         for name, value in want["scene"].items():
             hit = int(scene_pred[name][k] == value)
             per_attr.setdefault(name, []).append(hit)
-        # faces left to right ↔ people left to right (when the count is right)
+        # the n best faces left to right ↔ people left to right (when at least n are found)
         faces_lr = sorted(faces[:n], key=lambda f: f.box[0])
         if len(faces_lr) == n:
             boxes = np.array([f.box for f in faces_lr])
