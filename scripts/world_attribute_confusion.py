@@ -4,13 +4,13 @@
 
 ``TABLE``: a folder written by ``scripts/world_base_table.py`` (its ``pictures_1.npz``, the 200
 held-out portraits and their renders). Reads each picture's attributes with the oracles, as the
-base table does (person attributes on the detector's best face, where it finds any), and counts,
-per attribute and per value the caption asked for, how often each value was read, for the
-generated pictures and for the renders. Prints one JSON line per kind and writes
+base table does (``report.attribute_reads``: person attributes on the detector's best face,
+where it finds any), and counts, per attribute and per value the caption asked for, how often
+each value was read, for the generated pictures and for the renders. Prints one JSON line per kind and writes
 ``TABLE/confusion.json``; with several tables (e.g. three seeds) the counts are summed into the
-first table's file. Also gives each
-attribute's *balanced* accuracy: the mean over asked values of the share read right, which a
-model that always draws the most common value cannot raise (plain prompt following can).
+first table's file. Also gives each attribute's *balanced* accuracy: the mean over asked values
+of the share read right, which a model that always draws the most common value cannot raise
+(plain prompt following can).
 """
 
 from __future__ import annotations
@@ -23,26 +23,16 @@ import numpy as np
 
 
 def confusion(oracles, images: np.ndarray, specs) -> dict[str, dict[str, dict[str, int]]]:
-    """{attribute: {asked value: {read value: count}}} over ``images`` made for ``specs`` (one person)."""
+    """{attribute: {asked value: {read value: count}}} over ``images`` made for ``specs``."""
+    from uniportrait.world.report import attribute_reads
     from uniportrait.world.traits import PERSON_ATTRIBUTES, SCENE_ATTRIBUTES
 
     names = {**SCENE_ATTRIBUTES, **PERSON_ATTRIBUTES}
     counts: dict[str, dict[str, dict[str, int]]] = {}
-
-    def add(name, asked, read):
+    detections = [oracles.detect(image) for image in images]
+    for name, asked, read in attribute_reads(oracles, images, specs, detections):
         row = counts.setdefault(name, {}).setdefault(names[name][asked], {})
         row[names[name][read]] = row.get(names[name][read], 0) + 1
-
-    scene = oracles.scene_attributes(images)
-    faces = [oracles.detect(image) for image in images]
-    one = [k for k, f in enumerate(faces) if f]  # as measure_pictures: the best face
-    people = oracles.person_attributes(images[one], np.array([faces[k][0].box for k in one]).reshape(-1, 4))
-    for k, spec in enumerate(specs):
-        for name, value in spec.requested()["scene"].items():
-            add(name, value, int(scene[name][k]))
-    for j, k in enumerate(one):
-        for name, value in specs[k].requested()["people"][0].items():
-            add(name, value, int(people[name][j]))
     return counts
 
 
@@ -89,7 +79,10 @@ def main(argv=None) -> int:
     for kind in ("images", "renders"):
         counts: dict = {}
         for t in tables if kind == "images" else tables[:1]:  # the renders are the same in every table
-            pictures = np.load(t / "pictures_1.npz")[kind]
+            try:
+                pictures = np.load(t / "pictures_1.npz")[kind]
+            except (OSError, ValueError, KeyError) as err:
+                parser.error(f"{t}/pictures_1.npz is not a base table's pictures ({err})")
             if len(pictures) != len(specs):
                 parser.error(
                     f"{t}/pictures_1.npz holds {len(pictures)} portraits, not the table's {len(specs)}"

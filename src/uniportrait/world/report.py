@@ -264,6 +264,30 @@ def held_out_specs(count: int, num_people: int, seed: int, identities: int = 200
     return specs, captions
 
 
+def attribute_reads(oracles, images: np.ndarray, specs, detections) -> list[tuple[str, int, int]]:
+    """``(attribute, asked value, read value)`` for every attribute the captions of ``specs`` ask
+    for, read by the oracles as prompt following counts them: the scene's on every picture, a
+    person's on the n best faces left to right where at least n (the picture's people) are found.
+    ``detections``: the oracle's faces in each picture."""
+    reads = []
+    scene_pred = oracles.scene_attributes(images)
+    for k, (image, spec, faces) in enumerate(zip(images, specs, detections)):
+        want = spec.requested()
+        n = len(spec.people)
+        for name, value in want["scene"].items():
+            reads.append((name, value, int(scene_pred[name][k])))
+        # the n best faces left to right ↔ people left to right
+        faces_lr = sorted(faces[:n], key=lambda f: f.box[0])
+        if len(faces_lr) == n:
+            pred = oracles.person_attributes(
+                np.repeat(image[None], n, 0), np.array([f.box for f in faces_lr])
+            )
+            for i in range(n):
+                for name, value in want["people"][i].items():
+                    reads.append((name, value, int(pred[name][i])))
+    return reads
+
+
 def measure_pictures(oracles, images: np.ndarray, specs, reference_embeddings, detections=None) -> dict:
     """Face count, prompt following and identity similarity of pictures made for ``specs``.
 
@@ -273,27 +297,18 @@ def measure_pictures(oracles, images: np.ndarray, specs, reference_embeddings, d
     ``detections``: the oracle's faces in each picture, when the caller has them already.
     """
     n_right, follow_hits, follow_total = 0, 0, 0
-    per_attr: dict[str, list[int]] = {}
     own, rand = [], []
     rng = np.random.default_rng(0)
-    scene_pred = oracles.scene_attributes(images)
     if detections is None:
         detections = [oracles.detect(image) for image in images]
+    per_attr: dict[str, list[int]] = {}
+    for name, asked, read in attribute_reads(oracles, images, specs, detections):
+        per_attr.setdefault(name, []).append(int(asked == read))
     for k, (image, spec, faces) in enumerate(zip(images, specs, detections)):
-        want = spec.requested()
         n = len(spec.people)
         n_right += len(faces) == n
-        for name, value in want["scene"].items():
-            hit = int(scene_pred[name][k] == value)
-            per_attr.setdefault(name, []).append(hit)
-        # the n best faces left to right ↔ people left to right (when at least n are found)
-        faces_lr = sorted(faces[:n], key=lambda f: f.box[0])
+        faces_lr = sorted(faces[:n], key=lambda f: f.box[0])  # as attribute_reads pairs them
         if len(faces_lr) == n:
-            boxes = np.array([f.box for f in faces_lr])
-            pred = oracles.person_attributes(np.repeat(image[None], n, 0), boxes)
-            for i in range(n):
-                for name, value in want["people"][i].items():
-                    per_attr.setdefault(name, []).append(int(pred[name][i] == value))
             emb = oracles.describe(image, faces_lr)["embedding"]
             own.extend((emb * reference_embeddings[k]).sum(1))
             other = reference_embeddings[(k + 1 + rng.integers(len(specs) - 1)) % len(specs)]
