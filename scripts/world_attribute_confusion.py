@@ -24,27 +24,29 @@ import numpy as np
 
 def confusion(oracles, images: np.ndarray, specs) -> dict[str, dict[str, dict[str, int]]]:
     """{attribute: {asked value: {read value: count}}} over ``images`` made for ``specs``."""
-    from uniportrait.world.report import attribute_reads
+    from uniportrait.world.report import attribute_reads, confusion_counts
     from uniportrait.world.traits import PERSON_ATTRIBUTES, SCENE_ATTRIBUTES
 
     names = {**SCENE_ATTRIBUTES, **PERSON_ATTRIBUTES}
-    counts: dict[str, dict[str, dict[str, int]]] = {}
     detections = [oracles.detect(image) for image in images]
-    for name, asked, read in attribute_reads(oracles, images, specs, detections):
-        row = counts.setdefault(name, {}).setdefault(names[name][asked], {})
-        row[names[name][read]] = row.get(names[name][read], 0) + 1
-    return counts
+    counts = confusion_counts(attribute_reads(oracles, images, specs, detections))
+    return {
+        name: {names[name][a]: {names[name][r]: n for r, n in reads.items()} for a, reads in rows.items()}
+        for name, rows in counts.items()
+    }
 
 
 def summarise(counts: dict) -> dict:
     """Per attribute: plain accuracy, balanced accuracy, and per asked value its share read right."""
+    from uniportrait.world.report import balanced_accuracy
+
     out = {}
     for name, rows in sorted(counts.items()):
         right = {asked: reads.get(asked, 0) / sum(reads.values()) for asked, reads in rows.items()}
         total = sum(sum(r.values()) for r in rows.values())
         out[name] = {
             "accuracy": sum(r.get(a, 0) for a, r in rows.items()) / total,
-            "balanced_accuracy": float(np.mean(list(right.values()))),
+            "balanced_accuracy": balanced_accuracy(rows),
             "right_by_asked_value": {a: round(v, 3) for a, v in sorted(right.items())},
             "asked": {a: sum(r.values()) for a, r in sorted(rows.items())},
         }

@@ -285,6 +285,7 @@ def test_attribute_confusion_counts_what_was_asked_against_what_the_oracles_read
     table's prompt following by attribute (the same faces, the same rule); balanced accuracy
     weighs every asked value alike, so always drawing the common value scores chance; counts of
     several tables add up; a folder without the base table's pictures is refused (exit 2)."""
+    import dataclasses
     import importlib.util
     from pathlib import Path
 
@@ -305,6 +306,32 @@ def test_attribute_confusion_counts_what_was_asked_against_what_the_oracles_read
     for name, row in summary.items():
         assert row["accuracy"] == pytest.approx(table["prompt_following_by_attribute"][name]), name
     assert summary["style"]["balanced_accuracy"] > 0.8  # renders show what their captions say
+    balanced = table["prompt_following_balanced_by_attribute"]  # one rule: report.balanced_accuracy
+    assert balanced == pytest.approx({name: row["balanced_accuracy"] for name, row in summary.items()})
+    assert table["prompt_following_balanced"] == pytest.approx(np.mean(list(balanced.values())))
+
+    # pictures that never show sunglasses, whatever the caption asks: plain following counts the
+    # common "no sunglasses" asks as followed, balanced following reads it as chance
+    specs, _ = held_out_specs(60, 1, seed=5)
+    bare = [
+        dataclasses.replace(
+            s,
+            people=tuple(
+                dataclasses.replace(p, look=dataclasses.replace(p.look, sunglasses=0)) for p in s.people
+            ),
+        )
+        for s in specs
+    ]
+    asked = [s.requested()["people"][0].get("sunglasses") for s in specs]
+    assert asked.count(1) >= 2 and asked.count(0) > asked.count(1)
+    drawn = measure_pictures(
+        oracles, np.stack([s.render().image for s in bare]), specs, reference_embeddings(oracles, specs)
+    )
+    assert (
+        drawn["prompt_following_by_attribute"]["sunglasses"]
+        >= asked.count(0) / (len(asked) - asked.count(None)) - 0.1
+    )
+    assert drawn["prompt_following_balanced_by_attribute"]["sunglasses"] == pytest.approx(0.5, abs=0.1)
 
     common = {"sunglasses": {"no": {"no": 90}, "yes": {"no": 10}}}  # never draws sunglasses
     row = script.summarise(common)["sunglasses"]

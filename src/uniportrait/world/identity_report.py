@@ -542,12 +542,14 @@ def markdown_tables(report: dict) -> str:
         ("Face Sim", "face_sim", False), ("identification", "identification", True),
         ("pairwise identification", "pairwise_identification", True),
         ("one face", "exact_face_count_rate", True),
-        ("prompt following", "prompt_following", True), ("copy rate", "copy_rate", True),
+        ("prompt following", "prompt_following", True),
+        ("balanced", "prompt_following_balanced", True), ("copy rate", "copy_rate", True),
     )  # fmt: skip
     multi_cols = (
         ("min Face Sim", "face_sim", False), ("blending", "blend_rate", True),
         ("duplication", "duplication_rate", True), ("missing", "missing_rate", True),
-        ("prompt following", "prompt_following", True), ("routing accuracy", "routing_accuracy", True),
+        ("prompt following", "prompt_following", True),
+        ("balanced", "prompt_following_balanced", True), ("routing accuracy", "routing_accuracy", True),
     )  # fmt: skip
     tables = [("single", "Single-ID", single_cols), ("curve", "Fidelity vs editability", single_cols)]
     tables += [(f"multi_{n}", f"Multi-ID, {n} people", multi_cols) for n in (2, 3)]

@@ -288,6 +288,22 @@ def attribute_reads(oracles, images: np.ndarray, specs, detections) -> list[tupl
     return reads
 
 
+def confusion_counts(reads) -> dict[str, dict[int, dict[int, int]]]:
+    """``{attribute: {asked value: {read value: count}}}`` of :func:`attribute_reads`' triples."""
+    counts: dict[str, dict[int, dict[int, int]]] = {}
+    for name, asked, read in reads:
+        row = counts.setdefault(name, {}).setdefault(asked, {})
+        row[read] = row.get(read, 0) + 1
+    return counts
+
+
+def balanced_accuracy(rows: dict) -> float:
+    """One attribute's ``{asked value: {read value: count}}`` → the mean over the values asked of
+    the share read as asked. Unlike the plain share, drawing the most common value every time
+    scores chance (1 / the number of values asked), however common that value is."""
+    return float(np.mean([reads.get(asked, 0) / sum(reads.values()) for asked, reads in rows.items()]))
+
+
 def measure_pictures(oracles, images: np.ndarray, specs, reference_embeddings, detections=None) -> dict:
     """Face count, prompt following and identity similarity of pictures made for ``specs``.
 
@@ -295,6 +311,10 @@ def measure_pictures(oracles, images: np.ndarray, specs, reference_embeddings, d
     "own identity" similarity compares a face with its own person's reference (meaningful for
     renders, chance for an unconditioned model); "random" compares with another picture's people.
     ``detections``: the oracle's faces in each picture, when the caller has them already.
+
+    Prompt following is the share of asked attributes read as asked (every ask counts once), and
+    its balanced form the mean over attributes of :func:`balanced_accuracy`, which a model cannot
+    raise by drawing each attribute's most common value (e.g. "no sunglasses", 80% of asks).
     """
     n_right, follow_hits, follow_total = 0, 0, 0
     own, rand = [], []
@@ -302,8 +322,10 @@ def measure_pictures(oracles, images: np.ndarray, specs, reference_embeddings, d
     if detections is None:
         detections = [oracles.detect(image) for image in images]
     per_attr: dict[str, list[int]] = {}
-    for name, asked, read in attribute_reads(oracles, images, specs, detections):
+    reads = attribute_reads(oracles, images, specs, detections)
+    for name, asked, read in reads:
         per_attr.setdefault(name, []).append(int(asked == read))
+    balanced = {name: balanced_accuracy(rows) for name, rows in sorted(confusion_counts(reads).items())}
     for k, (image, spec, faces) in enumerate(zip(images, specs, detections)):
         n = len(spec.people)
         n_right += len(faces) == n
@@ -326,6 +348,8 @@ def measure_pictures(oracles, images: np.ndarray, specs, reference_embeddings, d
         },
         "prompt_following": follow_hits / max(1, follow_total),
         "prompt_following_by_attribute": {k: float(np.mean(v)) for k, v in sorted(per_attr.items())},
+        "prompt_following_balanced": float(np.mean(list(balanced.values()))) if balanced else 0.0,
+        "prompt_following_balanced_by_attribute": balanced,
         "face_sim_own_reference": float(np.mean(own)) if own else None,
         "face_sim_random_reference": float(np.mean(rand)) if rand else None,
     }
