@@ -426,10 +426,10 @@ def test_world_commands_refuse_bad_input_before_writing(tmp_path, capsys):
         assert (
             main(["-q", "world", "build", "--work", str(tmp_path / "w"), "--unet-offset-noise", offset]) == 2
         )
-    for weight in ("-1", "101", "nan"):
-        assert (
-            main(["-q", "world", "build", "--work", str(tmp_path / "w"), "--unet-face-weight", weight]) == 2
-        )
+    for option in ("--unet-face-weight", "--unet-snr-gamma"):
+        for value in ("-1", "101", "nan"):
+            assert main(["-q", "world", "build", "--work", str(tmp_path / "w"), option, value]) == 2
+    assert "--unet-snr-gamma" in capsys.readouterr().err
     for lr in ("0", "0.5", "nan"):
         assert main(["-q", "world", "build", "--work", str(tmp_path / "w"), "--unet-lr", lr]) == 2
     assert "--unet-lr" in capsys.readouterr().err
@@ -457,10 +457,11 @@ def test_world_build_trains_the_2x_layout(tmp_path, monkeypatch):
     from uniportrait.world import train_base
     from uniportrait.world.build import UNET_LR, BuildPlan, run_build
 
-    offsets, first_weights, loss_weights, autocast, peak_lrs = [], [], [], [], []
+    offsets, first_weights, loss_weights, autocast, peak_lrs, gammas = [], [], [], [], [], []
 
     def recording_step(*args):
         offsets.append(args[5])
+        gammas.append(args[7])
         loss_weights.append(args[6])
         autocast.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu"))
         if not first_weights:
@@ -485,7 +486,7 @@ def test_world_build_trains_the_2x_layout(tmp_path, monkeypatch):
     assert unet.config.down_block_types[0] == "DownBlock2D"
     recorded = json.loads((tmp_path / "w" / "plan.json").read_text())
     assert recorded["layout"] == "2x" and recorded["unet_offset_noise"] == 0.1
-    assert offsets == [0.1] * plan.unet_steps
+    assert offsets == [0.1] * plan.unet_steps and gammas == [0.0] * plan.unet_steps
     assert autocast == [False] * plan.unet_steps and peak_lrs == [UNET_LR]  # fp32, the plan's lr
     for weight in loss_weights:  # (batch, 1, 32, 32 or 32 × 64 for groups): 1 outside heads, 5 inside
         assert weight.shape[1:3] == (1, 32) and weight.min() == 1.0 and weight.max() == 5.0
@@ -495,14 +496,19 @@ def test_world_build_trains_the_2x_layout(tmp_path, monkeypatch):
     shutil.rmtree(tmp_path / "w" / "unet")
     first_weights.clear()
     autocast.clear()
-    again = dataclasses.replace(plan, unet_init=str(init), unet_lr=2e-4, unet_seed=11, unet_bf16=True)
+    gammas.clear()
+    again = dataclasses.replace(
+        plan, unet_init=str(init), unet_lr=2e-4, unet_seed=11, unet_bf16=True, unet_snr_gamma=5.0
+    )
     run_build(tmp_path / "w", tmp_path / "out", again, stages=("unet",))
     assert autocast == [torch.bfloat16] * plan.unet_steps and peak_lrs[-1] == 2e-4
+    assert gammas == [5.0] * plan.unet_steps
     start = UNet2DConditionModel.from_pretrained(init).state_dict()
     assert first_weights[0].keys() == start.keys()
     assert all(torch.equal(first_weights[0][k], start[k]) for k in start)
     recorded = json.loads((tmp_path / "w" / "plan.json").read_text())
     assert recorded["unet_init"] == str(init) and recorded["unet_seed"] == 11 and recorded["unet_bf16"]
+    assert recorded["unet_snr_gamma"] == 5.0
     scaled = BuildPlan(unet_seed=5, unet_bf16=True).scaled(0.5)  # seeds and switches are not lengths
     assert (scaled.unet_seed, scaled.unet_bf16, scaled.unet_steps) == (5, True, 1000)
 
@@ -728,6 +734,46 @@ def test_face_weighted_denoising_loss_counts_head_pixels_more():
     assert torch.allclose(grads[0], grads[1])
     ratio = grads[2] / grads[0]  # inside a head 5 / mean weight, outside 1 / mean weight
     assert ratio[0, 0].item() == pytest.approx(5 * ratio[3, 7].item(), rel=1e-4)
+
+
+def test_min_snr_weighted_denoising_loss_counts_low_noise_steps_less():
+    """``denoising_step(snr_gamma=)``: each picture's MSE times ``min(SNR(t), γ) / SNR(t)``; steps
+    noisier than SNR γ keep weight 1, quieter ones count less (their gradient shrinks with it)."""
+    from types import SimpleNamespace
+
+    from diffusers import DDPMScheduler
+
+    from uniportrait.presets.tiny import published_ddim_scheduler
+    from uniportrait.training.losses import min_snr_weights
+    from uniportrait.world.train_base import denoising_step
+
+    schedule = DDPMScheduler.from_config(published_ddim_scheduler().config)
+    weights = min_snr_weights(schedule, torch.tensor([0, 100, 500, 999]), 5.0)
+    snr = schedule.alphas_cumprod / (1 - schedule.alphas_cumprod)
+    assert weights[0] == pytest.approx(5.0 / snr[0].item(), rel=1e-5) and weights[0] < 0.01
+    assert weights[2:].eq(1).all()  # SNR(500) < 5
+
+    class Constant(torch.nn.Module):  # one learnable value per picture
+        def __init__(self):
+            super().__init__()
+            self.pred = torch.nn.Parameter(torch.zeros(16, 1, 1, 1))
+
+        def forward(self, x, t, encoder_hidden_states):
+            self.t = t
+            return SimpleNamespace(sample=self.pred.expand_as(x))
+
+    z0, cond = torch.zeros(16, 4, 4, 4), torch.zeros(16, 8, 16)
+    runs = []
+    for gamma in (0.0, 5.0):
+        unet = Constant()
+        loss = denoising_step(unet, schedule, z0, cond, torch.Generator().manual_seed(0), snr_gamma=gamma)
+        runs.append((loss, unet.pred.grad.flatten().abs(), unet.t))
+    (plain, g_plain, t), (weighted, g_weighted, t_again) = runs
+    assert torch.equal(t, t_again)  # the same noise and timesteps
+    w = min_snr_weights(schedule, t, 5.0)
+    assert (w < 1).any() and (w == 1).any()
+    assert torch.allclose(g_weighted, g_plain * w, rtol=1e-4, atol=1e-8)
+    assert weighted < plain
 
 
 @shipped

@@ -56,6 +56,13 @@ def register(subparsers) -> None:
         "default 0, off; docs/world.md)",
     )
     build.add_argument(
+        "--unet-snr-gamma",
+        type=float,
+        default=0.0,
+        help="weight the UNet's denoising loss per picture min-SNR-γ with this γ (0 to 100; default 0, "
+        "off; docs/world.md)",
+    )
+    build.add_argument(
         "--unet-init",
         default="",
         metavar="FOLDER",
@@ -195,6 +202,7 @@ def _build(args: argparse.Namespace) -> int:
         unet_face_weight=args.unet_face_weight,
         unet_seed=args.unet_seed,
         unet_bf16=args.unet_bf16,
+        unet_snr_gamma=args.unet_snr_gamma,
     )
     out = run_build(args.work, args.out or WORLD_ASSETS, plan, stages)
     print(out)

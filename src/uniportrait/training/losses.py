@@ -94,3 +94,13 @@ def weighted_mse(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor)
     """MSE with per-pixel weights (broadcast to ``pred``, e.g. (B, 1, h, w)), normalised by their
     mean so the loss keeps its scale."""
     return ((pred - target).square() * weight).mean() / weight.mean()
+
+
+def min_snr_weights(schedule, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-γ loss weights for ε-prediction (Hang et al., 2023): ``min(SNR(t), γ) / SNR(t)``
+    per sample, (B,). Steps with little noise (SNR above γ) count less, so the loss is not spent
+    on the finest detail at the expense of what the noisier steps decide."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(schedule, timesteps)
+    return snr.clamp(max=gamma) / snr

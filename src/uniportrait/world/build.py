@@ -54,6 +54,7 @@ class BuildPlan:
     unet_lr: float = UNET_LR  # the UNet's peak learning rate
     unet_seed: int = 0  # the UNet's batches, noise and timesteps
     unet_bf16: bool = False  # train_base.train_unet's bf16: steps under CPU bf16 autocast
+    unet_snr_gamma: float = 0.0  # train_base.train_unet's snr_gamma: min-SNR-γ loss weights (0: off)
 
     def scaled(self, scale: float) -> BuildPlan:
         """Every set size and step count times ``scale`` (at least 2); seeds and switches unchanged."""
@@ -135,7 +136,8 @@ def run_build(
 
     Raises:
         UniPortraitError: ``plan.layout`` is unknown, ``plan.unet_offset_noise`` is outside
-            [0, 1], ``plan.unet_face_weight`` outside [0, 100], ``plan.unet_lr`` outside
+            [0, 1], ``plan.unet_face_weight`` outside [0, 100], ``plan.unet_snr_gamma`` outside
+            [0, 100], ``plan.unet_lr`` outside
             :data:`UNET_LR_RANGE`, ``plan.unet_seed`` negative, ``plan.unet_init`` is not a UNet
             folder of the layout, or ``work`` holds a build of another layout (its VAE and UNet
             would not fit together). Nothing is written then.
@@ -153,6 +155,10 @@ def run_build(
     if not 0 <= plan.unet_face_weight <= 100:
         raise UniPortraitError(
             f"the UNet's face weight (--unet-face-weight) must be in [0, 100], got {plan.unet_face_weight}"
+        )
+    if not 0 <= plan.unet_snr_gamma <= 100:
+        raise UniPortraitError(
+            f"the UNet's min-SNR gamma (--unet-snr-gamma) must be in [0, 100], got {plan.unet_snr_gamma}"
         )
     low, high = UNET_LR_RANGE
     if not low <= plan.unet_lr <= high:
@@ -205,6 +211,7 @@ def run_build(
                 lr=plan.unet_lr,
                 seed=plan.unet_seed,
                 bf16=plan.unet_bf16,
+                snr_gamma=plan.unet_snr_gamma,
             ),
             work / "unet" / "unet",
         ),

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from uniportrait.training.losses import face_share, weighted_mse
+from uniportrait.training.losses import face_share, min_snr_weights, weighted_mse
 from uniportrait.world.build import UNET_LR
 from uniportrait.world.data import load_set
 from uniportrait.world.loop import run_loop
@@ -322,19 +322,27 @@ def denoising_step(
     gen: torch.Generator,
     offset_noise: float = 0.0,
     weight: torch.Tensor | None = None,
+    snr_gamma: float = 0.0,
 ) -> float:
     """One ε-prediction step on latents ``z0`` (B, 4, h, w) with text states ``cond``: noise, a
     random timestep, MSE, backward and gradient clipping to 1 (the optimiser steps outside).
     ``offset_noise``: add that much of one random value per picture and channel to the noise (offset
     noise), so the noisiest steps no longer give away a picture's mean colour (docs/world.md).
     ``weight`` (B, 1, h, w): each latent pixel's weight in the MSE (normalised by its mean, so the
-    loss keeps its scale), e.g. :func:`face_weights`."""
+    loss keeps its scale), e.g. :func:`face_weights`. ``snr_gamma`` > 0: weight each picture's loss
+    by :func:`~uniportrait.training.losses.min_snr_weights` (min-SNR-γ)."""
     noise = torch.randn(z0.shape, generator=gen)
     if offset_noise:
         noise = noise + offset_noise * torch.randn((*z0.shape[:2], 1, 1), generator=gen)
     t = torch.randint(0, schedule.config.num_train_timesteps, (len(z0),), generator=gen)
     pred = unet(schedule.add_noise(z0, noise, t), t, encoder_hidden_states=cond).sample
-    loss = F.mse_loss(pred, noise) if weight is None else weighted_mse(pred, noise, weight)
+    if snr_gamma:
+        err = (pred.float() - noise).square()  # (B, 4, h, w)
+        if weight is not None:
+            err = err * weight / weight.mean()
+        loss = (err.mean((1, 2, 3)) * min_snr_weights(schedule, t, snr_gamma)).mean()
+    else:
+        loss = F.mse_loss(pred, noise) if weight is None else weighted_mse(pred, noise, weight)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
     return loss.item()
@@ -392,6 +400,7 @@ def train_unet(
     init: Path | None = None,
     face_weight: float = 0.0,
     bf16: bool = False,
+    snr_gamma: float = 0.0,
 ):
     """Train the base UNet on the VAE's latents of the build's pictures and their captions; the EMA
     weights are saved to ``out/unet``. With ``init`` (a UNet folder, see :func:`check_unet_init`)
@@ -400,7 +409,8 @@ def train_unet(
     masks ``1 + face_weight`` times (as the VAE decoder's fine-tuning weights its pixels).
     ``bf16``: run each step (forward, loss, backward) under CPU bf16 autocast; the weights, the
     optimizer, the EMA and the loss stay fp32 (the shipped UNet's continuations trained so, about
-    a quarter faster per step on a CPU with bf16 instructions; docs/world.md)."""
+    a quarter faster per step on a CPU with bf16 instructions; docs/world.md). ``snr_gamma`` > 0
+    weights each picture's loss min-SNR-γ (:func:`denoising_step`; 0: off)."""
     from diffusers import AutoencoderKL, DDPMScheduler
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -454,7 +464,9 @@ def train_unet(
         cond = torch.where(drop[:, None, None], null.expand_as(cond), cond)
         weight = face_weights(heads[key][idx], face_weight) if heads is not None else None
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            return {"loss" + key: denoising_step(unet, schedule, z0, cond, gen, offset_noise, weight)}
+            return {
+                "loss" + key: denoising_step(unet, schedule, z0, cond, gen, offset_noise, weight, snr_gamma)
+            }
 
     def update_ema() -> None:
         ema_update(ema, unet, 0.999)
