@@ -376,3 +376,26 @@ def test_trait_probe_reads_a_trait_a_stage_carries_and_not_one_it_lacks():
     assert set(features) == {"pixels", "intrinsic", "structure_backbone", "structure_clip", "tokens",
                              "tokens_structure_off"}  # fmt: skip
     assert all(x.shape[0] == 6 and x.ndim == 2 for x in features.values())
+
+
+def test_single_factor_specs_change_only_the_tested_attribute():
+    """scripts/world_single_factor.py's portraits: every attribute pinned and said but the tested
+    one, which cycles through its values; training people are not held-out ones and vice versa."""
+    import importlib.util
+    from pathlib import Path
+
+    from uniportrait.world.traits import PERSON_ATTRIBUTES, SCENE_ATTRIBUTES
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "world_single_factor.py"
+    spec = importlib.util.spec_from_file_location("world_single_factor", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    for name, held_out in (("tilt", True), ("background", False)):
+        specs, captions = script.controlled_specs(name, 12, held_out=held_out, seed=0)
+        asked = [{**s.requested()["scene"], **s.requested()["people"][0]} for s in specs]
+        assert all(set(a) == set(PERSON_ATTRIBUTES) | set(SCENE_ATTRIBUTES) for a in asked)  # all said
+        values = {**PERSON_ATTRIBUTES, **SCENE_ATTRIBUTES}[name]
+        assert [a[name] for a in asked] == [k % len(values) for k in range(12)]
+        assert all(a[other] == 0 for a in asked for other in a if other != name)
+        assert all((s.people[0].identity >= HELD_OUT_START) == held_out for s in specs)
+        assert len(set(captions)) > 1 and all(c.startswith("a ") for c in captions)

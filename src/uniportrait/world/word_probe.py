@@ -87,18 +87,26 @@ def word_probe(
         z0 = vae.encode(to_pixels(images)).latent_dist.mean * vae.config.scaling_factor  # (n, 4, h, w)
         right = text_encoder(tokenize(tokenizer, [c for _, c, _ in cases]))[0]  # (n, 77, D)
         wrong = text_encoder(tokenize(tokenizer, [w for _, _, w in cases]))[0]
-        gen = torch.Generator().manual_seed(seed)
-        rows = {}
-        for t in timesteps:
-            noise = torch.randn(z0.shape, generator=gen)
-            tt = torch.full((len(z0),), int(t))
-            noisy = schedule.add_noise(z0, noise, tt)
-            errors = [_errors(unet, noisy, tt, states, noise, batch) for states in (right, wrong)]  # 2 × (n,)
-            diff = (errors[1] - errors[0]) / errors[0].mean()  # (n,)
-            se = float(diff.std() / len(diff) ** 0.5)
-            rows[int(t)] = {"gain": float(diff.mean()), "se": se, "z": float(diff.mean()) / max(se, 1e-12)}
+        rows = word_gains(unet, schedule, z0, right, wrong, timesteps, seed, batch)
         result[name] = {"pictures": len(cases), "timesteps": rows}
     return result
+
+
+@torch.no_grad()
+def word_gains(unet, schedule, z0, right, wrong, timesteps=PROBE_TIMESTEPS, seed: int = 0, batch: int = 100):
+    """Per timestep, ``{"gain", "se", "z"}`` of denoising latents ``z0`` (n, C, h, w) with text
+    states ``wrong`` against ``right`` (n, L, D), at the same noise (from ``seed``) and timestep."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = {}
+    for t in timesteps:
+        noise = torch.randn(z0.shape, generator=gen)
+        tt = torch.full((len(z0),), int(t))
+        noisy = schedule.add_noise(z0, noise, tt)
+        errors = [_errors(unet, noisy, tt, states, noise, batch) for states in (right, wrong)]  # 2 × (n,)
+        diff = (errors[1] - errors[0]) / errors[0].mean()  # (n,)
+        se = float(diff.std() / len(diff) ** 0.5)
+        rows[int(t)] = {"gain": float(diff.mean()), "se": se, "z": float(diff.mean()) / max(se, 1e-12)}
+    return rows
 
 
 @torch.no_grad()
