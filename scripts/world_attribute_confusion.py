@@ -38,11 +38,11 @@ def confusion(oracles, images: np.ndarray, specs) -> dict[str, dict[str, dict[st
 
 def summarise(counts: dict) -> dict:
     """Per attribute: plain accuracy, balanced accuracy, and per asked value its share read right."""
-    from uniportrait.world.report import balanced_accuracy
+    from uniportrait.world.report import balanced_accuracy, right_by_asked_value
 
     out = {}
     for name, rows in sorted(counts.items()):
-        right = {asked: reads.get(asked, 0) / sum(reads.values()) for asked, reads in rows.items()}
+        right = right_by_asked_value(rows)
         total = sum(sum(r.values()) for r in rows.values())
         out[name] = {
             "accuracy": sum(r.get(a, 0) for a, r in rows.items()) / total,

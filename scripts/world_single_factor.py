@@ -60,6 +60,14 @@ def main(argv=None) -> int:
         parser.error(f"{base} is not a base folder (no model_index.json)")
     if args.save and Path(args.save).exists():
         parser.error(f"{args.save} exists; give a new folder for the fine-tuned base")
+    if out.exists() and not out.is_dir():
+        parser.error(f"{out} is a file; give a folder to write to")
+    if args.steps < 1 or args.count < 1 or not 0 < args.lr <= 1:
+        parser.error("--steps and --count must be at least 1, --lr in (0, 1]")
+    from uniportrait.world.scenes import PHRASED_ATTRIBUTES
+
+    if args.attribute not in PHRASED_ATTRIBUTES:
+        parser.error(f"--attribute must be one of {list(PHRASED_ATTRIBUTES)}")
 
     import torch
     from diffusers import DDPMScheduler
@@ -74,12 +82,9 @@ def main(argv=None) -> int:
         confusion_counts,
         generate,
     )
-    from uniportrait.world.scenes import PHRASED_ATTRIBUTES
     from uniportrait.world.train_base import denoising_step, to_pixels, tokenize
     from uniportrait.world.word_probe import swapped_caption, word_gains
 
-    if args.attribute not in PHRASED_ATTRIBUTES:
-        parser.error(f"--attribute must be one of {list(PHRASED_ATTRIBUTES)}")
     pipe, oracles = base_pipeline(base), WorldOracles()
     schedule = DDPMScheduler.from_config(pipe.scheduler.config)
 
@@ -91,7 +96,8 @@ def main(argv=None) -> int:
 
     train_specs, train_captions = controlled_specs(args.attribute, args.count, held_out=False, seed=1)
     z_train, c_train = encode(train_specs, train_captions)
-    null = pipe.text_encoder(tokenize(pipe.tokenizer, [""]))[0].detach()
+    with torch.no_grad():
+        null = pipe.text_encoder(tokenize(pipe.tokenizer, [""]))[0]
     probe_specs, probe_captions = controlled_specs(args.attribute, 300, held_out=True, seed=2)
     asked = [{**s.requested()["scene"], **s.requested()["people"][0]}[args.attribute] for s in probe_specs]
     wrong_captions = [swapped_caption(c, args.attribute, v) for c, v in zip(probe_captions, asked)]
@@ -133,13 +139,14 @@ def main(argv=None) -> int:
     print("after", json.dumps(result["after"]), flush=True)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "single_factor.json", json.dumps(result, indent=2))
-    if args.save:
+    if args.save:  # written beside, then renamed: a stopped run leaves no half-written base
         import shutil
 
-        shutil.copytree(
-            base, args.save, ignore=lambda folder, names: ["unet"] if Path(folder) == base else []
-        )
-        unet.save_pretrained(Path(args.save) / "unet")
+        partial = Path(f"{args.save}.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(base, partial, ignore=lambda folder, names: ["unet"] if Path(folder) == base else [])
+        unet.save_pretrained(partial / "unet")
+        partial.rename(args.save)
     return 0
 
 

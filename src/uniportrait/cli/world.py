@@ -7,7 +7,14 @@ import dataclasses
 
 
 def register(subparsers) -> None:
-    from uniportrait.world.build import STAGES, UNET_LR, UNET_LR_RANGE, BuildPlan  # standard library only
+    from uniportrait.world.build import (  # standard library only
+        STAGES,
+        UNET_FACE_WEIGHT_RANGE,
+        UNET_LR,
+        UNET_LR_RANGE,
+        UNET_SNR_GAMMA_RANGE,
+        BuildPlan,
+    )
 
     parser = subparsers.add_parser(
         "world",
@@ -51,16 +58,18 @@ def register(subparsers) -> None:
     build.add_argument(
         "--unet-face-weight",
         type=float,
-        default=0.0,
-        help="weight the UNet's denoising loss inside head masks 1 + this many times (0 to 100; "
-        "default 0, off; docs/world.md)",
+        default=BuildPlan.unet_face_weight,
+        help="weight the UNet's denoising loss inside head masks 1 + this many times "
+        f"({UNET_FACE_WEIGHT_RANGE[0]:g} to {UNET_FACE_WEIGHT_RANGE[1]:g}; default "
+        f"{BuildPlan.unet_face_weight:g}, off; docs/world.md)",
     )
     build.add_argument(
         "--unet-snr-gamma",
         type=float,
-        default=0.0,
-        help="weight the UNet's denoising loss per picture min-SNR-γ with this γ (0 to 100; default 0, "
-        "off; docs/world.md)",
+        default=BuildPlan.unet_snr_gamma,
+        help="weight the UNet's denoising loss per picture min-SNR-γ with this γ "
+        f"({UNET_SNR_GAMMA_RANGE[0]:g} to {UNET_SNR_GAMMA_RANGE[1]:g}; default "
+        f"{BuildPlan.unet_snr_gamma:g}, off; docs/world.md)",
     )
     build.add_argument(
         "--unet-init",

@@ -25,6 +25,8 @@ logger = logging.getLogger(__name__)
 WORLD_ASSETS = Path(__file__).resolve().parent.parent / "assets" / "world"
 UNET_LR = 3e-4  # the base UNet's peak learning rate (AdamW, warm-up then cosine)
 UNET_LR_RANGE = (1e-6, 1e-2)  # what --unet-lr accepts
+UNET_FACE_WEIGHT_RANGE = (0.0, 100.0)  # what --unet-face-weight accepts (0: off)
+UNET_SNR_GAMMA_RANGE = (0.0, 100.0)  # what --unet-snr-gamma accepts (0: off)
 
 
 @dataclass(frozen=True)
@@ -152,14 +154,12 @@ def run_build(
         raise UniPortraitError(
             f"the UNet's offset noise (--unet-offset-noise) must be in [0, 1], got {plan.unet_offset_noise}"
         )
-    if not 0 <= plan.unet_face_weight <= 100:
-        raise UniPortraitError(
-            f"the UNet's face weight (--unet-face-weight) must be in [0, 100], got {plan.unet_face_weight}"
-        )
-    if not 0 <= plan.unet_snr_gamma <= 100:
-        raise UniPortraitError(
-            f"the UNet's min-SNR gamma (--unet-snr-gamma) must be in [0, 100], got {plan.unet_snr_gamma}"
-        )
+    for what, flag, value, (low, high) in (
+        ("face weight", "--unet-face-weight", plan.unet_face_weight, UNET_FACE_WEIGHT_RANGE),
+        ("min-SNR gamma", "--unet-snr-gamma", plan.unet_snr_gamma, UNET_SNR_GAMMA_RANGE),
+    ):
+        if not low <= value <= high:
+            raise UniPortraitError(f"the UNet's {what} ({flag}) must be in [{low:g}, {high:g}], got {value}")
     low, high = UNET_LR_RANGE
     if not low <= plan.unet_lr <= high:
         raise UniPortraitError(

@@ -297,11 +297,16 @@ def confusion_counts(reads) -> dict[str, dict[int, dict[int, int]]]:
     return counts
 
 
+def right_by_asked_value(rows: dict) -> dict:
+    """One attribute's ``{asked value: {read value: count}}`` → ``{asked value: share read as asked}``."""
+    return {asked: reads.get(asked, 0) / sum(reads.values()) for asked, reads in rows.items()}
+
+
 def balanced_accuracy(rows: dict) -> float:
     """One attribute's ``{asked value: {read value: count}}`` → the mean over the values asked of
     the share read as asked. Unlike the plain share, drawing the most common value every time
     scores chance (1 / the number of values asked), however common that value is."""
-    return float(np.mean([reads.get(asked, 0) / sum(reads.values()) for asked, reads in rows.items()]))
+    return float(np.mean(list(right_by_asked_value(rows).values())))
 
 
 def measure_pictures(oracles, images: np.ndarray, specs, reference_embeddings, detections=None) -> dict:
@@ -316,16 +321,15 @@ def measure_pictures(oracles, images: np.ndarray, specs, reference_embeddings, d
     its balanced form the mean over attributes of :func:`balanced_accuracy`, which a model cannot
     raise by drawing each attribute's most common value (e.g. "no sunglasses", 80% of asks).
     """
-    n_right, follow_hits, follow_total = 0, 0, 0
+    n_right = 0
     own, rand = [], []
     rng = np.random.default_rng(0)
     if detections is None:
         detections = [oracles.detect(image) for image in images]
-    per_attr: dict[str, list[int]] = {}
-    reads = attribute_reads(oracles, images, specs, detections)
-    for name, asked, read in reads:
-        per_attr.setdefault(name, []).append(int(asked == read))
-    balanced = {name: balanced_accuracy(rows) for name, rows in sorted(confusion_counts(reads).items())}
+    counts = dict(sorted(confusion_counts(attribute_reads(oracles, images, specs, detections)).items()))
+    hits = {name: sum(reads.get(asked, 0) for asked, reads in rows.items()) for name, rows in counts.items()}
+    asks = {name: sum(sum(reads.values()) for reads in rows.values()) for name, rows in counts.items()}
+    balanced = {name: balanced_accuracy(rows) for name, rows in counts.items()}
     for k, (image, spec, faces) in enumerate(zip(images, specs, detections)):
         n = len(spec.people)
         n_right += len(faces) == n
@@ -335,9 +339,6 @@ def measure_pictures(oracles, images: np.ndarray, specs, reference_embeddings, d
             own.extend((emb * reference_embeddings[k]).sum(1))
             other = reference_embeddings[(k + 1 + rng.integers(len(specs) - 1)) % len(specs)]
             rand.extend(emb @ other[rng.integers(len(other))])
-    for hits in per_attr.values():
-        follow_hits += sum(hits)
-        follow_total += len(hits)
     return {
         "pictures": len(specs),
         "exact_face_count_rate": n_right / len(specs),
@@ -346,8 +347,8 @@ def measure_pictures(oracles, images: np.ndarray, specs, reference_embeddings, d
             str(c): float(np.mean([len(f) == c for f in detections]))
             for c in sorted({len(f) for f in detections})
         },
-        "prompt_following": follow_hits / max(1, follow_total),
-        "prompt_following_by_attribute": {k: float(np.mean(v)) for k, v in sorted(per_attr.items())},
+        "prompt_following": sum(hits.values()) / max(1, sum(asks.values())),
+        "prompt_following_by_attribute": {name: hits[name] / asks[name] for name in counts},
         "prompt_following_balanced": float(np.mean(list(balanced.values()))) if balanced else 0.0,
         "prompt_following_balanced_by_attribute": balanced,
         "face_sim_own_reference": float(np.mean(own)) if own else None,
