@@ -24,7 +24,8 @@ import numpy as np
 
 def confusion(oracles, images: np.ndarray, specs) -> dict[str, dict[str, dict[str, int]]]:
     """{attribute: {asked value: {read value: count}}} over ``images`` made for ``specs``."""
-    from uniportrait.world.report import attribute_reads, confusion_counts
+    from uniportrait.evaluation.prompt_following import confusion_counts
+    from uniportrait.world.report import attribute_reads
     from uniportrait.world.traits import PERSON_ATTRIBUTES, SCENE_ATTRIBUTES
 
     names = {**SCENE_ATTRIBUTES, **PERSON_ATTRIBUTES}
@@ -38,7 +39,7 @@ def confusion(oracles, images: np.ndarray, specs) -> dict[str, dict[str, dict[st
 
 def summarise(counts: dict) -> dict:
     """Per attribute: plain accuracy, balanced accuracy, and per asked value its share read right."""
-    from uniportrait.world.report import balanced_accuracy, right_by_asked_value
+    from uniportrait.evaluation.prompt_following import balanced_accuracy, right_by_asked_value
 
     out = {}
     for name, rows in sorted(counts.items()):

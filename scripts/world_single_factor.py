@@ -74,14 +74,9 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     from uniportrait.atomic import write_text_atomic
+    from uniportrait.evaluation.prompt_following import balanced_accuracy, confusion_counts
     from uniportrait.world.oracles import WorldOracles
-    from uniportrait.world.report import (
-        attribute_reads,
-        balanced_accuracy,
-        base_pipeline,
-        confusion_counts,
-        generate,
-    )
+    from uniportrait.world.report import attribute_reads, base_pipeline, generate
     from uniportrait.world.train_base import denoising_step, to_pixels, tokenize
     from uniportrait.world.word_probe import swapped_caption, word_gains
 

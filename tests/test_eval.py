@@ -209,11 +209,14 @@ def test_eval_command_writes_json_markdown_and_contact_sheet(tmp_path, composed,
     assert summary["multi-id"]["duplicated_rate"] == 0.5
     assert summary["single-id"]["detection_rate"] == 0.5  # the picture without a face
     assert summary["all"]["face_sim_min"]["count"] == 3
+    assert "prompt_following" not in summary["all"]  # dlib reads no attributes
+    assert result["backend"]["prompt_following"] is None and "similarity" in result["backend"]["blending"]
     images = result["images"]
     assert images[1]["identities"] == ["anna", "ffhq-0293"] and images[1]["flags"]["duplicated"]
     assert images[3]["extra"] == {"seed": 3} and images[3]["num_faces"] == 0
     markdown = (out / "results.md").read_text()
     assert "**dlib**" in markdown and "| multi-id | 2 |" in markdown and "duplicated anna" in markdown
+    assert "## Prompt following" not in markdown and "prompt_following" not in images[0]
     sheet = Image.open(out / "contact_sheet.png")
     assert sheet.width > 400 and sheet.height > 4 * 160
     assert "| all | 4 |" in capsys.readouterr().out

@@ -574,6 +574,7 @@ def test_eval_generate_with_the_world_preset_and_oracles(tmp_path):
         assert image.size == (64, 64)
     result = json.loads((out / "results.json").read_text())
     assert result["summary"]["all"]["images"] == 2 and result["context"]["preset"] == "world"
+    assert result["summary"]["all"]["prompt_following"]["asks"] == 4  # "a photo of", "on a beach": 2 pictures
 
 
 @shipped

@@ -306,7 +306,7 @@ def test_attribute_confusion_counts_what_was_asked_against_what_the_oracles_read
     for name, row in summary.items():
         assert row["accuracy"] == pytest.approx(table["prompt_following_by_attribute"][name]), name
     assert summary["style"]["balanced_accuracy"] > 0.8  # renders show what their captions say
-    balanced = table["prompt_following_balanced_by_attribute"]  # one rule: report.balanced_accuracy
+    balanced = table["prompt_following_balanced_by_attribute"]  # one rule: prompt_following.balanced_accuracy
     assert balanced == pytest.approx({name: row["balanced_accuracy"] for name, row in summary.items()})
     assert table["prompt_following_balanced"] == pytest.approx(np.mean(list(balanced.values())))
 

@@ -80,6 +80,15 @@ def _backend(args: argparse.Namespace):
     from uniportrait.evaluation.matching import Thresholds
 
     base = DEFAULT_THRESHOLDS[args.backend]
+    given = [o for o, v in (("--blend-threshold", args.blend_threshold), ("--blend-margin", args.blend_margin),
+                            ("--related", args.related)) if v is not None]  # fmt: skip
+    if args.backend == "world" and given:
+        from uniportrait.errors import UniPortraitError
+
+        raise UniPortraitError(
+            f"{', '.join(given)}: the world backend finds blends by trait attribution, not by similarity "
+            "thresholds (docs/evaluation.md); leave them out"
+        )
     thresholds = Thresholds(
         match=base.match if args.threshold is None else args.threshold,
         blend=base.blend if args.blend_threshold is None else args.blend_threshold,

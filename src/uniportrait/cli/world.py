@@ -116,6 +116,22 @@ def register(subparsers) -> None:
     render.add_argument("--seed", type=int, default=0, help="seed (different seeds give different pictures)")
     render.set_defaults(func=_render)
 
+    bench = sub.add_parser(
+        "bench",
+        help="write benchmark specs of held-out world people for `uniportrait eval --generate`",
+        description="Render a reference photo of each of a few held-out world people and write "
+        "single.json (portraits), multi.json (pairs, 128x64) and, from six people, multi3.json "
+        "(triples) with world captions, for `uniportrait eval --generate SPEC --preset world "
+        "--backend world` (Face Sim, blending by trait attribution, prompt following; docs/world.md).",
+    )
+    bench.add_argument("--out", required=True, metavar="DIR", help="new folder for the photos and specs")
+    bench.add_argument("--people", type=int, default=8, help="held-out people (default 8)")
+    bench.add_argument("--prompts", type=int, default=10, help="one-person captions (default 10)")
+    bench.add_argument("--group-prompts", type=int, default=4, help="captions per group size (default 4)")
+    bench.add_argument("--seeds", type=int, default=2, help="seeds per picture (default 2)")
+    bench.add_argument("--seed", type=int, default=0, help="draws the people and captions (default 0)")
+    bench.set_defaults(func=_bench)
+
     report = sub.add_parser("report", help="measure the oracles, the VAE and the base model on held-out data")
     report.add_argument("--work", default="runs/world", help="the build's working folder (held-out data)")
     report.add_argument(
@@ -248,6 +264,15 @@ def _render(args: argparse.Namespace) -> int:
     check_output_folder(args.out)
     rows = write_dataset(args.out, options, progress=not args.quiet)
     print(f"{args.out}: {rows} pictures")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from uniportrait.world.bench import write_bench
+
+    specs = write_bench(args.out, args.people, args.prompts, args.group_prompts, args.seeds, args.seed)
+    for spec in specs:
+        print(spec)
     return 0
 
 

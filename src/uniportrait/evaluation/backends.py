@@ -28,6 +28,7 @@ Every report names the backend and its thresholds.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from abc import ABC, abstractmethod
@@ -62,6 +63,10 @@ DEFAULT_THRESHOLDS = {
 }
 
 
+#: The default blending rule's description (:func:`~uniportrait.evaluation.matching.match_faces`).
+SIMILARITY_BLENDING = "similarity: weak and ambiguous (thresholds blend, margin, related)"
+
+
 @dataclass(frozen=True)
 class BackendInfo:
     """What a report says about the backend."""
@@ -71,6 +76,10 @@ class BackendInfo:
     embedding: str
     similarity: str
     thresholds: Thresholds
+    #: how a face is found to blend two references
+    blending: str = SIMILARITY_BLENDING
+    #: how prompt following is read, or None when the backend cannot read it
+    prompt_following: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -79,14 +88,23 @@ class BackendInfo:
             "embedding": self.embedding,
             "similarity": self.similarity,
             "thresholds": self.thresholds.to_dict(),
+            "blending": self.blending,
+            "prompt_following": self.prompt_following,
         }
+
+    @property
+    def blends_by_similarity(self) -> bool:
+        """Whether the blend, margin and related thresholds decide blending (the default rule)."""
+        return self.blending == SIMILARITY_BLENDING
 
 
 class FaceSimilarityBackend(ABC):
     """Detect faces, embed them, and compare embeddings.
 
     Subclasses implement :meth:`detect`, :meth:`embed_faces`, :meth:`embed_aligned` and
-    :meth:`similarity`, and set :attr:`info`.
+    :meth:`similarity`, and set :attr:`info`. A backend that knows more about its pictures may
+    also find blends its own way (:meth:`find_blends`) and read prompt following
+    (:meth:`read_prompt`).
     """
 
     info: BackendInfo
@@ -102,9 +120,7 @@ class FaceSimilarityBackend(ABC):
 
     def with_thresholds(self, thresholds: Thresholds) -> FaceSimilarityBackend:
         """Use other thresholds (e.g. from the command line)."""
-        self.info = BackendInfo(
-            self.info.name, self.info.detector, self.info.embedding, self.info.similarity, thresholds
-        )
+        self.info = dataclasses.replace(self.info, thresholds=thresholds)
         return self
 
     def detect(self, image: Image.Image) -> list[Face]:
@@ -125,6 +141,20 @@ class FaceSimilarityBackend(ABC):
     @abstractmethod
     def similarity(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """(A, E) × (B, E) → (A, B) similarities, higher = more alike."""
+
+    def find_blends(self, image: Image.Image, faces: list[Face], references: list, match) -> list[int]:
+        """Indices of the ``faces`` that blend two of the ``references`` (:class:`~uniportrait.
+        evaluation.references.Reference`). By default the similarity rule ``match`` already
+        applied (:func:`~uniportrait.evaluation.matching.match_faces`: weak and ambiguous)."""
+        return list(match.blending)
+
+    def read_prompt(
+        self, image: Image.Image, prompt: str, faces: list[Face], num_people: int
+    ) -> list[tuple[str, int, int]] | None:
+        """``(attribute, asked value, read value)`` for each attribute ``prompt`` asks for, read
+        in ``image`` (see :mod:`uniportrait.evaluation.prompt_following`); None where the backend
+        cannot read attributes (the default)."""
+        return None
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -308,6 +338,12 @@ class WorldBackend(FaceSimilarityBackend):
     """The identity world's oracles (``docs/world.md``): their detector finds faces in world
     pictures and their recogniser embeds aligned faces (cosine). Only meaningful on world pictures.
 
+    Beyond Face Sim it measures what the world's oracles can: **blending by trait attribution**
+    (a face blends two references when each explains a good share of the facial traits that tell
+    them apart, read by the trait regressor; the rule of ``world identity-report``), and **prompt
+    following** (the attributes a prompt in the world's phrases asks for, read back by the
+    attribute classifiers).
+
     Args:
         oracles: a :class:`~uniportrait.world.oracles.WorldOracles` or a folder of oracles
             (default: the shipped ones).
@@ -323,23 +359,61 @@ class WorldBackend(FaceSimilarityBackend):
             embedding=f"world oracle recogniser ({self.analyzer.models['face'].config.embedding_dim}-D)",
             similarity="cosine",
             thresholds=thresholds or DEFAULT_THRESHOLDS["world"],
+            blending="trait attribution by the world's trait regressor (docs/world.md)",
+            prompt_following="the world's attribute oracles on prompts in the world's phrases (docs/world.md)",
         )
+
+    @staticmethod
+    def _small(crop: Image.Image) -> np.ndarray:
+        """A 224 crop on the ArcFace template → the oracles' (1, 64, 64, 3) aligned crop."""
+        from uniportrait.faces import arcface_template
+        from uniportrait.world.faces import aligned_crops
+
+        template = arcface_template(crop.width)
+        return aligned_crops(np.asarray(crop.convert("RGB"))[None], template[None])
+
+    def detect(self, image: Image.Image) -> list[Face]:
+        """Every face, largest first; a picture larger than any world picture is refused
+        (:class:`~uniportrait.errors.InvalidImageError`)."""
+        from uniportrait.world.faces import check_world_picture
+
+        check_world_picture(image, "the world backend", "--backend dlib or curricular")
+        return super().detect(image)
 
     def embed_faces(self, image: Image.Image, faces: list[Face]) -> np.ndarray:
         return self.analyzer.describe(np.asarray(image.convert("RGB")), faces)["embedding"]
 
     def embed_aligned(self, crop: Image.Image) -> np.ndarray:
-        from uniportrait.faces import arcface_template
-        from uniportrait.world.faces import aligned_crops
-
-        # a 224 crop on the ×2 template: the identity alignment resizes it like any other
-        size = crop.width
-        template = arcface_template(size)
-        small = aligned_crops(np.asarray(crop.convert("RGB"))[None], template[None])
-        return self.analyzer.describe_crops(small)["embedding"][0]
+        return self.analyzer.describe_crops(self._small(crop))["embedding"][0]
 
     def similarity(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return _cosine(a, b)
+
+    def reference_traits(self, reference) -> np.ndarray:
+        """(T,) a reference's trait vector: the regressor's reads of its crops, averaged."""
+        if not reference.crops:
+            raise UniPortraitError(f"reference {reference.label!r} has no face crops to read traits from")
+        crops = np.concatenate([self._small(crop) for crop in reference.crops])
+        return self.analyzer.describe_crops(crops)["traits"].mean(0)
+
+    def find_blends(self, image: Image.Image, faces: list[Face], references: list, match) -> list[int]:
+        from uniportrait.world.identity_report import blends
+
+        if len(references) < 2 or not faces:
+            return []
+        traits = self.analyzer.describe(np.asarray(image.convert("RGB")), faces)["traits"]  # (F, T)
+        people = np.stack([self.reference_traits(ref) for ref in references])  # (N, T)
+        closest = np.argsort(-match.similarities, axis=1)[:, :2]  # (F, 2) by the recogniser
+        return [f for f in range(len(faces)) if blends(traits[f], people, list(closest[f]))]
+
+    def read_prompt(
+        self, image: Image.Image, prompt: str, faces: list[Face], num_people: int
+    ) -> list[tuple[str, int, int]]:
+        from uniportrait.world.report import read_asked
+        from uniportrait.world.scenes import read_caption
+
+        asked = read_caption(prompt, num_people)
+        return read_asked(self.analyzer, np.asarray(image.convert("RGB")), asked, faces)
 
 
 def get_backend(

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from uniportrait.errors import UniPortraitError
+from uniportrait.errors import InvalidImageError, UniPortraitError
 from uniportrait.evaluation.backends import BackendInfo, FaceSimilarityBackend
 from uniportrait.evaluation.manifest import ManifestError, ManifestRow
 from uniportrait.evaluation.matching import MatchResult, match_faces
@@ -42,6 +42,8 @@ class ImageResult:
         faces: every face detected in the image, largest first.
         match: faces matched to references, with the flags.
         clip_t: CLIP image–text similarity, or None when not computed.
+        prompt_reads: ``(attribute, asked value, read value)`` per attribute the prompt asks
+            for, where the backend reads attributes (the world's), else None.
     """
 
     row: ManifestRow
@@ -49,6 +51,14 @@ class ImageResult:
     faces: list[Face]
     match: MatchResult
     clip_t: float | None = None
+    prompt_reads: list[tuple[str, int, int]] | None = None
+
+    @property
+    def prompt_following(self) -> float | None:
+        """The share of the prompt's asks read as asked; None when nothing was read."""
+        if not self.prompt_reads:
+            return None
+        return sum(asked == read for _, asked, read in self.prompt_reads) / len(self.prompt_reads)
 
     @property
     def group(self) -> str:
@@ -87,7 +97,19 @@ class ImageResult:
                 "blending": bool(match.blending),
             },
             "clip_t": None if self.clip_t is None else round(self.clip_t, 4),
+            **({"prompt_following": self._prompt_dict()} if self.prompt_reads is not None else {}),
             **({"extra": self.row.extra} if self.row.extra else {}),
+        }
+
+    def _prompt_dict(self) -> dict[str, Any]:
+        from uniportrait.evaluation.prompt_following import value_name
+
+        return {
+            "following": None if self.prompt_following is None else round(self.prompt_following, 4),
+            "reads": [
+                {"attribute": name, "asked": value_name(name, asked), "read": value_name(name, read)}
+                for name, asked, read in self.prompt_reads or []
+            ],
         }
 
 
@@ -130,12 +152,15 @@ def evaluate_image(
     backend: FaceSimilarityBackend,
     assignment: str = "hungarian",
 ) -> tuple[list[Face], MatchResult]:
-    """Detect every face in ``image``, embed them and match them to ``references``."""
+    """Detect every face in ``image``, embed them and match them to ``references``; blends are
+    the backend's (:meth:`~uniportrait.evaluation.backends.FaceSimilarityBackend.find_blends`)."""
     image = image.convert("RGB")
     faces = backend.detect(image)
     embeddings = backend.embed_faces(image, faces)  # (F, E)
     similarities = similarity_to_references(backend, embeddings, references)  # (F, N)
-    return faces, match_faces(similarities, backend.thresholds, assignment)
+    match = match_faces(similarities, backend.thresholds, assignment)
+    match.blending = backend.find_blends(image, faces, references, match)
+    return faces, match
 
 
 def evaluate_rows(
@@ -175,9 +200,13 @@ def evaluate_rows(
             image = load_image(row.image)
         except UniPortraitError as err:
             raise ManifestError(f"{row.where}: {err}") from None
-        faces, match = evaluate_image(image, refs, backend, assignment)
+        try:
+            faces, match = evaluate_image(image, refs, backend, assignment)
+        except InvalidImageError as err:  # e.g. a picture the backend cannot read
+            raise ManifestError(f"{row.where}: {err}") from None
         clip_t = clip.score(image, row.prompt) if clip is not None else None
-        results.append(ImageResult(row, refs, faces, match, clip_t))
+        reads = backend.read_prompt(image.convert("RGB"), row.prompt, faces, len(refs))
+        results.append(ImageResult(row, refs, faces, match, clip_t, reads))
         logger.debug("%s: %d face(s), face sim min %s", row.image, len(faces), match.face_sim_min)
     return EvaluationReport(
         backend=backend.info,
@@ -212,8 +241,12 @@ def summarize(results: list[ImageResult]) -> dict[str, Any]:
     Per group: ``images``; ``face_sim_min`` / ``face_sim_mean`` / ``clip_t`` as
     ``{mean, std, count}`` (count = images with a value: images where no face matched have no
     Face Sim); ``detection_rate`` (share of images with exactly one face per reference);
-    ``missing_rate``, ``duplicated_rate``, ``blending_rate`` (share of images flagged).
+    ``missing_rate``, ``duplicated_rate``, ``blending_rate`` (share of images flagged); where the
+    backend reads prompts (the world's), ``prompt_following`` (plain, balanced, per attribute,
+    and the number of asks: :func:`~uniportrait.evaluation.prompt_following.summarize_reads`).
     """
+    from uniportrait.evaluation.prompt_following import summarize_reads
+
     out: dict[str, Any] = {}
     for group in GROUPS:
         chosen = [r for r in results if group == "all" or r.group == group]
@@ -229,7 +262,18 @@ def summarize(results: list[ImageResult]) -> dict[str, Any]:
             "duplicated_rate": _rate([bool(r.match.duplicated) for r in chosen]),
             "blending_rate": _rate([bool(r.match.blending) for r in chosen]),
         }
+        if any(r.prompt_reads is not None for r in chosen):
+            reads = [read for r in chosen for read in r.prompt_reads or []]
+            out[group]["prompt_following"] = _rounded(summarize_reads(reads))
     return out
+
+
+def _rounded(value: Any) -> Any:
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    return value
 
 
 def image_path_label(row: ManifestRow, width: int = 40) -> str:

@@ -53,6 +53,12 @@ def _flags(result: ImageResult) -> str:
     return "; ".join(parts) or "–"
 
 
+def _prompt_cell(result: ImageResult) -> str:
+    """ "2/3" (asks shown / asked), or "–" where nothing was read."""
+    reads = result.prompt_reads or []
+    return f"{sum(a == r for _, a, r in reads)}/{len(reads)}" if reads else "–"
+
+
 def to_markdown(report: EvaluationReport, per_image: bool = True) -> str:
     """The summary table (and a table of every image)."""
     b = report.backend
@@ -67,9 +73,15 @@ def to_markdown(report: EvaluationReport, per_image: bool = True) -> str:
     lines += [
         f"- Face-similarity backend: **{b.name}** (detector {b.detector}; {b.embedding}; similarity: {b.similarity}). "
         "Numbers from different backends are not comparable.",
-        f"- Assignment: {report.assignment}; thresholds: match {t.match:g}, blend {t.blend:g}, "
-        f"ambiguity margin {t.margin:g}, related {t.related:g}.",
+        f"- Assignment: {report.assignment}; thresholds: match {t.match:g}"
+        + (
+            f", blend {t.blend:g}, ambiguity margin {t.margin:g}, related {t.related:g}."
+            if b.blends_by_similarity
+            else "."
+        ),
         f"- CLIP-T: {report.clip_status}.",
+        f"- Blending: {b.blending}.",
+        *([f"- Prompt following: {b.prompt_following}."] if b.prompt_following else []),
         f"- {len(report.images)} image(s) evaluated in {report.seconds:.1f} s.",
         "",
         "## Summary",
@@ -86,19 +98,47 @@ def to_markdown(report: EvaluationReport, per_image: bool = True) -> str:
             f"{_stat(s['clip_t'])} | {_pct(s['detection_rate'])} | {_pct(s['missing_rate'])} | "
             f"{_pct(s['duplicated_rate'])} | {_pct(s['blending_rate'])} |"
         )
+    following = {
+        group: s["prompt_following"] for group, s in report.summary.items() if "prompt_following" in s
+    }
+    if following:
+        lines += [
+            "",
+            "## Prompt following",
+            "",
+            "The share of the attributes the prompts ask for that the picture shows (every ask counts "
+            "once), and its balanced form: per attribute the mean over the values asked of the share "
+            "shown, so drawing an attribute's most common value every time scores chance.",
+            "",
+            "| group | asks | prompt following | balanced |",
+            "|---|---:|---:|---:|",
+        ]
+        for group, f in following.items():
+            lines.append(
+                f"| {group} | {f['asks']} | {_pct(f['prompt_following'])} | {_pct(f['prompt_following_balanced'])} |"
+            )
+        per = following.get("all", {})
+        if per.get("prompt_following_by_attribute"):
+            lines += ["", "| attribute | followed | balanced |", "|---|---:|---:|"]
+            for name, share in per["prompt_following_by_attribute"].items():
+                balanced = per["prompt_following_balanced_by_attribute"][name]
+                lines.append(f"| {name} | {_pct(share)} | {_pct(balanced)} |")
     if per_image and report.images:
         lines += [
             "",
             "## Images",
             "",
-            "| line | image | identities | faces | Face Sim (lowest) | Face Sim (mean) | CLIP-T | flags |",
-            "|---:|---|---|---:|---:|---:|---:|---|",
+            "| line | image | identities | faces | Face Sim (lowest) | Face Sim (mean) | CLIP-T"
+            + (" | prompt" if following else "")
+            + " | flags |",
+            "|---:|---|---|---:|---:|---:|---:|" + ("---:|" if following else "") + "---|",
         ]
         for r in report.images:
             names = ", ".join(ref.label for ref in r.references)
+            prompt = f" {_prompt_cell(r)} |" if following else ""
             lines.append(
                 f"| {r.row.line} | {image_path_label(r.row)} | {names} | {len(r.faces)} | "
-                f"{_num(r.match.face_sim_min)} | {_num(r.match.face_sim_mean)} | {_num(r.clip_t)} | {_flags(r)} |"
+                f"{_num(r.match.face_sim_min)} | {_num(r.match.face_sim_mean)} | {_num(r.clip_t)} |{prompt} {_flags(r)} |"
             )
     return "\n".join(lines) + "\n"
 

@@ -106,16 +106,27 @@ class WorldFaceAnalyzer:
             InvalidImageError: the picture is larger than any world picture (a real photo: the
                 world's detector has never seen one, and would find nothing or a false face).
         """
-        from uniportrait.errors import InvalidImageError
         from uniportrait.world.oracles import detect_faces
-        from uniportrait.world.scenes import SIZES
 
-        width, height = image.size if isinstance(image, Image.Image) else (image.shape[1], image.shape[0])
-        most_w, most_h = (max(s[k] for s in SIZES.values()) for k in (0, 1))
-        if width > most_w or height > most_h:
-            raise InvalidImageError(
-                f"a {width}x{height} picture is not a world picture (at most {most_w}x{most_h}): the world "
-                "preset reads pictures of world people (`uniportrait world render`); for real photos use "
-                "--preset sd15"
-            )
+        check_world_picture(image, "the world preset", "--preset sd15")
         return detect_faces(self.detector, image, self.threshold)
+
+
+def check_world_picture(image, reader: str, instead: str) -> None:
+    """Refuse a picture larger than any world picture (a real photo): the world's detectors have
+    never seen one, and would find nothing or a false face. ``reader`` names what refuses it,
+    ``instead`` what to use for real photos.
+
+    Raises:
+        InvalidImageError: naming the picture's size, the largest world picture and ``instead``.
+    """
+    from uniportrait.errors import InvalidImageError
+    from uniportrait.world.scenes import SIZES
+
+    width, height = image.size if isinstance(image, Image.Image) else (image.shape[1], image.shape[0])
+    most_w, most_h = (max(s[k] for s in SIZES.values()) for k in (0, 1))
+    if width > most_w or height > most_h:
+        raise InvalidImageError(
+            f"a {width}x{height} picture is not a world picture (at most {most_w}x{most_h}): {reader} "
+            f"reads pictures of world people (`uniportrait world render`); for real photos use {instead}"
+        )

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from uniportrait.evaluation.prompt_following import Read, summarize_reads
 from uniportrait.world.faces import aligned_crops
 from uniportrait.world.traits import (
     CONTINUOUS_TRAITS,
@@ -264,49 +265,33 @@ def held_out_specs(count: int, num_people: int, seed: int, identities: int = 200
     return specs, captions
 
 
-def attribute_reads(oracles, images: np.ndarray, specs, detections) -> list[tuple[str, int, int]]:
-    """``(attribute, asked value, read value)`` for every attribute the captions of ``specs`` ask
-    for, read by the oracles as prompt following counts them: the scene's on every picture, a
-    person's on the n best faces left to right where at least n (the picture's people) are found.
-    ``detections``: the oracle's faces in each picture."""
-    reads = []
-    scene_pred = oracles.scene_attributes(images)
-    for k, (image, spec, faces) in enumerate(zip(images, specs, detections)):
-        want = spec.requested()
-        n = len(spec.people)
-        for name, value in want["scene"].items():
-            reads.append((name, value, int(scene_pred[name][k])))
-        # the n best faces left to right ↔ people left to right
-        faces_lr = sorted(faces[:n], key=lambda f: f.box[0])
-        if len(faces_lr) == n:
-            pred = oracles.person_attributes(
-                np.repeat(image[None], n, 0), np.array([f.box for f in faces_lr])
-            )
-            for i in range(n):
-                for name, value in want["people"][i].items():
-                    reads.append((name, value, int(pred[name][i])))
+def read_asked(oracles, image: np.ndarray, asked: dict, faces, scene_pred: dict | None = None) -> list[Read]:
+    """``(attribute, asked value, read value)`` for every attribute ``asked`` names (the layout of
+    :meth:`~uniportrait.world.scenes.SceneSpec.requested`), read by the oracles in one picture:
+    the scene's always; a person's on the n best ``faces`` left to right (people left to right),
+    where at least n (the people asked about) are found. ``scene_pred``: the scene classifier's
+    reads of this picture, when the caller has them already."""
+    if scene_pred is None:
+        scene_pred = {name: int(v[0]) for name, v in oracles.scene_attributes(image[None]).items()}
+    reads = [(name, value, int(scene_pred[name])) for name, value in asked["scene"].items()]
+    n = len(asked["people"])
+    faces_lr = sorted(faces[:n], key=lambda f: f.box[0])
+    if len(faces_lr) == n and any(asked["people"]):
+        pred = oracles.person_attributes(np.repeat(image[None], n, 0), np.array([f.box for f in faces_lr]))
+        for i in range(n):
+            reads.extend((name, value, int(pred[name][i])) for name, value in asked["people"][i].items())
     return reads
 
 
-def confusion_counts(reads) -> dict[str, dict[int, dict[int, int]]]:
-    """``{attribute: {asked value: {read value: count}}}`` of :func:`attribute_reads`' triples."""
-    counts: dict[str, dict[int, dict[int, int]]] = {}
-    for name, asked, read in reads:
-        row = counts.setdefault(name, {}).setdefault(asked, {})
-        row[read] = row.get(read, 0) + 1
-    return counts
-
-
-def right_by_asked_value(rows: dict) -> dict:
-    """One attribute's ``{asked value: {read value: count}}`` → ``{asked value: share read as asked}``."""
-    return {asked: reads.get(asked, 0) / sum(reads.values()) for asked, reads in rows.items()}
-
-
-def balanced_accuracy(rows: dict) -> float:
-    """One attribute's ``{asked value: {read value: count}}`` → the mean over the values asked of
-    the share read as asked. Unlike the plain share, drawing the most common value every time
-    scores chance (1 / the number of values asked), however common that value is."""
-    return float(np.mean(list(right_by_asked_value(rows).values())))
+def attribute_reads(oracles, images: np.ndarray, specs, detections) -> list[Read]:
+    """:func:`read_asked` for every picture and what the caption of its spec asks for.
+    ``detections``: the oracle's faces in each picture."""
+    scene_pred = oracles.scene_attributes(images)
+    reads = []
+    for k, (image, spec, faces) in enumerate(zip(images, specs, detections)):
+        mine = {name: int(v[k]) for name, v in scene_pred.items()}
+        reads.extend(read_asked(oracles, image, spec.requested(), faces, mine))
+    return reads
 
 
 def measure_pictures(oracles, images: np.ndarray, specs, reference_embeddings, detections=None) -> dict:
@@ -318,7 +303,7 @@ def measure_pictures(oracles, images: np.ndarray, specs, reference_embeddings, d
     ``detections``: the oracle's faces in each picture, when the caller has them already.
 
     Prompt following is the share of asked attributes read as asked (every ask counts once), and
-    its balanced form the mean over attributes of :func:`balanced_accuracy`, which a model cannot
+    its balanced form the mean over attributes of :func:`~uniportrait.evaluation.prompt_following.balanced_accuracy`, which a model cannot
     raise by drawing each attribute's most common value (e.g. "no sunglasses", 80% of asks).
     """
     n_right = 0
@@ -326,14 +311,11 @@ def measure_pictures(oracles, images: np.ndarray, specs, reference_embeddings, d
     rng = np.random.default_rng(0)
     if detections is None:
         detections = [oracles.detect(image) for image in images]
-    counts = dict(sorted(confusion_counts(attribute_reads(oracles, images, specs, detections)).items()))
-    hits = {name: sum(reads.get(asked, 0) for asked, reads in rows.items()) for name, rows in counts.items()}
-    asks = {name: sum(sum(reads.values()) for reads in rows.values()) for name, rows in counts.items()}
-    balanced = {name: balanced_accuracy(rows) for name, rows in counts.items()}
+    following = summarize_reads(attribute_reads(oracles, images, specs, detections))
     for k, (image, spec, faces) in enumerate(zip(images, specs, detections)):
         n = len(spec.people)
         n_right += len(faces) == n
-        faces_lr = sorted(faces[:n], key=lambda f: f.box[0])  # as attribute_reads pairs them
+        faces_lr = sorted(faces[:n], key=lambda f: f.box[0])  # as read_asked pairs them
         if len(faces_lr) == n:
             emb = oracles.describe(image, faces_lr)["embedding"]
             own.extend((emb * reference_embeddings[k]).sum(1))
@@ -347,10 +329,10 @@ def measure_pictures(oracles, images: np.ndarray, specs, reference_embeddings, d
             str(c): float(np.mean([len(f) == c for f in detections]))
             for c in sorted({len(f) for f in detections})
         },
-        "prompt_following": sum(hits.values()) / max(1, sum(asks.values())),
-        "prompt_following_by_attribute": {name: hits[name] / asks[name] for name in counts},
-        "prompt_following_balanced": float(np.mean(list(balanced.values()))) if balanced else 0.0,
-        "prompt_following_balanced_by_attribute": balanced,
+        "prompt_following": following["prompt_following"] or 0.0,
+        "prompt_following_by_attribute": following["prompt_following_by_attribute"],
+        "prompt_following_balanced": following["prompt_following_balanced"] or 0.0,
+        "prompt_following_balanced_by_attribute": following["prompt_following_balanced_by_attribute"],
         "face_sim_own_reference": float(np.mean(own)) if own else None,
         "face_sim_random_reference": float(np.mean(rand)) if rand else None,
     }

@@ -8,6 +8,7 @@ red hat"); attributes the caption does not mention were drawn at random and are 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -235,6 +236,73 @@ def caption(spec: SceneSpec, rng: np.random.Generator | None = None) -> str:
     return text
 
 
+_COUNT_BY_WORDS = {**{words: n for n, words in _COUNT_WORDS.items()}, "one person": 1}
+_SCENE_READ = {"style": _STYLE_PHRASES, "background": _BACKGROUND_PHRASES, "lighting": _LIGHTING_PHRASES}
+_PERSON_READ = {name: PHRASES[name] for name in ("expression", "tilt", "clothing", "hat", "sunglasses")}
+
+
+def _find(text: str, phrases: tuple[str, ...]) -> list[tuple[int, int, int]]:
+    """(start, end, index) of every whole-word occurrence of ``phrases`` in ``text``."""
+    out = []
+    for index, words in enumerate(phrases):
+        if words:
+            pattern = r"(?<![a-z])" + re.escape(words) + r"(?![a-z])"
+            out.extend((m.start(), m.end(), index) for m in re.finditer(pattern, text))
+    return out
+
+
+def _read(text: str, table: dict[str, tuple[str, ...]]) -> tuple[dict[str, int], str]:
+    """The attributes of ``table`` that ``text`` names one value of, and ``text`` with their
+    words blanked out. Longer phrases win ("no sunglasses" before "sunglasses"); an attribute
+    named with two different values is left out (not asked)."""
+    hits = []
+    for name, phrases in table.items():
+        hits.extend((start, end, name, index) for start, end, index in _find(text, phrases))
+    hits.sort(key=lambda h: (h[0] - h[1], h[0]))  # longest first
+    taken = np.zeros(len(text), bool)
+    values: dict[str, set[int]] = {}
+    for start, end, name, index in hits:
+        if taken[start:end].any():
+            continue
+        taken[start:end] = True
+        values.setdefault(name, set()).add(index)
+    blanked = "".join(" " if t else c for c, t in zip(text, taken))
+    return {name: v.pop() for name, v in values.items() if len(v) == 1}, blanked
+
+
+def read_caption(text: str, num_people: int | None = None) -> dict:
+    """What a caption asks for, read back from its words: ``{"count": n or None, "scene": {name:
+    value}, "people": [{name: value}, …]}``, the layout of :meth:`SceneSpec.requested`.
+
+    The inverse of :func:`caption` (``read_caption(caption(spec))`` gives ``spec.requested()``),
+    and a reading of any prompt written in the world's phrases ("a person wearing a red hat on a
+    beach"). The number of people comes from the count words ("two people"), else
+    ``num_people``, else one. With several people, a person's attributes count only where a
+    position phrase says whose they are ("the one on the left smiling"); before the first one,
+    only a shared expression ("two people smiling") is read, for everyone.
+    """
+    text = " ".join(text.lower().split())
+    count_words = tuple(_COUNT_BY_WORDS)
+    counts = {_COUNT_BY_WORDS[count_words[i]] for _, _, i in _find(text, count_words)}
+    said = counts.pop() if len(counts) == 1 else None
+    n = said or num_people or 1
+    scene, rest = _read(text, _SCENE_READ)
+    if n == 1:
+        return {"count": said, "scene": scene, "people": [_read(rest, _PERSON_READ)[0]]}
+    positions = sorted((start, i) for start, _, i in _find(rest, _POSITION_WORDS.get(n, ())))
+    first = positions[0][0] if positions else len(rest)
+    shared, _ = _read(rest[:first], {"expression": _GROUP_EXPRESSION})
+    people: list[dict[str, int]] = [dict(shared) for _ in range(n)]
+    whose: dict[int, list[str]] = {}
+    for k, (start, i) in enumerate(positions):
+        end = positions[k + 1][0] if k + 1 < len(positions) else len(rest)
+        whose.setdefault(i, []).append(rest[start:end])
+    for i, parts in whose.items():
+        own, _ = _read(" | ".join(parts), _PERSON_READ)
+        people[i].update(own)
+    return {"count": said, "scene": scene, "people": people}
+
+
 _HAIR_STYLE_PHRASES = ("bald", "short", "long", "bob", "spiky", "bun", "curly")
 _FACIAL_HAIR_PHRASES = ("no beard", "a moustache", "a beard", "a goatee")
 _MOLE_PHRASES = ("", "a mole on the left cheek", "a mole on the right cheek", "a mole on the chin")
@@ -330,6 +398,7 @@ __all__ = [
     "identity_phrase",
     "identity_vocabulary",
     "layout",
+    "read_caption",
     "sample_spec",
     "vocabulary",
 ]
