@@ -24,7 +24,9 @@ process generates its part; then the same command without --shard evaluates, gen
 what is missing) or under `accelerate launch` (the processes split the grid, the main one
 evaluates). Images already made for the same job and model are kept, so a grid also resumes. The manifest is checked completely before anything is
 evaluated; a bad row is an error naming its line, and nothing is written.
-Numbers from different --backend values are not comparable. See docs/evaluation.md.
+Numbers from different --backend values are not comparable. With --backend world (pictures of
+the identity world, e.g. a `uniportrait world bench` grid) the oracles also read prompt following
+from the prompt's words and find blends by facial traits. See docs/evaluation.md.
 """
 
 
@@ -43,7 +45,7 @@ def register(subparsers) -> None:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--backend", choices=BACKENDS, default="dlib",
                         help="face-similarity backend (default: dlib, offline; world: the identity world's "
-                        "oracles, for world pictures)")  # fmt: skip
+                        "oracles, for world pictures, with prompt following and blending by traits)")  # fmt: skip
     parser.add_argument("--backbone", metavar="PATH|HUB_ID", default=None,
                         help="curricular backend: the CurricularFace IR-101 file or its folder / Hub repo "
                         "(default: the published UniPortrait repo)")  # fmt: skip
