@@ -94,7 +94,7 @@ def main(argv=None) -> int:
 
     from uniportrait.atomic import write_text_atomic
     from uniportrait.world.oracles import WorldOracles
-    from uniportrait.world.report import base_pipeline, generate, held_out_specs, measure_pictures
+    from uniportrait.world.report import base_pipeline, generate, held_out_specs, measure_pictures, save_base
     from uniportrait.world.train_base import denoising_step, to_pixels, tokenize
     from uniportrait.world.word_probe import word_probe
 
@@ -158,12 +158,7 @@ def main(argv=None) -> int:
     result["loss_by_stage"] = [float(np.mean(part)) for part in np.array_split(losses, STAGES)]
     result["after"] = measure(unet)
     print("after", json.dumps(result["after"]), flush=True)
-    saved = Path(args.save) if args.save else out / "base"
-    partial = Path(f"{saved}.partial")  # written beside, then renamed: never a half-written base
-    shutil.rmtree(partial, ignore_errors=True)
-    shutil.copytree(base, partial, ignore=lambda folder, names: ["unet"] if Path(folder) == base else [])
-    unet.save_pretrained(partial / "unet")
-    partial.rename(saved)
+    saved = save_base(base, unet, Path(args.save) if args.save else out / "base")
     result["word_probe_after"] = word_probe(saved, list(PROBED), count=300)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "curriculum.json", json.dumps(result, indent=2))

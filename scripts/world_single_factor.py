@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     from uniportrait.atomic import write_text_atomic
     from uniportrait.evaluation.prompt_following import balanced_accuracy, confusion_counts
     from uniportrait.world.oracles import WorldOracles
-    from uniportrait.world.report import attribute_reads, base_pipeline, generate
+    from uniportrait.world.report import attribute_reads, base_pipeline, generate, save_base
     from uniportrait.world.train_base import denoising_step, to_pixels, tokenize
     from uniportrait.world.word_probe import swapped_caption, word_gains
 
@@ -134,14 +134,8 @@ def main(argv=None) -> int:
     print("after", json.dumps(result["after"]), flush=True)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "single_factor.json", json.dumps(result, indent=2))
-    if args.save:  # written beside, then renamed: a stopped run leaves no half-written base
-        import shutil
-
-        partial = Path(f"{args.save}.partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        shutil.copytree(base, partial, ignore=lambda folder, names: ["unet"] if Path(folder) == base else [])
-        unet.save_pretrained(partial / "unet")
-        partial.rename(args.save)
+    if args.save:
+        save_base(base, unet, Path(args.save))
     return 0
 
 

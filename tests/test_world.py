@@ -908,3 +908,30 @@ def test_word_probe_finds_the_shipped_base_reading_background_words(tmp_path, ca
     assert "is a folder" in capsys.readouterr().err
     assert script.main([base, "--attributes", ","]) == 2
     assert "no attribute to probe" in capsys.readouterr().err
+
+
+@shipped
+def test_save_base_swaps_the_unet_and_leaves_nothing_when_it_fails(tmp_path):
+    """report.save_base, which the fine-tuning scripts keep their bases with."""
+    from diffusers import UNet2DConditionModel
+
+    from uniportrait.world.report import save_base
+
+    unet = UNet2DConditionModel.from_pretrained(WORLD_ASSETS / "base" / "unet")
+    with torch.no_grad():
+        unet.conv_out.bias.add_(1.0)
+    out = save_base(WORLD_ASSETS / "base", unet, tmp_path / "base")
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (WORLD_ASSETS / "base").iterdir())
+    saved = UNet2DConditionModel.from_pretrained(out / "unet")
+    assert torch.equal(saved.conv_out.bias, unet.conv_out.bias)
+    assert (out / "vae" / "config.json").read_text() == (
+        WORLD_ASSETS / "base" / "vae" / "config.json"
+    ).read_text()
+
+    def fail(folder):
+        raise OSError("disk full")
+
+    unet.save_pretrained = fail
+    with pytest.raises(OSError):
+        save_base(WORLD_ASSETS / "base", unet, tmp_path / "other")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base"]  # no half-written base, no leftovers

@@ -268,8 +268,12 @@ def _render(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from uniportrait.cli._common import check_output_folder
     from uniportrait.world.bench import write_bench
 
+    check_output_folder(Path(args.out).parent)  # a folder inside a file is refused in one line
     specs = write_bench(args.out, args.people, args.prompts, args.group_prompts, args.seeds, args.seed)
     for spec in specs:
         print(spec)

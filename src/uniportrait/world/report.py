@@ -397,6 +397,21 @@ def base_pipeline(base_dir: Path):
     return pipe
 
 
+def save_base(base_dir: Path, unet, dest: Path) -> Path:
+    """A base folder at ``dest``: ``base_dir`` with ``unet`` (saved in its own dtype) in place of
+    its UNet, written whole and then moved in place, so a stopped run leaves no half-written base."""
+    import shutil
+
+    from uniportrait.atomic import atomic_directory
+
+    base_dir = Path(base_dir)
+    with atomic_directory(dest) as tmp:
+        skip_unet = lambda folder, names: ["unet"] if Path(folder) == base_dir else []  # noqa: E731
+        shutil.copytree(base_dir, tmp, dirs_exist_ok=True, ignore=skip_unet)
+        unet.save_pretrained(tmp / "unet")
+    return Path(dest)
+
+
 def base_report(
     pipe, oracles, singles: int = 200, groups: int = 60, seeds=(0, 1, 2), guidance: float = 7.5
 ) -> dict:
