@@ -44,6 +44,7 @@ def test_read_caption_on_prompts_written_by_hand():
     # without count words the caller's number of people is used; person words need a position then
     assert read_caption("in a forest, wearing a blue hat", num_people=2)["people"] == [{}, {}]
     assert read_caption("wearing a blue hat")["people"] == [{"hat": 2}]
+    assert read_caption("wearing an orange shirt")["people"] == [{"clothing": 7}]  # as a person writes it
     # an attribute named with two values is not asked; words that are not the world's ask nothing
     assert read_caption("a person on a beach in a forest")["scene"] == {}
     assert read_caption("an astronaut riding a horse") == {"count": None, "scene": {}, "people": [{}]}

@@ -282,6 +282,8 @@ def read_caption(text: str, num_people: int | None = None) -> dict:
     only a shared expression ("two people smiling") is read, for everyone.
     """
     text = " ".join(text.lower().split())
+    # the templates say "a orange shirt"; a person writes "an orange shirt"
+    text = re.sub(r"(?<![a-z])an (?=orange\b)", "a ", text)
     count_words = tuple(_COUNT_BY_WORDS)
     counts = {_COUNT_BY_WORDS[count_words[i]] for _, _, i in _find(text, count_words)}
     said = counts.pop() if len(counts) == 1 else None
