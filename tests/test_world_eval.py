@@ -192,5 +192,6 @@ def test_world_bench_writes_specs_that_eval_generate_runs(tmp_path, capsys):
     assert rendered["summary"]["multi-id"]["detection_rate"] == 1
     assert rendered["summary"]["multi-id"]["face_sim_min"]["mean"] > 0.7  # the people themselves
     assert main(["-q", "world", "bench", "--out", str(tmp_path / "b2"), "--people", "1"]) == 2
+    assert main(["-q", "world", "bench", "--out", str(tmp_path / "b2"), "--seed", "-1"]) == 2
     assert main(["-q", "world", "bench", "--out", str(bench / "single.json" / "b3")]) == 2
     assert "cannot write" in capsys.readouterr().err and not (tmp_path / "b2").exists()

@@ -246,6 +246,8 @@ def _render(args: argparse.Namespace) -> int:
         ) from None
     if not people or any(p not in (1, 2, 3, 4) for p in people):
         raise UniPortraitError(f"--people must be numbers from 1 to 4, got {args.people!r}")
+    if args.seed < 0:
+        raise UniPortraitError(f"--seed must be 0 or more, got {args.seed}")
     if args.count < 1 or args.identities < max(people) or args.renders_per_identity < 1:
         raise UniPortraitError(
             "--count and --renders-per-identity must be positive and --identities at least --people"

@@ -69,6 +69,8 @@ def write_bench(
         raise UniPortraitError(f"--people must be 2 to {BENCH_IDENTITIES}, got {people}")
     if prompts < 1 or group_prompts < 1 or seeds < 1:
         raise UniPortraitError("--prompts, --group-prompts and --seeds must be at least 1")
+    if seed < 0:
+        raise UniPortraitError(f"--seed must be 0 or more, got {seed}")
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UniPortraitError(f"{out} exists and is not an empty folder; choose a new one")
