@@ -420,7 +420,9 @@ def test_world_commands_refuse_bad_input_before_writing(tmp_path, capsys):
     assert not out.exists()
     (tmp_path / "file.txt").write_text("x")
     assert main(["-q", "world", "render", "--out", str(tmp_path / "file.txt" / "data"), "--count", "1"]) == 2
-    assert main(["-q", "world", "render", "--out", str(tmp_path / "neg"), "--count", "1", "--seed", "-1"]) == 2
+    assert (
+        main(["-q", "world", "render", "--out", str(tmp_path / "neg"), "--count", "1", "--seed", "-1"]) == 2
+    )
     assert not (tmp_path / "neg").exists()
     assert main(["-q", "world", "build", "--work", str(tmp_path / "w"), "--stages", "nope"]) == 2
     assert main(["-q", "world", "build", "--work", str(tmp_path / "w"), "--layout", "3x"]) == 2
