@@ -19,12 +19,14 @@ fine-tuned base saved in fp32). Writes ``OUT/curriculum.json``; ``--save DIR`` k
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from pathlib import Path
 
 import numpy as np
+
+# the arguments and encoding a base fine-tune shares, from the script beside this one
+from world_single_factor import check_fine_tune_args, encode_portraits, fine_tune_parser
 
 FACE = ("expression", "tilt", "hat", "sunglasses")
 REST = {"look": ("clothing",), "scene": ("background", "lighting", "style")}
@@ -70,23 +72,9 @@ def world_specs(count: int, seed: int):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("base", help="a world base folder (a diffusers SD pipeline folder)")
-    parser.add_argument("out", help="folder to write curriculum.json to")
-    parser.add_argument("--steps", type=int, default=1500)
-    parser.add_argument("--count", type=int, default=2000, help="portraits per pool (default 2000)")
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--save", default=None, metavar="DIR", help="keep the fine-tuned base folder here")
+    parser = fine_tune_parser(__doc__, "curriculum.json", 1500, "portraits per pool", 1e-4)
     args = parser.parse_args(argv)
-    base, out = Path(args.base), Path(args.out)
-    if not (base / "model_index.json").is_file():
-        parser.error(f"{base} is not a base folder (no model_index.json)")
-    if args.save and Path(args.save).exists():
-        parser.error(f"{args.save} exists; give a new folder for the fine-tuned base")
-    if out.exists() and not out.is_dir():
-        parser.error(f"{out} is a file; give a folder to write to")
-    if args.steps < STAGES or args.count < 16 or not 0 < args.lr <= 1:
-        parser.error(f"--steps must be at least {STAGES}, --count at least 16, --lr in (0, 1]")
+    base, out = check_fine_tune_args(parser, args, min_steps=STAGES, min_count=16)
 
     import torch
     from diffusers import DDPMScheduler
@@ -95,21 +83,18 @@ def main(argv=None) -> int:
     from uniportrait.atomic import write_text_atomic
     from uniportrait.world.oracles import WorldOracles
     from uniportrait.world.report import base_pipeline, generate, held_out_specs, measure_pictures, save_base
-    from uniportrait.world.train_base import denoising_step, to_pixels, tokenize
+    from uniportrait.world.train_base import denoising_step, tokenize
     from uniportrait.world.word_probe import word_probe
 
     torch.manual_seed(0)
     pipe, oracles = base_pipeline(base), WorldOracles()
     schedule = DDPMScheduler.from_config(pipe.scheduler.config)
 
-    @torch.no_grad()
-    def encode(specs, captions):
-        images = np.stack([s.render().image for s in specs])
-        z0 = pipe.vae.encode(to_pixels(images)).latent_dist.mean * pipe.vae.config.scaling_factor
-        return z0, pipe.text_encoder(tokenize(pipe.tokenizer, captions))[0]
-
-    pools = [encode(*face_focused_specs(args.count, k / (STAGES - 1), seed=1)) for k in range(STAGES)]
-    z_world, c_world = encode(*world_specs(args.count, seed=2))
+    pools = [
+        encode_portraits(pipe, *face_focused_specs(args.count, k / (STAGES - 1), seed=1))
+        for k in range(STAGES)
+    ]
+    z_world, c_world = encode_portraits(pipe, *world_specs(args.count, seed=2))
     with torch.no_grad():
         null = pipe.text_encoder(tokenize(pipe.tokenizer, [""]))[0]
     example = face_focused_specs(1, 0.0, seed=1)[1][0], face_focused_specs(1, 1.0, seed=1)[1][0]

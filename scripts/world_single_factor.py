@@ -45,16 +45,22 @@ def controlled_specs(attribute: str, count: int, held_out: bool, seed: int):
     return specs, captions
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def fine_tune_parser(
+    doc: str, result: str, steps: int, count_help: str, lr: float
+) -> argparse.ArgumentParser:
+    """The arguments a base fine-tuning script shares (this one's and world_curriculum.py's)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("base", help="a world base folder (a diffusers SD pipeline folder)")
-    parser.add_argument("out", help="folder to write single_factor.json to")
-    parser.add_argument("--attribute", default="tilt")
-    parser.add_argument("--steps", type=int, default=500)
-    parser.add_argument("--count", type=int, default=2000, help="training portraits (default 2000)")
-    parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--save", default=None, metavar="DIR", help="write the fine-tuned base folder here")
-    args = parser.parse_args(argv)
+    parser.add_argument("out", help=f"folder to write {result} to")
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--count", type=int, default=2000, help=f"{count_help} (default 2000)")
+    parser.add_argument("--lr", type=float, default=lr)
+    parser.add_argument("--save", default=None, metavar="DIR", help="keep the fine-tuned base folder here")
+    return parser
+
+
+def check_fine_tune_args(parser, args, min_steps: int = 1, min_count: int = 1) -> tuple[Path, Path]:
+    """(base, out) of :func:`fine_tune_parser`'s arguments, checked before anything is loaded."""
     base, out = Path(args.base), Path(args.out)
     if not (base / "model_index.json").is_file():
         parser.error(f"{base} is not a base folder (no model_index.json)")
@@ -62,8 +68,31 @@ def main(argv=None) -> int:
         parser.error(f"{args.save} exists; give a new folder for the fine-tuned base")
     if out.exists() and not out.is_dir():
         parser.error(f"{out} is a file; give a folder to write to")
-    if args.steps < 1 or args.count < 1 or not 0 < args.lr <= 1:
-        parser.error("--steps and --count must be at least 1, --lr in (0, 1]")
+    if args.steps < min_steps or args.count < min_count or not 0 < args.lr <= 1:
+        parser.error(f"--steps must be at least {min_steps}, --count at least {min_count}, --lr in (0, 1]")
+    return base, out
+
+
+def encode_portraits(pipe, specs, captions):
+    """Rendered ``specs``' latents (the VAE's mean, scaled) and their captions' text states."""
+    import torch
+
+    from uniportrait.world.train_base import to_pixels, tokenize
+
+    with torch.no_grad():
+        images = np.stack([s.render().image for s in specs])
+        z0 = (
+            pipe.vae.encode_portraits(pipe, to_pixels(images)).latent_dist.mean
+            * pipe.vae.config.scaling_factor
+        )
+        return z0, pipe.text_encoder(tokenize(pipe.tokenizer, captions))[0]
+
+
+def main(argv=None) -> int:
+    parser = fine_tune_parser(__doc__, "single_factor.json", 500, "training portraits", 2e-4)
+    parser.add_argument("--attribute", default="tilt")
+    args = parser.parse_args(argv)
+    base, out = check_fine_tune_args(parser, args)
     from uniportrait.world.scenes import PHRASED_ATTRIBUTES
 
     if args.attribute not in PHRASED_ATTRIBUTES:
@@ -77,26 +106,20 @@ def main(argv=None) -> int:
     from uniportrait.evaluation.prompt_following import balanced_accuracy, confusion_counts
     from uniportrait.world.oracles import WorldOracles
     from uniportrait.world.report import attribute_reads, base_pipeline, generate, save_base
-    from uniportrait.world.train_base import denoising_step, to_pixels, tokenize
+    from uniportrait.world.train_base import denoising_step, tokenize
     from uniportrait.world.word_probe import swapped_caption, word_gains
 
     pipe, oracles = base_pipeline(base), WorldOracles()
     schedule = DDPMScheduler.from_config(pipe.scheduler.config)
 
-    @torch.no_grad()
-    def encode(specs, captions):
-        images = np.stack([s.render().image for s in specs])
-        z0 = pipe.vae.encode(to_pixels(images)).latent_dist.mean * pipe.vae.config.scaling_factor
-        return z0, pipe.text_encoder(tokenize(pipe.tokenizer, captions))[0]
-
     train_specs, train_captions = controlled_specs(args.attribute, args.count, held_out=False, seed=1)
-    z_train, c_train = encode(train_specs, train_captions)
+    z_train, c_train = encode_portraits(pipe, train_specs, train_captions)
     with torch.no_grad():
         null = pipe.text_encoder(tokenize(pipe.tokenizer, [""]))[0]
     probe_specs, probe_captions = controlled_specs(args.attribute, 300, held_out=True, seed=2)
     asked = [{**s.requested()["scene"], **s.requested()["people"][0]}[args.attribute] for s in probe_specs]
     wrong_captions = [swapped_caption(c, args.attribute, v) for c, v in zip(probe_captions, asked)]
-    z_probe, right = encode(probe_specs, probe_captions)
+    z_probe, right = encode_portraits(pipe, probe_specs, probe_captions)
     with torch.no_grad():
         wrong = pipe.text_encoder(tokenize(pipe.tokenizer, wrong_captions))[0]
     draw_specs, draw_captions = controlled_specs(args.attribute, 180, held_out=True, seed=3)

@@ -82,15 +82,6 @@ def _backend(args: argparse.Namespace):
     from uniportrait.evaluation.matching import Thresholds
 
     base = DEFAULT_THRESHOLDS[args.backend]
-    given = [o for o, v in (("--blend-threshold", args.blend_threshold), ("--blend-margin", args.blend_margin),
-                            ("--related", args.related)) if v is not None]  # fmt: skip
-    if args.backend == "world" and given:
-        from uniportrait.errors import UniPortraitError
-
-        raise UniPortraitError(
-            f"{', '.join(given)}: the world backend finds blends by trait attribution, not by similarity "
-            "thresholds (docs/evaluation.md); leave them out"
-        )
     thresholds = Thresholds(
         match=base.match if args.threshold is None else args.threshold,
         blend=base.blend if args.blend_threshold is None else args.blend_threshold,
@@ -104,7 +95,17 @@ def _backend(args: argparse.Namespace):
             kwargs["device"] = args.device
     elif args.backend == "insightface":
         kwargs["model"] = args.insightface_model
-    return get_backend(args.backend, thresholds=thresholds, **kwargs)
+    backend = get_backend(args.backend, thresholds=thresholds, **kwargs)
+    given = [o for o, v in (("--blend-threshold", args.blend_threshold), ("--blend-margin", args.blend_margin),
+                            ("--related", args.related)) if v is not None]  # fmt: skip
+    if given and not backend.info.blends_by_similarity:
+        from uniportrait.errors import UniPortraitError
+
+        raise UniPortraitError(
+            f"{', '.join(given)}: the {backend.name} backend finds blends by {backend.info.blending}, "
+            "not by similarity thresholds; leave them out"
+        )
+    return backend
 
 
 def _shard(args: argparse.Namespace):

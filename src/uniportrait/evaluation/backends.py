@@ -353,6 +353,7 @@ class WorldBackend(FaceSimilarityBackend):
         from uniportrait.world.oracles import WorldOracles
 
         self.analyzer = oracles if isinstance(oracles, WorldOracles) else WorldOracles(oracles)
+        self._traits: dict[int, tuple[list, np.ndarray]] = {}  # id(crops) → (crops, trait vector)
         self.info = BackendInfo(
             name="world",
             detector="world oracle detector",
@@ -390,11 +391,16 @@ class WorldBackend(FaceSimilarityBackend):
         return _cosine(a, b)
 
     def reference_traits(self, reference) -> np.ndarray:
-        """(T,) a reference's trait vector: the regressor's reads of its crops, averaged."""
+        """(T,) a reference's trait vector: the regressor's reads of its crops, averaged; read once
+        per reference (the entry keeps the crops alive, so their id is not reused)."""
         if not reference.crops:
             raise UniPortraitError(f"reference {reference.label!r} has no face crops to read traits from")
-        crops = np.concatenate([self._small(crop) for crop in reference.crops])
-        return self.analyzer.describe_crops(crops)["traits"].mean(0)
+        cached = self._traits.get(id(reference.crops))
+        if cached is None or cached[0] is not reference.crops:
+            crops = np.concatenate([self._small(crop) for crop in reference.crops])
+            cached = (reference.crops, self.analyzer.describe_crops(crops)["traits"].mean(0))
+            self._traits[id(reference.crops)] = cached
+        return cached[1]
 
     def find_blends(self, image: Image.Image, faces: list[Face], references: list, match) -> list[int]:
         from uniportrait.world.identity_report import blends

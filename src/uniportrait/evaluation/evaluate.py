@@ -54,11 +54,17 @@ class ImageResult:
     prompt_reads: list[tuple[str, int, int]] | None = None
 
     @property
-    def prompt_following(self) -> float | None:
-        """The share of the prompt's asks read as asked; None when nothing was read."""
+    def prompt_counts(self) -> tuple[int, int] | None:
+        """(asks read as asked, asks) of the prompt; None when nothing was read."""
         if not self.prompt_reads:
             return None
-        return sum(asked == read for _, asked, read in self.prompt_reads) / len(self.prompt_reads)
+        return sum(asked == read for _, asked, read in self.prompt_reads), len(self.prompt_reads)
+
+    @property
+    def prompt_following(self) -> float | None:
+        """The share of the prompt's asks read as asked; None when nothing was read."""
+        counts = self.prompt_counts
+        return None if counts is None else counts[0] / counts[1]
 
     @property
     def group(self) -> str:
@@ -104,8 +110,9 @@ class ImageResult:
     def _prompt_dict(self) -> dict[str, Any]:
         from uniportrait.evaluation.prompt_following import value_name
 
+        following = self.prompt_following
         return {
-            "following": None if self.prompt_following is None else round(self.prompt_following, 4),
+            "following": None if following is None else round(following, 4),
             "reads": [
                 {"attribute": name, "asked": value_name(name, asked), "read": value_name(name, read)}
                 for name, asked, read in self.prompt_reads or []

@@ -55,8 +55,8 @@ def _flags(result: ImageResult) -> str:
 
 def _prompt_cell(result: ImageResult) -> str:
     """ "2/3" (asks shown / asked), or "–" where nothing was read."""
-    reads = result.prompt_reads or []
-    return f"{sum(a == r for _, a, r in reads)}/{len(reads)}" if reads else "–"
+    counts = result.prompt_counts
+    return "–" if counts is None else f"{counts[0]}/{counts[1]}"
 
 
 def to_markdown(report: EvaluationReport, per_image: bool = True) -> str:

@@ -33,12 +33,6 @@ PHOTO_LOOK = {"hat": 0, "sunglasses": 0}
 PHOTO_SCENE = {"style": 0, "lighting": 0}
 
 
-def _held_out(count: int, num_people: int, seed: int):
-    from uniportrait.world.report import held_out_specs
-
-    return held_out_specs(count, num_people, seed)
-
-
 def _with_people(spec, identities: list[int]):
     """``spec`` (a caption's scene) drawn with these people in its people's places and looks."""
     from uniportrait.world.traits import Traits
@@ -63,6 +57,7 @@ def write_bench(
     from PIL import Image
 
     from uniportrait.atomic import atomic_directory
+    from uniportrait.world.report import held_out_specs
     from uniportrait.world.scenes import identity_number, sample_spec
 
     if not 2 <= people <= BENCH_IDENTITIES:
@@ -80,17 +75,17 @@ def write_bench(
     names = list(number)
     identities = {name: [f"photos/{name}.png"] for name in names}
     grids = {  # spec file → (its name, groups of people, the caption scenes, picture size)
-        "single": ("world-single", [[n] for n in names], _held_out(prompts, 1, seed), (64, 64)),
+        "single": ("world-single", [[n] for n in names], held_out_specs(prompts, 1, seed), (64, 64)),
         "multi": (
             "world-multi",
             [names[k : k + 2] for k in range(0, people - 1, 2)],
-            _held_out(group_prompts, 2, seed),
+            held_out_specs(group_prompts, 2, seed),
             (128, 64),
         ),
     }
     if people >= 6:
         triples = [names[k : k + 3] for k in range(0, people - 2, 3)]
-        grids["multi3"] = ("world-multi3", triples, _held_out(group_prompts, 3, seed), (128, 64))
+        grids["multi3"] = ("world-multi3", triples, held_out_specs(group_prompts, 3, seed), (128, 64))
     with atomic_directory(out) as tmp:
         (tmp / "photos").mkdir()
         for name, ident in number.items():
