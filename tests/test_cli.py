@@ -268,6 +268,9 @@ def test_failure_while_writing_leaves_no_partial_files(tmp_path, monkeypatch, ca
 def test_bad_numbers(tmp_path, capsys):
     assert "--steps" in _bad_generate(tmp_path, capsys, ["--steps", "0"])
     assert "multiple of 8" in _bad_generate(tmp_path, capsys, ["--width", "100"])
+    assert "--identity-guidance must be between 0.0 and 30.0" in _bad_generate(
+        tmp_path, capsys, ["--identity-guidance", "-2"]
+    )
 
 
 def test_demo_writes_real_files(tmp_path, capsys):

@@ -119,7 +119,7 @@ def test_eval_generate_runs_a_tiny_benchmark_end_to_end(tmp_path, capsys):
         "single": {"prompts": ["a photo of a person"]},
         "multi": {"groups": "pairs", "prompts": ["two people at a cafe"]},
         "seeds": [0],
-        "settings": {"steps": STEPS, "width": SIZE, "height": SIZE},
+        "settings": {"steps": STEPS, "width": SIZE, "height": SIZE, "identity_guidance": 3.0},
     }
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     out = tmp_path / "bench"
@@ -145,4 +145,17 @@ def test_bad_benchmark_spec_fails_before_generating(tmp_path, capsys):
     out = tmp_path / "bench"
     assert _eval_generate(tmp_path / "spec.yaml", out) == 2
     assert f"spec.yaml: identity 'anna': photo {tmp_path}/missing.jpg not found" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_bad_benchmark_setting_fails_before_generating(tmp_path, capsys):
+    spec = {
+        "identities": {"anna": [str(sample_photo("ffhq-0100.jpg"))]},
+        "single": {"prompts": ["a person"]},
+        "settings": {"identity_guidance": 31},
+    }
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    out = tmp_path / "bench"
+    assert _eval_generate(tmp_path / "spec.json", out) == 2
+    assert "settings: identity_guidance must be between 0.0 and 30.0" in capsys.readouterr().err
     assert not out.exists()

@@ -70,6 +70,49 @@ def test_face_structure_scale_defaults(generate, idents, n_ids, default, other):
     assert_differ(generate(seed=2, identities=ids, face_structure_scale=other), implicit)
 
 
+def _unet_batches(pipe, monkeypatch) -> list[tuple[int, torch.Tensor | None]]:
+    """Record each UNet call's batch size and its identity tokens (B, N, T, D)."""
+    calls = []
+    forward = pipe.unet.forward
+
+    def spy(sample, *args, **kwargs):
+        call = (kwargs.get("cross_attention_kwargs") or {}).get("uniportrait")
+        calls.append((len(sample), None if call is None else call.id_tokens))
+        return forward(sample, *args, **kwargs)
+
+    monkeypatch.setattr(pipe.unet, "forward", spy)
+    return calls
+
+
+@pytest.mark.parametrize("n_ids", [1, 2])
+def test_identity_guidance(tiny_pipe, generate, idents, monkeypatch, n_ids):
+    ids = idents[:n_ids]
+    one = generate(seed=3, identities=ids, guidance_scale=5.0)
+    calls = _unet_batches(tiny_pipe, monkeypatch)
+    # the same scale as the text's is one guidance: the usual two groups, the same images
+    assert_same(
+        generate(seed=3, identities=ids, guidance_scale=5.0, identity_guidance_scale=5.0), one, atol=0
+    )
+    assert {b for b, _ in calls} == {2}
+    # a scale a hair away takes the three-group path; its formula reduces to the one guidance
+    calls.clear()
+    near = generate(seed=3, identities=ids, guidance_scale=5.0, identity_guidance_scale=5.0 + 1e-6)
+    assert {b for b, _ in calls} == {3}
+    assert_same(near, one, atol=1e-4)
+    # the groups: [∅ text, ∅ ids], [text, ∅ ids], [text, ids]: only the last carries the people
+    tokens = calls[0][1]
+    assert torch.equal(tokens[0], tokens[1]) and not torch.equal(tokens[1], tokens[2])
+    more = generate(seed=3, identities=ids, guidance_scale=5.0, identity_guidance_scale=12.0)
+    assert_differ(more, one)
+    # without guidance, or without identities, there is nothing to guide apart
+    calls.clear()
+    assert_same(generate(seed=3, identities=ids, guidance_scale=1.0, identity_guidance_scale=12.0),
+                generate(seed=3, identities=ids, guidance_scale=1.0), atol=0)  # fmt: skip
+    assert_same(generate(seed=3, guidance_scale=5.0, identity_guidance_scale=12.0),
+                generate(seed=3, guidance_scale=5.0), atol=0)  # fmt: skip
+    assert {b for b, _ in calls} <= {1, 2}
+
+
 # -- 3. routing -----------------------------------------------------------------------------------
 
 
@@ -238,10 +281,22 @@ def test_ip_adapter_unconditional_side_is_zero_embedding(tiny_pipe):
         ({"n_ids": 1, "faceid_masks": np.ones((1, 8, 8))}, "two or more identities"),
         ({"face_structure_scale": 1.5}, "face_structure_scale"),
         ({"faceid_scale": float("nan")}, "faceid_scale"),
+        ({"identity_guidance_scale": -1.0}, r"identity_guidance_scale must be between 0.0 and 30.0"),
         ({"output_type": "jpeg"}, "output_type"),
         ({"negative_prompt": ["a", "b"]}, "negative_prompt"),
     ],
-    ids=["height", "steps", "masks-count", "masks-ndim", "masks-one-id", "structure", "nan", "output", "neg"],
+    ids=[
+        "height",
+        "steps",
+        "masks-count",
+        "masks-ndim",
+        "masks-one-id",
+        "structure",
+        "nan",
+        "id-guidance",
+        "output",
+        "neg",
+    ],
 )
 def test_check_inputs(tiny_pipe, idents, kwargs, message):
     kwargs = dict(kwargs)

@@ -131,13 +131,16 @@ def test_identity_report_measures_a_world_adapter(tmp_path):
     report = json.loads((out / "identity_report.json").read_text())
     rows = report["single"]
     assert set(rows) == {"base model (no identity)", "UniPortrait stage I",
-                         "structure branch off (face_structure_scale 0)"}  # fmt: skip
+                         "structure branch off (face_structure_scale 0)",
+                         "UniPortrait stage I, identity guidance 10"}  # fmt: skip
     for row in rows.values():
         assert 0 <= row["prompt_following"]["mean"] <= 1
         assert -1 <= row["face_sim"]["mean"] <= 1
         assert 0 <= row["identification"]["mean"] <= 1 and row["identification_chance"]["mean"] == 0.5
     assert set(report["multi_2"]) == set(report["multi_3"]) == {
-        "no routing (every identity everywhere)", "user masks (layout boxes)", "router"}  # fmt: skip
+        "no routing (every identity everywhere)", "user masks (layout boxes)", "router",
+        "router, identity guidance 10"}  # fmt: skip
+    assert "routing_accuracy" in report["multi_2"]["router, identity guidance 10"]
     assert (out / "single_stage1.png").is_file() and (out / "multi_2_router.png").is_file()
     # a second run resumes: rows already measured are kept, not measured again
     before = (out / "identity_report.json").read_text()

@@ -714,6 +714,7 @@ class UniPortraitPipeline(
         identities: Sequence[Identity] | None = None,
         faceid_scale: float = FACEID_SCALE.default,
         face_structure_scale: float | None = None,
+        identity_guidance_scale: float | None = None,
         ip_image: PIL.Image.Image | None = None,
         ip_scale: float = IP_SCALE.default,
         faceid_masks: Any = None,
@@ -749,6 +750,11 @@ class UniPortraitPipeline(
             faceid_scale: weight of identity attention (0 ignores the identities' tokens).
             face_structure_scale: structure-branch scale in the Q-Former; None → 0.1 for one
                 identity, 0.3 for several.
+            identity_guidance_scale: guide the identities apart from the text (InstructPix2Pix's
+                two-scale guidance): ε = ε(∅) + g·(ε(text) − ε(∅)) + g_id·(ε(text, ids) −
+                ε(text)), with g = ``guidance_scale``. None, or equal to ``guidance_scale``: one
+                guidance for both (the usual two UNet passes, the same images); another value
+                costs a third pass per step. Only with classifier-free guidance and identities.
             num_inference_steps, height, width: None → the preset's defaults
                 (``pipe.generation_defaults``; the UNet's native size for other pipelines).
             ip_image, ip_scale: optional IP-Adapter image prompt (style/scene).
@@ -798,6 +804,7 @@ class UniPortraitPipeline(
         identities: Sequence[Identity] | None = None,
         faceid_scale: float = FACEID_SCALE.default,
         face_structure_scale: float | None = None,
+        identity_guidance_scale: float | None = None,
         ip_image: PIL.Image.Image | None = None,
         ip_scale: float = IP_SCALE.default,
         faceid_masks: Any = None,
@@ -826,6 +833,7 @@ class UniPortraitPipeline(
             faceid_masks, control_image, num_inference_steps, height, width, num_images_per_prompt,
             latents, output_type, prompt_embeds, negative_prompt_embeds, tensor_inputs,
             guidance_scale=guidance_scale, lora_scale=lora_scale, eta=eta,
+            identity_guidance_scale=identity_guidance_scale,
             controlnet_conditioning_scale=controlnet_conditioning_scale,
         )  # fmt: skip
         self.check_schedule(timesteps, sigmas)
@@ -851,6 +859,16 @@ class UniPortraitPipeline(
         batch = n_prompts * num_images_per_prompt
         # Local, not the property: concurrent calls share the pipeline's attributes.
         do_cfg = guidance_scale > 1.0 and self.unet.config.time_cond_proj_dim is None
+        # The UNet batch's groups of rows: [∅ text, ∅ ids] (CFG), [text, ∅ ids] (identity guidance
+        # apart from the text's), then [text, ids].
+        id_guided = (
+            do_cfg
+            and n_ids > 0
+            and faceid_scale != 0.0
+            and identity_guidance_scale is not None
+            and identity_guidance_scale != guidance_scale
+        )
+        groups = 1 + do_cfg + id_guided
 
         # 3. Encode the prompt (diffusers' own: each prompt repeated num_images_per_prompt times)
         text_lora_scale = (cross_attention_kwargs or {}).get("scale")
@@ -880,9 +898,9 @@ class UniPortraitPipeline(
                 pooled = torch.cat([pooled, style_pooled])
                 negative_pooled = torch.cat([negative_pooled, style_neg_pooled]) if do_cfg else None
             rows = batch + 1
-        if do_cfg:  # one UNet batch: the negative half first
-            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
-            pooled = None if pooled is None else torch.cat([negative_pooled, pooled])
+        if do_cfg:  # one UNet batch: the negative group first
+            prompt_embeds = torch.cat([negative_prompt_embeds] + [prompt_embeds] * (groups - 1))
+            pooled = None if pooled is None else torch.cat([negative_pooled] + [pooled] * (groups - 1))
         dtype = prompt_embeds.dtype
         # SDXL's pooled text and size conditioning for the UNet (None for SD1.5)
         added = self._added_cond(pooled, (height, width), xl, dtype)
@@ -899,15 +917,15 @@ class UniPortraitPipeline(
                 uncond = uncond.expand(-1, n_ids, -1, -1).to(id_tokens)
             if rows > batch:  # the style reference carries no identity
                 id_tokens = torch.cat([id_tokens, uncond])
-            if do_cfg:
-                id_tokens = torch.cat([uncond.expand(rows, -1, -1, -1), id_tokens])
+            if do_cfg:  # every group but the last without identity
+                id_tokens = torch.cat([uncond.expand(rows * (groups - 1), -1, -1, -1), id_tokens])
             id_tokens = id_tokens.to(device, dtype)
         ip_tokens = None
         if ip_image is not None and ip_scale != 0.0:
             ip_cond, ip_uncond = self.encode_ip_image(ip_image, device)
             ip_tokens = ip_cond.expand(rows, -1, -1)
-            if do_cfg:
-                ip_tokens = torch.cat([ip_uncond.expand(rows, -1, -1), ip_tokens])
+            if do_cfg:  # the image prompt goes with the text: in every group but the first
+                ip_tokens = torch.cat([ip_uncond.expand(rows, -1, -1)] + [ip_tokens] * (groups - 1))
             ip_tokens = ip_tokens.to(device, dtype)
 
         # 5. Prepare timesteps (a private scheduler copy: calls may run concurrently)
@@ -936,7 +954,7 @@ class UniPortraitPipeline(
                 added=None if added is None else {k: v[-1:] for k, v in added.items()},
             )
             latents = torch.cat([latents, reference[0]])
-        control = self._prepare_control(control_image, height, width, batch, device, do_cfg)
+        control = self._prepare_control(control_image, height, width, batch, device, groups)
         control_scale = controlnet_conditioning_scale
         if isinstance(self.controlnet, MultiControlNetModel) and not isinstance(control_scale, (list, tuple)):
             control_scale = [control_scale] * len(self.controlnet.nets)
@@ -965,9 +983,9 @@ class UniPortraitPipeline(
             lora_scale=float(lora_scale),
             latent_hw=latent_hw,
             routing_recorder=recorder,
-            # The unconditional half of CFG gives every identity the same tokens.
-            shared_rows=rows if do_cfg else 0,
-            style=None if style_image is None else StyleSharing(2 if do_cfg else 1, float(style_scale)),
+            # The groups without identity give every identity the same tokens.
+            shared_rows=rows * (groups - 1),
+            style=None if style_image is None else StyleSharing(groups, float(style_scale)),
         )
         attention_kwargs = {**(cross_attention_kwargs or {}), "uniportrait": call}
         extra_step_kwargs = self._extra_step_kwargs(scheduler, generator, eta)
@@ -981,7 +999,7 @@ class UniPortraitPipeline(
                     continue
                 if reference is not None:  # the reference follows its inverted trajectory
                     latents = torch.cat([latents[:batch], reference[step]])
-                model_input = torch.cat([latents] * 2) if do_cfg else latents
+                model_input = torch.cat([latents] * groups) if groups > 1 else latents
                 model_input = scheduler.scale_model_input(model_input, t)
                 residuals = {}
                 if control is not None:
@@ -1008,7 +1026,15 @@ class UniPortraitPipeline(
                     return_dict=False,
                     **residuals,
                 )[0]
-                if do_cfg:
+                if id_guided:
+                    noise_uncond, noise_text, noise_ids = noise_pred.chunk(3)
+                    noise_pred = (
+                        noise_uncond
+                        + guidance_scale * (noise_text - noise_uncond)
+                        + identity_guidance_scale * (noise_ids - noise_text)
+                    )
+                    noise_text = noise_ids  # what guidance_rescale keeps the statistics of
+                elif do_cfg:
                     noise_uncond, noise_text = noise_pred.chunk(2)
                     noise_pred = noise_uncond + guidance_scale * (noise_text - noise_uncond)
                     if guidance_rescale > 0.0:
@@ -1018,7 +1044,7 @@ class UniPortraitPipeline(
                 latents = scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
                 if callback_on_step_end is not None:
                     prompt_embeds, negative_prompt_embeds, latents = self._step_callback(
-                        callback_on_step_end, tensor_inputs, step, t, do_cfg,
+                        callback_on_step_end, tensor_inputs, step, t, groups,
                         prompt_embeds, negative_prompt_embeds, latents,
                     )  # fmt: skip
                 progress.update()
@@ -1127,12 +1153,13 @@ class UniPortraitPipeline(
         return trajectory[::-1]  # in the call's order: noisiest first
 
     def _step_callback(
-        self, callback, tensor_inputs, step, t, do_cfg, prompt_embeds, negative_prompt_embeds, latents
+        self, callback, tensor_inputs, step, t, groups, prompt_embeds, negative_prompt_embeds, latents
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """diffusers' ``callback_on_step_end`` contract. With CFG, ``prompt_embeds`` holds the
-        negative half first (as the UNet sees it); the callback gets the two halves by name."""
-        n = len(latents)
-        positive = prompt_embeds[n:] if do_cfg else prompt_embeds
+        negative group first, then the prompt once per other group (as the UNet sees it); the
+        callback gets the negative and the prompt by name."""
+        n, do_cfg = len(latents), groups > 1
+        positive = prompt_embeds[-n:] if do_cfg else prompt_embeds
         negative = prompt_embeds[:n] if do_cfg else negative_prompt_embeds
         available = {"latents": latents, "prompt_embeds": positive, "negative_prompt_embeds": negative}
         outputs = callback(self, step, t, {k: available[k] for k in tensor_inputs}) or {}
@@ -1140,13 +1167,13 @@ class UniPortraitPipeline(
         positive = outputs.pop("prompt_embeds", positive)
         negative = outputs.pop("negative_prompt_embeds", negative)
         if do_cfg:
-            prompt_embeds = torch.cat([negative, positive])
+            prompt_embeds = torch.cat([negative] + [positive] * (groups - 1))
         else:
             prompt_embeds, negative_prompt_embeds = positive, negative
         return prompt_embeds, negative_prompt_embeds, latents
 
-    def _prepare_control(self, control_image, height, width, batch, device, do_cfg):
-        """ControlNet condition(s) (B[×2], 3, H, W): one tensor, or a list for several nets."""
+    def _prepare_control(self, control_image, height, width, batch, device, groups):
+        """ControlNet condition(s) (B × groups, 3, H, W): one tensor, or a list for several nets."""
         if control_image is None:
             return None
         nets = _controlnets(self.controlnet)
@@ -1157,7 +1184,7 @@ class UniPortraitPipeline(
             cond = cond.to(device, net.dtype).repeat_interleave(
                 batch // cond.shape[0] if batch % cond.shape[0] == 0 else batch, dim=0
             )
-            prepared.append(torch.cat([cond] * 2) if do_cfg else cond)
+            prepared.append(torch.cat([cond] * groups))
         return prepared if isinstance(self.controlnet, MultiControlNetModel) else prepared[0]
 
     def run_safety_checker(self, image: torch.Tensor, device) -> tuple[torch.Tensor, list[bool] | None]:

@@ -227,6 +227,7 @@ def test_size_limits(client, photos):
         ({"height": "100"}, "height must be a multiple of 8"),
         ({"faceid_scale": "nan"}, "faceid_scale"),
         ({"structure_scale": "1.5"}, "structure_scale must be between 0.0 and 1.0"),
+        ({"identity_guidance": "31"}, "identity_guidance must be between 0.0 and 30.0"),
         ({"prompt": " "}, "prompt must not be empty"),
         ({"steps": "many"}, "steps: Input should be a valid integer"),
         ({"step": "2"}, "unknown form field 'step'"),

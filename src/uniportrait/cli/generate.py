@@ -82,6 +82,7 @@ def add_setting_args(parser: argparse.ArgumentParser) -> None:
         FACEID_SCALE,
         GUIDANCE_SCALE,
         HEIGHT,
+        IDENTITY_GUIDANCE,
         NUM_IMAGES,
         SEED,
         STEPS,
@@ -97,6 +98,7 @@ def add_setting_args(parser: argparse.ArgumentParser) -> None:
     add(STEPS, None, "default: the preset's, 10 for tiny, 25 for sd15")
     add(SEED, 0)
     add(GUIDANCE_SCALE, GUIDANCE_SCALE.default)
+    add(IDENTITY_GUIDANCE, None, "default: the guidance scale")
     add(FACEID_SCALE, FACEID_SCALE.default)
     add(STRUCTURE_SCALE, None, "default: by the number of people")
     add(WIDTH, None, "default: the preset's, 256 for tiny, 512 for sd15")
@@ -115,6 +117,7 @@ class GenerationRequest:
     steps: int = STEPS.default
     seed: int = 0
     guidance_scale: float = GUIDANCE_SCALE.default
+    identity_guidance: float | None = None
     faceid_scale: float = FACEID_SCALE.default
     structure_scale: float | None = None
     width: int = 512
@@ -154,6 +157,7 @@ class GenerationRequest:
             "num_inference_steps": self.steps,
             "seed": self.seed,
             "guidance_scale": self.guidance_scale,
+            "identity_guidance_scale": self.identity_guidance,
             "faceid_scale": self.faceid_scale,
             "face_structure_scale": self.structure_scale,
             "width": self.width,
@@ -168,6 +172,7 @@ class GenerationRequest:
             "steps": self.steps,
             "seed": self.seed,
             "guidance_scale": self.guidance_scale,
+            "identity_guidance_scale": self.identity_guidance,
             "faceid_scale": self.faceid_scale,
             "face_structure_scale": self.structure_scale,
             "width": self.width,
@@ -242,6 +247,7 @@ def run_pipeline(pipe, request: GenerationRequest, identities: list, save_routin
         face_structure_scale=request.structure_scale,
         num_inference_steps=request.steps,
         guidance_scale=request.guidance_scale,
+        identity_guidance_scale=request.identity_guidance,
         height=request.height,
         width=request.width,
         num_images_per_prompt=request.num_images,
@@ -303,6 +309,7 @@ def request_from_args(args: argparse.Namespace) -> GenerationRequest:
         steps=defaults.steps if args.steps is None else args.steps,
         seed=args.seed,
         guidance_scale=args.guidance_scale,
+        identity_guidance=args.identity_guidance,
         faceid_scale=args.faceid_scale,
         structure_scale=args.structure_scale,
         width=defaults.side if args.width is None else args.width,

@@ -18,6 +18,7 @@ A spec is YAML or JSON. Paths are relative to the spec's folder::
     settings:                         # generation settings; leave any out for its default
       steps: 20                       # (defaults and ranges: uniportrait.settings)
       guidance_scale: 5.0
+      identity_guidance: null         # null: the guidance scale (one guidance for text and people)
       faceid_scale: 0.8
       structure_scale: null           # null: 0.1 single-ID, 0.3 multi-ID
       width: 512                      # default: the preset's (256 tiny, 512 sd15)
@@ -54,6 +55,7 @@ logger = logging.getLogger(__name__)
 SETTINGS_DEFAULTS: dict[str, Any] = {
     "steps": STEPS.default,
     "guidance_scale": GUIDANCE_SCALE.default,
+    "identity_guidance": None,
     "faceid_scale": FACEID_SCALE.default,
     "structure_scale": None,
     "width": None,
@@ -333,6 +335,9 @@ def run_grid(
             face_structure_scale=settings["structure_scale"],
             num_inference_steps=int(settings["steps"]),
             guidance_scale=float(settings["guidance_scale"]),
+            identity_guidance_scale=(
+                None if settings["identity_guidance"] is None else float(settings["identity_guidance"])
+            ),
             width=size[0],
             height=size[1],
             generator=torch.Generator().manual_seed(job.seed),

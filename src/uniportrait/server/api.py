@@ -55,7 +55,14 @@ from uniportrait.server.transport import (
     png_bytes,
     result_json,
 )
-from uniportrait.settings import FACEID_SCALE, GUIDANCE_SCALE, NUM_IMAGES, STRUCTURE_SCALE, widest_limits
+from uniportrait.settings import (
+    FACEID_SCALE,
+    GUIDANCE_SCALE,
+    IDENTITY_GUIDANCE,
+    NUM_IMAGES,
+    STRUCTURE_SCALE,
+    widest_limits,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +81,7 @@ class GenerateForm(BaseModel):
     seed: int | None = Field(None, description="random when left out; the seed used is returned")
     steps: int | None = Field(None, description="denoising steps (default: the server's)")
     guidance_scale: float = Field(GUIDANCE_SCALE.default, description=_range(GUIDANCE_SCALE))
+    identity_guidance: float | None = Field(None, description=_range(IDENTITY_GUIDANCE))
     faceid_scale: float = Field(FACEID_SCALE.default, description=_range(FACEID_SCALE))
     structure_scale: float | None = Field(None, description=_range(STRUCTURE_SCALE))
     width: int | None = Field(None, description="multiple of 8 (default: the server's)")
@@ -223,6 +231,7 @@ def create_app(pipe, config: ServerConfig | None = None, service: PortraitServic
             seed=form.seed,
             steps=config.default_steps if form.steps is None else form.steps,
             guidance_scale=form.guidance_scale,
+            identity_guidance=form.identity_guidance,
             faceid_scale=form.faceid_scale,
             structure_scale=form.structure_scale,
             width=config.default_side if form.width is None else form.width,

@@ -82,6 +82,7 @@ class GenerateRequest:
     seed: int | None = None
     steps: int = STEPS.default
     guidance_scale: float = GUIDANCE_SCALE.default
+    identity_guidance: float | None = None
     faceid_scale: float = FACEID_SCALE.default
     structure_scale: float | None = None
     width: int = 512
@@ -153,6 +154,7 @@ class PortraitService:
                     "seed": request.seed,
                     "faceid_scale": request.faceid_scale,
                     "guidance_scale": request.guidance_scale,
+                    "identity_guidance_scale": request.identity_guidance,
                     "face_structure_scale": request.structure_scale,
                 },
                 lim,
@@ -286,6 +288,9 @@ class PortraitService:
                 face_structure_scale=request.structure_scale,
                 num_inference_steps=request.steps,
                 guidance_scale=float(request.guidance_scale),
+                identity_guidance_scale=(
+                    None if request.identity_guidance is None else float(request.identity_guidance)
+                ),
                 height=request.height,
                 width=request.width,
                 num_images_per_prompt=request.num_images,

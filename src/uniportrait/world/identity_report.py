@@ -394,11 +394,17 @@ def routing_accuracy(
 
 # -- the report ----------------------------------------------------------------------------------
 
+#: The identity guidance of the report's guided rows (the pipeline's ``identity_guidance_scale``,
+#: at the report's guidance 7.5; docs/world.md, "Guiding identity apart from the text").
+IDENTITY_GUIDANCE_ROW = 10.0
 #: Single-ID rows: pipeline arguments (``identities=None``: the base model, no identity).
 SINGLE_ROWS: dict[str, dict] = {
     "base model (no identity)": {"identities": None},
     "UniPortrait stage I": {},
     "structure branch off (face_structure_scale 0)": {"face_structure_scale": 0.0},
+    f"UniPortrait stage I, identity guidance {IDENTITY_GUIDANCE_ROW:g}": {
+        "identity_guidance_scale": IDENTITY_GUIDANCE_ROW
+    },
 }
 #: The fidelity/editability curve: (faceid_scale, face_structure_scale) pairs.
 CURVE = tuple((f, 0.1) for f in (0.25, 0.5, 1.0, 1.5, 2.0)) + tuple((1.0, s) for s in (0.0, 0.3, 0.6, 1.0))
@@ -407,6 +413,9 @@ MULTI_ROWS: dict[str, dict] = {
     "no routing (every identity everywhere)": {"masks": "everywhere"},
     "user masks (layout boxes)": {"masks": "layout"},
     "router": {},
+    f"router, identity guidance {IDENTITY_GUIDANCE_ROW:g}": {
+        "identity_guidance_scale": IDENTITY_GUIDANCE_ROW
+    },
 }
 
 
@@ -511,7 +520,8 @@ def run_identity_report(
             for name in names:
                 call = MULTI_ROWS[name]
                 sheet = f"multi_{people}_router.png" if name == "router" else None
-                row(f"multi_{people}", name, cases, routed=name == "router", sheet=sheet, **call)
+                routed = call.get("masks") is None  # the router places the people
+                row(f"multi_{people}", name, cases, routed=routed, sheet=sheet, **call)
     return report
 
 
