@@ -113,6 +113,25 @@ def test_identity_guidance(tiny_pipe, generate, idents, monkeypatch, n_ids):
     assert {b for b, _ in calls} <= {1, 2}
 
 
+def test_identity_guidance_with_the_other_inputs(tiny_pipe, generate, idents):
+    """Three groups of rows with StyleAligned, ControlNet + IP-Adapter, masks, routing maps, a callback."""
+    photo = random_pil(5)
+    kw = {"identities": idents[:2], "guidance_scale": 5.0, "identity_guidance_scale": 9.0}
+    assert generate(style_image=photo, style_prompt="a sketch", **kw).shape == (1, SIZE, SIZE, 3)
+    images = generate(control_image=photo, ip_image=photo, ip_scale=0.5, num_images_per_prompt=2, **kw)
+    assert images.shape == (2, SIZE, SIZE, 3)
+    masked = run_pipe(tiny_pipe, faceid_masks=_masks(2), return_routing_maps=True, **kw)
+    assert masked.routing_maps[0].shape == (2, SIZE, SIZE)
+    seen = []
+
+    def record(pipe, step, t, tensors):
+        seen.append({k: tuple(v.shape) for k, v in tensors.items()})
+
+    names = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+    run_pipe(tiny_pipe, callback_on_step_end=record, callback_on_step_end_tensor_inputs=names, **kw)
+    assert seen and all(v[0] == 1 for step in seen for v in step.values())  # one row each, by name
+
+
 # -- 3. routing -----------------------------------------------------------------------------------
 
 
