@@ -104,6 +104,11 @@ def test_identity_guidance(tiny_pipe, generate, idents, monkeypatch, n_ids):
     assert torch.equal(tokens[0], tokens[1]) and not torch.equal(tokens[1], tokens[2])
     more = generate(seed=3, identities=ids, guidance_scale=5.0, identity_guidance_scale=12.0)
     assert_differ(more, one)
+    # guidance_rescale acts on the three-group path as on the two-group one
+    rescaled = generate(seed=3, identities=ids, guidance_scale=5.0, guidance_rescale=0.7)
+    assert_differ(rescaled, one)
+    assert_same(generate(seed=3, identities=ids, guidance_scale=5.0, guidance_rescale=0.7,
+                         identity_guidance_scale=5.0 + 1e-6), rescaled, atol=1e-4)  # fmt: skip
     # without guidance, or without identities, there is nothing to guide apart
     calls.clear()
     assert_same(generate(seed=3, identities=ids, guidance_scale=1.0, identity_guidance_scale=12.0),

@@ -1033,14 +1033,12 @@ class UniPortraitPipeline(
                         + guidance_scale * (noise_text - noise_uncond)
                         + identity_guidance_scale * (noise_ids - noise_text)
                     )
-                    noise_text = noise_ids  # what guidance_rescale keeps the statistics of
+                    noise_cond = noise_ids  # the fully conditioned prediction
                 elif do_cfg:
-                    noise_uncond, noise_text = noise_pred.chunk(2)
-                    noise_pred = noise_uncond + guidance_scale * (noise_text - noise_uncond)
-                    if guidance_rescale > 0.0:
-                        noise_pred = rescale_noise_cfg(
-                            noise_pred, noise_text, guidance_rescale=guidance_rescale
-                        )
+                    noise_uncond, noise_cond = noise_pred.chunk(2)
+                    noise_pred = noise_uncond + guidance_scale * (noise_cond - noise_uncond)
+                if do_cfg and guidance_rescale > 0.0:  # toward the conditioned prediction's statistics
+                    noise_pred = rescale_noise_cfg(noise_pred, noise_cond, guidance_rescale=guidance_rescale)
                 latents = scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
                 if callback_on_step_end is not None:
                     prompt_embeds, negative_prompt_embeds, latents = self._step_callback(
