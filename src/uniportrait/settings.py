@@ -172,8 +172,8 @@ GUIDANCE_SCALE = Setting("guidance_scale", "guidance_scale", 0.0, 30.0, 7.5,
                          "classifier-free guidance scale (1 or less: no guidance)")  # fmt: skip
 IDENTITY_GUIDANCE = Setting(
     "identity_guidance_scale", "identity_guidance", 0.0, 30.0, None,
-    "guidance scale of the identities alone, apart from the text's (default: the guidance scale, "
-    "one guidance for both; another value costs a third UNet pass per step)",
+    "guidance scale of the identities alone, apart from the text's (a value other than the "
+    "guidance scale costs a third UNet pass per step)",
 )  # fmt: skip
 FACEID_SCALE = Setting(
     "faceid_scale", "faceid_scale", 0.0, 2.0, 0.7, "weight of the identities (0 ignores them)"

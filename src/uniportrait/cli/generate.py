@@ -98,7 +98,7 @@ def add_setting_args(parser: argparse.ArgumentParser) -> None:
     add(STEPS, None, "default: the preset's, 10 for tiny, 25 for sd15")
     add(SEED, 0)
     add(GUIDANCE_SCALE, GUIDANCE_SCALE.default)
-    add(IDENTITY_GUIDANCE, None, "default: the guidance scale")
+    add(IDENTITY_GUIDANCE, None, "default: the guidance scale, one guidance for text and people")
     add(FACEID_SCALE, FACEID_SCALE.default)
     add(STRUCTURE_SCALE, None, "default: by the number of people")
     add(WIDTH, None, "default: the preset's, 256 for tiny, 512 for sd15")
