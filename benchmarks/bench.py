@@ -335,8 +335,11 @@ def markdown(result: dict) -> str:
                   f"(CPU {i['median_cpu_s']:.2f} s); peak RSS {i['peak_rss_mib']:.0f} MiB."]  # fmt: skip
     if "tiny_pipeline" in result:
         t = result["tiny_pipeline"]
-        gens = ", ".join(f"{n} identities {s:.2f} s" for n, s in t["generation_s"].items())
-        guided = ", ".join(f"{n} identities {s:.2f} s" for n, s in t.get("identity_guidance_s", {}).items())
+
+        def times(key: str) -> str:
+            return ", ".join(f"{n} identities {s:.2f} s" for n, s in t.get(key, {}).items())
+
+        gens, guided = times("generation_s"), times("identity_guidance_s")
         lines += ["", f"Tiny preset end to end ({t['size']}, {t['steps']} steps, CFG): encode an identity "
                   f"{t['encode_identity_s']:.3f} s; generate: {gens}; with the people guided apart "
                   f"(identity_guidance_scale, a third UNet pass): {guided}; peak RSS {t['peak_rss_mib']:.0f} MiB."]  # fmt: skip

@@ -335,9 +335,7 @@ def run_grid(
             face_structure_scale=settings["structure_scale"],
             num_inference_steps=int(settings["steps"]),
             guidance_scale=float(settings["guidance_scale"]),
-            identity_guidance_scale=(
-                None if settings["identity_guidance"] is None else float(settings["identity_guidance"])
-            ),
+            identity_guidance_scale=settings["identity_guidance"],  # checked by load_spec: a number or None
             width=size[0],
             height=size[1],
             generator=torch.Generator().manual_seed(job.seed),

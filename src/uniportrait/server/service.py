@@ -288,9 +288,7 @@ class PortraitService:
                 face_structure_scale=request.structure_scale,
                 num_inference_steps=request.steps,
                 guidance_scale=float(request.guidance_scale),
-                identity_guidance_scale=(
-                    None if request.identity_guidance is None else float(request.identity_guidance)
-                ),
+                identity_guidance_scale=request.identity_guidance,  # checked above: a number or None
                 height=request.height,
                 width=request.width,
                 num_images_per_prompt=request.num_images,
