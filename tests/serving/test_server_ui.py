@@ -18,7 +18,8 @@ from uniportrait.server.jobs import WorkQueue  # noqa: E402
 from uniportrait.server.service import PortraitService  # noqa: E402
 from uniportrait.server.ui import PortraitUI, guarded  # noqa: E402
 
-SETTINGS = ("two friends", 0.7, 0.3, 5, 2, 64, 64, 1)  # prompt, face-ID, structure, seed, steps, w, h, n
+# prompt, face-ID, structure, guidance, identity guidance (None: the guidance's), seed, steps, w, h, n
+SETTINGS = ("two friends", 0.7, 0.3, 7.5, None, 5, 2, 64, 64, 1)
 EMPTY = (None, None, None, 0.3)  # a person slot left empty
 
 
@@ -54,6 +55,21 @@ def test_one_person_has_no_routing_overlay(ui):
     assert [caption for _, caption in gallery] == ["image 1"] and len(faces) == 1
 
 
+def test_guidance_scales_reach_the_pipeline(ui, monkeypatch):
+    calls = []
+    call = type(ui.service.pipe).__call__
+
+    def spy(pipe, *args, **kwargs):
+        calls.append(kwargs)
+        return call(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(type(ui.service.pipe), "__call__", spy)
+    ui.generate("a person", 0.7, 0.3, 3.0, 10.0, 5, 2, 64, 64, 1, *person("ffhq-0381"), *EMPTY)
+    assert (calls[-1]["guidance_scale"], calls[-1]["identity_guidance_scale"]) == (3.0, 10.0)
+    ui.generate(*SETTINGS, *person("ffhq-0381"), *EMPTY)  # an empty box: the guidance scale's
+    assert (calls[-1]["guidance_scale"], calls[-1]["identity_guidance_scale"]) == (7.5, None)
+
+
 def test_bad_uploads_become_clear_popups(ui, tmp_path):
     blank = tmp_path / "wall.png"
     PIL.Image.new("RGB", (200, 200), (128, 128, 128)).save(blank)
@@ -70,7 +86,9 @@ def test_bad_uploads_become_clear_popups(ui, tmp_path):
     with pytest.raises(gr.Error, match="invalid identity name"):
         guarded(ui.add_identity)("../x", [str(sample_photo("newton"))], None, 0.3, False)
     with pytest.raises(gr.Error, match="steps must be between 1 and 4"):
-        guarded(ui.generate)("a person", 0.7, 0.3, 0, 9, 64, 64, 1, *EMPTY, *EMPTY)
+        guarded(ui.generate)("a person", 0.7, 0.3, 7.5, None, 0, 9, 64, 64, 1, *EMPTY, *EMPTY)
+    with pytest.raises(gr.Error, match="identity_guidance"):
+        guarded(ui.generate)("a person", 0.7, 0.3, 7.5, 31.0, 0, 2, 64, 64, 1, *EMPTY, *EMPTY)
 
 
 def test_ui_asks_for_the_api_key_as_password(serve):

@@ -22,7 +22,13 @@ from uniportrait.server.service import (
     ServiceError,
     Upload,
 )
-from uniportrait.settings import FACEID_SCALE, STRUCTURE_SCALE, default_structure_scale
+from uniportrait.settings import (
+    FACEID_SCALE,
+    GUIDANCE_SCALE,
+    IDENTITY_GUIDANCE,
+    STRUCTURE_SCALE,
+    default_structure_scale,
+)
 
 MULTI_ID_SLOTS = 4  # people shown in the multi-ID tab (capped by the server's limit)
 
@@ -76,8 +82,12 @@ class PortraitUI:
 
     # -- handlers ------------------------------------------------------------------------------
 
-    def generate(self, prompt, faceid_scale, structure_scale, seed, steps, side_w, side_h, num, *slots):
-        """``slots``: for each person, (photos, stored name, mix photos, mix scale)."""
+    def generate(
+        self, prompt, faceid_scale, structure_scale, guidance, identity_guidance, seed, steps, side_w, side_h,
+        num, *slots,
+    ):  # fmt: skip
+        """``slots``: for each person, (photos, stored name, mix photos, mix scale).
+        ``identity_guidance``: None (an empty box) guides the people with the text's scale."""
         identities = []
         for k in range(0, len(slots), 4):
             photos, stored, mix, mix_scale = slots[k : k + 4]
@@ -106,6 +116,8 @@ class PortraitUI:
             steps=int(steps),
             faceid_scale=float(faceid_scale),
             structure_scale=float(structure_scale),
+            guidance_scale=float(guidance),
+            identity_guidance=None if identity_guidance is None else float(identity_guidance),
             width=int(side_w),
             height=int(side_h),
             num_images=int(num),
@@ -211,6 +223,22 @@ class PortraitUI:
                         label="Face-structure scale",
                         elem_id=f"{tab}-structure",
                     )
+                    guidance = gr.Slider(
+                        GUIDANCE_SCALE.low,
+                        GUIDANCE_SCALE.high,
+                        value=GUIDANCE_SCALE.default,
+                        step=0.5,
+                        label="Guidance scale",
+                        elem_id=f"{tab}-guidance",
+                    )
+                    identity_guidance = gr.Number(
+                        value=None,
+                        minimum=IDENTITY_GUIDANCE.low,
+                        maximum=IDENTITY_GUIDANCE.high,
+                        label="Identity guidance scale (empty: the guidance scale; another value costs "
+                        "a third pass per step)",
+                        elem_id=f"{tab}-identity-guidance",
+                    )
                     seed = gr.Number(value=0, precision=0, label="Seed (-1: random)", elem_id=f"{tab}-seed")
                     steps = gr.Slider(
                         1,
@@ -243,7 +271,7 @@ class PortraitUI:
                 note = gr.Markdown(elem_id=f"{tab}-note")
         button.click(
             guarded(self.generate),
-            inputs=[prompt, faceid, structure, seed, steps, width, height, num, *slots],
+            inputs=[prompt, faceid, structure, guidance, identity_guidance, seed, steps, width, height, num, *slots],
             outputs=[results, faces, note],
         )  # fmt: skip
 
