@@ -20,18 +20,24 @@ shipped = pytest.mark.skipif(
 )
 
 
-def _batch(count: int, people: int, seed: int = 0):
+def _batch(count: int, people: int, seed: int = 0, framing: str = "wide"):
     rng = np.random.default_rng(seed)
     specs = [
-        sample_spec(rng, [int(i) + HELD_OUT_START for i in rng.choice(500, people, replace=False)], seed=k)
+        sample_spec(
+            rng,
+            [int(i) + HELD_OUT_START for i in rng.choice(500, people, replace=False)],
+            seed=k,
+            framing=framing,
+        )
         for k in range(count)
     ]
     return specs, [s.render() for s in specs]
 
 
+@pytest.mark.parametrize("framing", ["wide", "close"])
 @pytest.mark.parametrize("people", [1, 2, 3, 4])
-def test_render_ground_truth_is_consistent(people):
-    specs, pictures = _batch(6, people)
+def test_render_ground_truth_is_consistent(people, framing):
+    specs, pictures = _batch(6, people, framing=framing)
     for spec, pic in zip(specs, pictures):
         h, w = pic.image.shape[:2]
         assert pic.image.dtype == np.uint8 and (w, h) == (spec.width, spec.height)
@@ -55,6 +61,27 @@ def test_render_ground_truth_is_consistent(people):
         assert (pic.masks.sum(0) <= 1).all()
         # people are listed left to right
         assert (np.diff(pic.boxes[:, 0]) > 0).all()
+
+
+def test_close_framing_draws_the_same_scenes_with_larger_faces():
+    """The framing changes the faces' size and nothing drawn from the seed: the same people, looks
+    and captions as the wide framing, each face about 1.6 times as tall, inside the picture."""
+    from uniportrait.world.scenes import FRAMINGS
+
+    for people in (1, 2, 3, 4):
+        wide, wide_pics = _batch(8, people)
+        close, close_pics = _batch(8, people, framing="close")
+        for a, b, pa, pb in zip(wide, close, wide_pics, close_pics):
+            assert [p.identity for p in a.people] == [p.identity for p in b.people]
+            assert a.scene == b.scene and a.mentions == b.mentions
+            assert [p.look.expression for p in a.people] == [p.look.expression for p in b.people]
+            ratio = (pb.boxes[:, 3] - pb.boxes[:, 1]) / (pa.boxes[:, 3] - pa.boxes[:, 1])
+            assert (ratio > 1.2).all() and (ratio < 2.2).all()
+            assert (pb.landmarks >= 0).all() and (pb.landmarks[..., 0] < b.width).all()
+            assert (pb.landmarks[..., 1] < b.height).all()
+    with pytest.raises(ValueError, match="framing"):
+        sample_spec(np.random.default_rng(0), [HELD_OUT_START], seed=0, framing="far")
+    assert set(FRAMINGS["wide"]) == set(FRAMINGS["close"]) == {1, 2, 3, 4}
 
 
 def test_render_is_deterministic_and_identities_differ():
@@ -158,6 +185,17 @@ def test_world_render_writes_a_dataset_the_trainer_reads(tmp_path):
     item = dataset[0]
     assert item["crops"].shape[1:] == (224, 224, 3) and item["pixels"].shape == (3, 64, 64)
     assert main(["world", "render", "--out", str(out), "--people", "5"]) == 2
+    close = tmp_path / "close"
+    for framing, folder in (("close", close), ("wide", tmp_path / "wide")):
+        args = ["-q", "world", "render", "--out", str(folder), "--count", "2", "--identities", "4"]
+        assert main([*args, "--framing", framing]) == 0
+        assert json.loads((folder / "world.json").read_text())["framing"] == framing
+
+    def heights(folder):
+        rows = [json.loads(line) for line in (folder / "index.jsonl").read_text().splitlines()]
+        return [b[3] - b[1] for r in rows for b in r["boxes"]]
+
+    assert all(c > 1.2 * w for c, w in zip(heights(close), heights(tmp_path / "wide")))
 
 
 @shipped
@@ -447,6 +485,17 @@ def test_world_commands_refuse_bad_input_before_writing(tmp_path, capsys):
     (tmp_path / "w4" / "plan.json").write_text("{}")
     assert main(["-q", "world", "build", "--work", str(tmp_path / "w4"), "--layout", "2x"]) == 2
     assert "holds a 4x build" in capsys.readouterr().err
+    assert (tmp_path / "w4" / "plan.json").read_text() == "{}"
+    assert main(["-q", "world", "build", "--work", str(tmp_path / "wf"), "--framing", "far"]) == 2
+    assert (
+        main(["-q", "world", "render", "--out", str(tmp_path / "f"), "--count", "1", "--framing", "far"]) == 2
+    )
+    assert "--framing must be one of wide, close" in capsys.readouterr().err
+    assert not (tmp_path / "wf").exists() and not (tmp_path / "f").exists()
+    (tmp_path / "w4" / "data").mkdir()  # wide pictures rendered (plans before framings: wide)
+    (tmp_path / "w4" / "data" / "singles_val.npz").write_text("")
+    assert main(["-q", "world", "build", "--work", str(tmp_path / "w4"), "--framing", "close"]) == 2
+    assert "holds wide-framed pictures" in capsys.readouterr().err
     assert (tmp_path / "w4" / "plan.json").read_text() == "{}"
 
 

@@ -219,6 +219,13 @@ def test_identification_picks_out_the_person_among_the_rows_people():
     again = measure_identity_pictures(oracles, np.stack([c.spec.render().image for c in repeated]), repeated)
     assert len(people) < 12 and again["identification_chance"] == pytest.approx(1 / len(people))
     assert again["identification"] >= 0.9 and again["pairwise_identification"] >= 0.95
+    # close framing: the same people, captions and photos' scenes, every face drawn larger
+    close = identity_cases(oracles, 12, 1, framing="close")
+    assert [c.caption for c in close] == [c.caption for c in cases]
+    for a, b in zip(cases, close):
+        assert a.spec.people[0].identity == b.spec.people[0].identity
+        for x, y in ((a.spec, b.spec), (a.conditioning[0], b.conditioning[0])):
+            assert y.people[0].look.size > 1.3 * x.people[0].look.size
 
 
 @shipped_adapter

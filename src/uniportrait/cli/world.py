@@ -102,6 +102,12 @@ def register(subparsers) -> None:
         help="the base's sizes: 4x (the shipped: 16x16x4 latents for 64 px) or 2x (32x32x4 latents, "
         "a UNet with a first level without attention; docs/world.md)",
     )
+    build.add_argument(
+        "--framing",
+        default="wide",
+        help="how large faces are drawn: wide (the shipped world's) or close (each face about 1.6 "
+        "times as large; docs/world.md)",
+    )
     build.set_defaults(func=_build)
 
     render = sub.add_parser("render", help="write world pictures as a prepare-data dataset folder")
@@ -114,6 +120,9 @@ def register(subparsers) -> None:
         "--renders-per-identity", type=int, default=6, help="single-person pictures per identity (default 6)"
     )
     render.add_argument("--seed", type=int, default=0, help="seed (different seeds give different pictures)")
+    render.add_argument(
+        "--framing", default="wide", help="how large faces are drawn: wide (default) or close (docs/world.md)"
+    )
     render.set_defaults(func=_render)
 
     bench = sub.add_parser(
@@ -186,6 +195,12 @@ def register(subparsers) -> None:
     ident.add_argument("--singles", type=int, default=100, help="held-out portrait captions (default 100)")
     ident.add_argument("--groups", type=int, default=40, help="held-out group captions per size (default 40)")
     ident.add_argument("--seeds", type=int, default=3, help="seeds per caption (default 3)")
+    ident.add_argument(
+        "--framing",
+        default="wide",
+        help="faces of the held-out pictures: wide (default) or close (docs/world.md)",
+    )
+    ident.add_argument("--oracles", default=None, help="oracles folder (default: the shipped world oracles)")
     _add_guidance(ident)
     ident.set_defaults(func=_identity_report)
 
@@ -214,7 +229,7 @@ def _build(args: argparse.Namespace) -> int:
         )
     if not 0 < args.scale <= 1:
         raise UniPortraitError("--scale must be in (0, 1]")
-    plan = dataclasses.replace(BuildPlan().scaled(args.scale), layout=args.layout)
+    plan = dataclasses.replace(BuildPlan().scaled(args.scale), layout=args.layout, framing=args.framing)
     if args.unet_steps is not None:
         if args.unet_steps < 1:
             raise UniPortraitError("--unet-steps must be at least 1")
@@ -234,6 +249,14 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_framing(framing: str) -> None:
+    from uniportrait.errors import UniPortraitError
+    from uniportrait.world.scenes import FRAMINGS
+
+    if framing not in FRAMINGS:
+        raise UniPortraitError(f"--framing must be one of {', '.join(FRAMINGS)}, got {framing!r}")
+
+
 def _render(args: argparse.Namespace) -> int:
     from uniportrait.errors import UniPortraitError
     from uniportrait.world.dataset import RenderOptions, write_dataset
@@ -248,6 +271,7 @@ def _render(args: argparse.Namespace) -> int:
         raise UniPortraitError(f"--people must be numbers from 1 to 4, got {args.people!r}")
     if args.seed < 0:
         raise UniPortraitError(f"--seed must be 0 or more, got {args.seed}")
+    _check_framing(args.framing)
     if args.count < 1 or args.identities < max(people) or args.renders_per_identity < 1:
         raise UniPortraitError(
             "--count and --renders-per-identity must be positive and --identities at least --people"
@@ -261,7 +285,7 @@ def _render(args: argparse.Namespace) -> int:
         )
     options = RenderOptions(
         count=args.count, people=people, identities=args.identities, held_out=args.held_out,
-        renders_per_identity=args.renders_per_identity, seed=args.seed,
+        renders_per_identity=args.renders_per_identity, seed=args.seed, framing=args.framing,
     )  # fmt: skip
     check_output_folder(args.out)
     rows = write_dataset(args.out, options, progress=not args.quiet)
@@ -354,13 +378,15 @@ def _identity_report(args: argparse.Namespace) -> int:
     if args.singles < 2 or args.groups < 2 or args.seeds < 1:
         raise UniPortraitError("--singles and --groups must be at least 2 and --seeds at least 1")
     guidance = GUIDANCE_SCALE.check(args.guidance_scale, style="cli")
+    _check_framing(args.framing)
     base = world_base_folder(args.base)
+    oracles = WorldOracles(args.oracles)
     check_output_folder(args.out)
     pipe = build_world_pipeline(args.adapter, base=base)
     pipe.set_progress_bar_config(disable=True)
     report = run_identity_report(
-        pipe, WorldOracles(), args.out, singles=args.singles, groups=args.groups,
-        seeds=tuple(range(args.seeds)), guidance=guidance, sections=sections,
+        pipe, oracles, args.out, singles=args.singles, groups=args.groups,
+        seeds=tuple(range(args.seeds)), guidance=guidance, sections=sections, framing=args.framing,
     )  # fmt: skip
     from uniportrait.world.identity_report import markdown_tables
 

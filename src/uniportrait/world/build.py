@@ -57,6 +57,7 @@ class BuildPlan:
     unet_seed: int = 0  # the UNet's batches, noise and timesteps
     unet_bf16: bool = False  # train_base.train_unet's bf16: steps under CPU bf16 autocast
     unet_snr_gamma: float = 0.0  # train_base.train_unet's snr_gamma: min-SNR-γ loss weights (0: off)
+    framing: str = "wide"  # how large the rendered faces are: a key of scenes.FRAMINGS
 
     def scaled(self, scale: float) -> BuildPlan:
         """Every set size and step count times ``scale`` (at least 2); seeds and switches unchanged."""
@@ -98,7 +99,7 @@ def _render_stage(work: Path, plan: BuildPlan) -> None:
     for name, kwargs in sets.items():
         path = work / "data" / f"{name}.npz"
         if not path.is_file():
-            save_set(render_set(**kwargs), path)
+            save_set(render_set(**kwargs, framing=plan.framing), path)
 
 
 def _crops_stage(work: Path, plan: BuildPlan) -> None:
@@ -141,15 +142,19 @@ def run_build(
             [0, 1], ``plan.unet_face_weight`` outside [0, 100], ``plan.unet_snr_gamma`` outside
             [0, 100], ``plan.unet_lr`` outside
             :data:`UNET_LR_RANGE`, ``plan.unet_seed`` negative, ``plan.unet_init`` is not a UNet
-            folder of the layout, or ``work`` holds a build of another layout (its VAE and UNet
-            would not fit together). Nothing is written then.
+            folder of the layout, ``plan.framing`` is unknown, or ``work`` holds a build of another
+            layout (its VAE and UNet would not fit together) or pictures of another framing.
+            Nothing is written then.
     """
     from uniportrait.errors import UniPortraitError
     from uniportrait.world import train_base
     from uniportrait.world.models import WORLD_LAYOUTS
+    from uniportrait.world.scenes import FRAMINGS
 
     if plan.layout not in WORLD_LAYOUTS:
         raise UniPortraitError(f"unknown layout {plan.layout!r}; known: {', '.join(WORLD_LAYOUTS)}")
+    if plan.framing not in FRAMINGS:
+        raise UniPortraitError(f"unknown framing {plan.framing!r}; known: {', '.join(FRAMINGS)}")
     if not 0 <= plan.unet_offset_noise <= 1:
         raise UniPortraitError(
             f"the UNet's offset noise (--unet-offset-noise) must be in [0, 1], got {plan.unet_offset_noise}"
@@ -171,16 +176,21 @@ def run_build(
     if plan.unet_init:
         train_base.check_unet_init(Path(plan.unet_init), sizes)
     work, out = Path(work), Path(out)
-    previous = work / "plan.json"
+    data, previous = work / "data", work / "plan.json"
     if previous.is_file():
-        built = json.loads(previous.read_text()).get("layout", "4x")  # plans before layouts: 4x
-        if built != plan.layout and (work / "vae").exists():
+        built = json.loads(previous.read_text())
+        layout = built.get("layout", "4x")  # plans before layouts: 4x
+        if layout != plan.layout and (work / "vae").exists():
             raise UniPortraitError(
-                f"{work} holds a {built} build; build the {plan.layout} layout in another --work folder"
+                f"{work} holds a {layout} build; build the {plan.layout} layout in another --work folder"
+            )
+        framing = built.get("framing", "wide")  # plans before framings: wide
+        if framing != plan.framing and (data / "singles_val.npz").exists():
+            raise UniPortraitError(
+                f"{work} holds {framing}-framed pictures; build the {plan.framing} framing in another --work folder"
             )
     work.mkdir(parents=True, exist_ok=True)
     previous.write_text(json.dumps(asdict(plan), indent=2))
-    data = work / "data"
     steps = {
         "render": (lambda: _render_stage(work, plan), data / "groups_train.npz"),
         "vae": (

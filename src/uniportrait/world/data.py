@@ -31,16 +31,16 @@ logger = logging.getLogger(__name__)
 MAX_PEOPLE = 4
 
 
-def _spec(args: tuple[int, int, int, int, bool, int]):
+def _spec(args: tuple[int, int, int, int, bool, int, str]):
     """The ``index``-th scene of a set: deterministic from (seed, index)."""
-    seed, index, num_people, num_identities, held_out, renders_per_identity = args
+    seed, index, num_people, num_identities, held_out, renders_per_identity, framing = args
     rng = np.random.default_rng([seed, index])
     if num_people == 1:  # consecutive renders of the same identity
         idents = [identity_number((index // renders_per_identity) % num_identities, held_out)]
     else:
         picks = rng.choice(num_identities, size=num_people, replace=False)
         idents = [identity_number(int(k), held_out) for k in picks]
-    spec = sample_spec(rng, idents, seed=int(rng.integers(1 << 31)))
+    spec = sample_spec(rng, idents, seed=int(rng.integers(1 << 31)), framing=framing)
     return spec, caption(spec, rng)
 
 
@@ -81,13 +81,16 @@ def render_set(
     renders_per_identity: int = 6,
     workers: int | None = None,
     progress: bool = True,
+    framing: str = "wide",
 ) -> dict[str, np.ndarray]:
-    """Render ``count`` pictures; with several ``num_people`` values, they cycle (same picture size)."""
+    """Render ``count`` pictures; with several ``num_people`` values, they cycle (same picture size).
+
+    ``framing``: how large faces are drawn (:data:`~uniportrait.world.scenes.FRAMINGS`)."""
     counts = (num_people,) if isinstance(num_people, int) else tuple(num_people)
     if len({SIZES[n] for n in counts}) != 1:
         raise ValueError(f"people counts {counts} give pictures of different sizes")
     jobs = [
-        (seed, i, counts[i % len(counts)], num_identities, held_out, renders_per_identity)
+        (seed, i, counts[i % len(counts)], num_identities, held_out, renders_per_identity, framing)
         for i in range(count)
     ]
     workers = workers or min(2, os.cpu_count() or 1)

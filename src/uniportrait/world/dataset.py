@@ -35,6 +35,7 @@ class RenderOptions:
     held_out: bool = False
     renders_per_identity: int = 6
     seed: int = 0
+    framing: str = "wide"  # how large faces are drawn (uniportrait.world.scenes.FRAMINGS)
 
 
 def identity_label(number: int) -> str:
@@ -65,7 +66,7 @@ def write_dataset(out: str | Path, options: RenderOptions, progress: bool = True
             if key in done:
                 continue
             args = (options.seed, k, people[k % len(people)], options.identities, options.held_out,
-                    options.renders_per_identity)  # fmt: skip
+                    options.renders_per_identity, options.framing)  # fmt: skip
             spec, text = _spec(args)
             pic = spec.render()
             image = Image.fromarray(pic.image)

@@ -81,19 +81,22 @@ class IdentityCase:
 
 
 def identity_cases(
-    oracles, count: int, num_people: int, seed: int = 5, identities: int = 200
+    oracles, count: int, num_people: int, seed: int = 5, identities: int = 200, framing: str = "wide"
 ) -> list[IdentityCase]:
     """Held-out captions (as :func:`~uniportrait.world.report.held_out_specs`) with their photos,
-    of the first ``identities`` held-out people."""
+    of the first ``identities`` held-out people; every picture framed at ``framing``."""
     from uniportrait.world.report import held_out_specs, reference_embeddings
     from uniportrait.world.scenes import sample_spec
 
-    specs, captions = held_out_specs(count, num_people, seed=seed, identities=identities)
-    refs = reference_embeddings(oracles, specs)  # third renders (seed 99)
+    specs, captions = held_out_specs(count, num_people, seed=seed, identities=identities, framing=framing)
+    refs = reference_embeddings(oracles, specs, framing=framing)  # third renders (seed 99)
     rng = np.random.default_rng([seed, num_people, 77])
     cases = []
     for spec, text, ref in zip(specs, captions, refs):
-        cond = [sample_spec(rng, [p.identity], seed=int(rng.integers(1 << 31))) for p in spec.people]
+        cond = [
+            sample_spec(rng, [p.identity], seed=int(rng.integers(1 << 31)), framing=framing)
+            for p in spec.people
+        ]
         cases.append(IdentityCase(spec, text, cond, ref))
     return cases
 
@@ -442,11 +445,13 @@ def run_identity_report(
     seeds=(0, 1, 2),
     guidance: float = 7.5,
     sections=("single", "curve", "multi", "controls"),
+    framing: str = "wide",
 ) -> dict:
     """Measure ``pipe`` (a world UniPortrait pipeline) and write ``out/identity_report.json``.
 
     ``sections``: any of ``single``, ``curve``, ``multi`` (all multi-ID rows), ``router`` (the
-    router's multi-ID rows only) and ``controls`` (the blend measure on renders). Rows already in
+    router's multi-ID rows only) and ``controls`` (the blend measure on renders). ``framing``: how
+    large the held-out pictures draw faces (a base trained at that framing). Rows already in
     the file are kept (the report resumes); contact sheets go next to it. The
     curve's points use the first 60% of the single-ID captions and one seed.
     """
@@ -492,12 +497,12 @@ def run_identity_report(
 
     curve = max(2, singles * 3 // 5)  # the curve: the first 60% of the captions, one seed per point
     report["setup"] = {"singles": singles, "groups": groups, "seeds": list(seeds), "guidance": guidance,
-                       "curve_captions": curve, "curve_seeds": 1}  # fmt: skip
+                       "curve_captions": curve, "curve_seeds": 1, "framing": framing}  # fmt: skip
     if "controls" in sections and "blend_controls" not in report:
         report["blend_controls"] = blend_controls(oracles)
         save()
     if "single" in sections or "curve" in sections:
-        cases = identity_cases(oracles, singles, 1)
+        cases = identity_cases(oracles, singles, 1, framing=framing)
         if "single" in sections:
             for name, call in SINGLE_ROWS.items():
                 sheet = "single_stage1.png" if name == "UniPortrait stage I" else None
@@ -516,7 +521,7 @@ def run_identity_report(
     if "multi" in sections or "router" in sections:
         names = MULTI_ROWS if "multi" in sections else ["router"]
         for people in (2, 3):
-            cases = identity_cases(oracles, groups, people)
+            cases = identity_cases(oracles, groups, people, framing=framing)
             for name in names:
                 call = MULTI_ROWS[name]
                 sheet = f"multi_{people}_router.png" if name == "router" else None

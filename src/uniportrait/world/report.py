@@ -251,15 +251,15 @@ def reference_index(identities: np.ndarray, rows: np.ndarray) -> np.ndarray:
 # -- base model -------------------------------------------------------------------------------------
 
 
-def held_out_specs(count: int, num_people: int, seed: int, identities: int = 200):
-    """Scenes of held-out identities with fresh captions."""
+def held_out_specs(count: int, num_people: int, seed: int, identities: int = 200, framing: str = "wide"):
+    """Scenes of held-out identities with fresh captions, faces drawn at ``framing``."""
     from uniportrait.world.scenes import caption, identity_number, sample_spec
 
     rng = np.random.default_rng([seed, num_people, 7])
     specs, captions = [], []
     for _ in range(count):
         idents = [identity_number(int(i), True) for i in rng.choice(identities, num_people, replace=False)]
-        spec = sample_spec(rng, idents, seed=int(rng.integers(1 << 31)))
+        spec = sample_spec(rng, idents, seed=int(rng.integers(1 << 31)), framing=framing)
         specs.append(spec)
         captions.append(caption(spec, rng))
     return specs, captions
@@ -338,7 +338,7 @@ def measure_pictures(oracles, images: np.ndarray, specs, reference_embeddings, d
     }
 
 
-def reference_embeddings(oracles, specs, seed: int = 99) -> list[np.ndarray]:
+def reference_embeddings(oracles, specs, seed: int = 99, framing: str = "wide") -> list[np.ndarray]:
     """Per spec, (P, E): each person rendered again in another random scene, embedded."""
     from uniportrait.world.scenes import sample_spec
 
@@ -347,7 +347,9 @@ def reference_embeddings(oracles, specs, seed: int = 99) -> list[np.ndarray]:
     for spec in specs:
         embs = []
         for person in spec.people:
-            ref = sample_spec(rng, [person.identity], seed=int(rng.integers(1 << 31))).render()
+            ref = sample_spec(
+                rng, [person.identity], seed=int(rng.integers(1 << 31)), framing=framing
+            ).render()
             embs.append(
                 oracles.describe_crops(aligned_crops(ref.image[None], ref.landmarks[:1]))["embedding"][0]
             )
@@ -413,12 +415,18 @@ def save_base(base_dir: Path, unet, dest: Path) -> Path:
 
 
 def base_report(
-    pipe, oracles, singles: int = 200, groups: int = 60, seeds=(0, 1, 2), guidance: float = 7.5
+    pipe,
+    oracles,
+    singles: int = 200,
+    groups: int = 60,
+    seeds=(0, 1, 2),
+    guidance: float = 7.5,
+    framing: str = "wide",
 ) -> dict:
     out: dict = {"guidance": guidance}
     for n, count in ((1, singles), (2, groups)):
-        specs, captions = held_out_specs(count, n, seed=5)
-        refs = reference_embeddings(oracles, specs)
+        specs, captions = held_out_specs(count, n, seed=5, framing=framing)
+        refs = reference_embeddings(oracles, specs, framing=framing)
         renders = np.stack([s.render().image for s in specs])
         key = "single" if n == 1 else "two_people"
         out[f"renders_{key}"] = measure_pictures(oracles, renders, specs, refs)

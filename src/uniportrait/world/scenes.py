@@ -34,8 +34,14 @@ from uniportrait.world.traits import (
 
 #: Picture size (width, height) by number of people: 64 px portraits, 128×64 groups.
 SIZES: dict[int, tuple[int, int]] = {1: (64, 64), 2: (128, 64), 3: (128, 64), 4: (128, 64)}
-#: Face size unit (picture px) range by number of people.
-_UNIT: dict[int, tuple[float, float]] = {1: (10.0, 12.5), 2: (9.0, 11.0), 3: (8.0, 9.5), 4: (6.5, 7.5)}
+#: Face size unit (picture px) range by number of people, per framing. ``"wide"`` is the world's
+#: framing (a portrait's head about 20 × 28 px); ``"close"`` frames each face about 1.6 times as
+#: large (a portrait's head about 36 × 46 px), so a face covers about 2.6 times the latent pixels
+#: (docs/world.md, "Closer framing"). Heads never overlap in either.
+FRAMINGS: dict[str, dict[int, tuple[float, float]]] = {
+    "wide": {1: (10.0, 12.5), 2: (9.0, 11.0), 3: (8.0, 9.5), 4: (6.5, 7.5)},
+    "close": {1: (17.0, 20.0), 2: (14.0, 16.0), 3: (12.0, 13.5), 4: (9.0, 10.0)},
+}
 _COUNT_WORDS = {1: "a person", 2: "two people", 3: "three people", 4: "four people"}
 _POSITION_WORDS = {
     2: ("the one on the left", "the one on the right"),
@@ -127,10 +133,12 @@ def identity_number(index: int, held_out: bool) -> int:
     return index + (HELD_OUT_START if held_out else 0)
 
 
-def layout(num_people: int, rng: np.random.Generator) -> list[tuple[float, float, float]]:
+def layout(
+    num_people: int, rng: np.random.Generator, framing: str = "wide"
+) -> list[tuple[float, float, float]]:
     """(cx, cy, unit) of each face, left to right, so that heads do not overlap."""
     width, height = SIZES[num_people]
-    lo, hi = _UNIT[num_people]
+    lo, hi = FRAMINGS[framing][num_people]
     slot = width / num_people
     places = []
     for k in range(num_people):
@@ -149,20 +157,24 @@ def sample_spec(
     mention_p: float = 0.7,
     look: dict | None = None,
     scene: dict | None = None,
+    framing: str = "wide",
 ) -> SceneSpec:
     """A random scene of these identities (left to right).
 
     ``look``/``scene`` pin attributes (by name) for every person / the scene; pinned attributes
     are always mentioned. Other attributes are mentioned with probability ``mention_p``.
+    ``framing``: a :data:`FRAMINGS` name, how large the faces are drawn.
     """
     n = len(identities)
     if n not in SIZES:
         raise ValueError(f"a world scene has 1 to 4 people, got {n}")
+    if framing not in FRAMINGS:
+        raise ValueError(f"unknown framing {framing!r}: one of {', '.join(FRAMINGS)}")
     look, scene = dict(look or {}), dict(scene or {})
     style = sample_scene_style(rng, **scene)
     people = tuple(
         Person(identity=ident, traits=Traits.of(ident), look=sample_look(rng, cx, cy, unit, **look))
-        for ident, (cx, cy, unit) in zip(identities, layout(n, rng))
+        for ident, (cx, cy, unit) in zip(identities, layout(n, rng, framing))
     )
     mentions = set()
     for name in SCENE_ATTRIBUTES:
@@ -391,6 +403,7 @@ def vocabulary() -> list[str]:
 __all__ = [
     "BACKGROUNDS",
     "EXPRESSIONS",
+    "FRAMINGS",
     "LIGHTING",
     "SIZES",
     "STYLES",
