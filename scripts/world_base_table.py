@@ -1,6 +1,6 @@
 """The base-model table of one base folder, one seed, keeping the pictures::
 
-    python scripts/world_base_table.py BASE OUT [--seed 0]
+    python scripts/world_base_table.py BASE OUT [--seed 0] [--framing close --oracles ORACLES]
 
 Generates the base-model section's held-out captions (200 portraits, 60 two-person pictures) with
 diffusers' own ``StableDiffusionPipeline`` on ``BASE``, reads them with the oracles as
@@ -32,6 +32,8 @@ def main(argv=None) -> int:
     parser.add_argument("base", help="a world base folder (a diffusers SD pipeline folder)")
     parser.add_argument("out", help="folder to write the table, pictures and sheets to")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--framing", default="wide", help="faces of the held-out pictures: wide or close")
+    parser.add_argument("--oracles", default=None, help="oracles folder (default: the shipped world oracles)")
     args = parser.parse_args(argv)
     base, out = Path(args.base), Path(args.out)
     if not (base / "model_index.json").is_file():
@@ -40,6 +42,10 @@ def main(argv=None) -> int:
         parser.error(f"{out} is a file; give a folder to write to")
 
     from uniportrait.atomic import write_text_atomic
+    from uniportrait.world.scenes import FRAMINGS
+
+    if args.framing not in FRAMINGS:
+        parser.error(f"--framing must be one of {', '.join(FRAMINGS)}, got {args.framing!r}")
     from uniportrait.world.oracles import WorldOracles
     from uniportrait.world.report import (
         base_contact_sheets,
@@ -52,15 +58,15 @@ def main(argv=None) -> int:
     )
 
     out.mkdir(parents=True, exist_ok=True)
-    oracles, pipe = WorldOracles(), base_pipeline(base)
+    oracles, pipe = WorldOracles(args.oracles), base_pipeline(base)
     result = {}
     for people, count in ((1, 200), (2, 60)):
-        specs, captions = held_out_specs(count, people, seed=5)
+        specs, captions = held_out_specs(count, people, seed=5, framing=args.framing)
         renders = np.stack([s.render().image for s in specs])
         size = (specs[0].width, specs[0].height)
         images = generate(pipe, captions, args.seed, guidance=7.5, size=size)
         np.savez_compressed(out / f"pictures_{people}.npz", images=images, renders=renders)
-        refs = reference_embeddings(oracles, specs)
+        refs = reference_embeddings(oracles, specs, framing=args.framing)
         row = measure_pictures(oracles, images, specs, refs)
         row["through_vae"] = measure_pictures(oracles, vae_round_trip(pipe.vae, renders), specs, refs)
         row["colour_spread"], row["renders_colour_spread"] = colour_spread(images), colour_spread(renders)

@@ -2,7 +2,7 @@
 probe on held-out portraits::
 
     python scripts/world_sdedit_probe.py [--adapter DIR | --no-adapter] [--base DIR] [--cases 60]
-        [--starts 0,6,12,18] [--conditions none,own,other]
+        [--starts 0,6,12,18] [--conditions none,own,other] [--framing close --oracles ORACLES]
 
 For each held-out caption (the identity report's single-ID cases), the caption's own render of
 the person is encoded, noised to the timestep where the 25-step DDIM schedule is at step
@@ -94,6 +94,8 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--framing", default="wide", help="faces of the held-out pictures: wide or close")
+    parser.add_argument("--oracles", default=None, help="oracles folder (default: the shipped world oracles)")
     args = parser.parse_args(argv)
     try:
         starts = [int(s) for s in args.starts.split(",")]
@@ -113,7 +115,10 @@ def main(argv=None) -> int:
         measure_identity_pictures,
     )
     from uniportrait.world.oracles import WorldOracles
+    from uniportrait.world.scenes import FRAMINGS
 
+    if args.framing not in FRAMINGS:
+        parser.error(f"--framing must be one of {', '.join(FRAMINGS)}, got {args.framing!r}")
     try:
         base = world_base_folder(args.base)
         if args.no_adapter:
@@ -127,8 +132,8 @@ def main(argv=None) -> int:
     except UniPortraitError as error:
         parser.error(str(error))
     pipe.set_progress_bar_config(disable=True)
-    oracles = WorldOracles()
-    cases = identity_cases(oracles, args.cases, 1)
+    oracles = WorldOracles(args.oracles)
+    cases = identity_cases(oracles, args.cases, 1, framing=args.framing)
     latents = _render_latents(pipe, cases)
     own = (
         []

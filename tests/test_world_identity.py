@@ -254,6 +254,7 @@ def test_sdedit_probe_denoises_the_persons_own_render_from_the_asked_step(capsys
         ["--starts", "25"],
         ["--no-adapter", "--conditions", "own"],
         ["--no-adapter", "--adapter", "x"],
+        ["--framing", "far"],
     ):
         with pytest.raises(SystemExit):
             script.main(bad)
@@ -285,6 +286,10 @@ def test_base_table_script_measures_tint_and_refuses_a_folder_without_a_base(tmp
         script.main([str(tmp_path), str(tmp_path / "file.txt")])
     assert exit_info.value.code == 2 and "is a file" in capsys.readouterr().err
     assert (tmp_path / "file.txt").read_text() == "x"
+    with pytest.raises(SystemExit) as exit_info:
+        script.main([str(tmp_path), str(tmp_path / "out"), "--framing", "far"])
+    assert exit_info.value.code == 2 and "--framing must be one of wide, close" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.skipif(
