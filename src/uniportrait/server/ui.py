@@ -71,6 +71,13 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _slider(setting, value: float, step: float, label: str, elem_id: str):
+    """A slider over a setting's range (:mod:`uniportrait.settings`)."""
+    import gradio as gr
+
+    return gr.Slider(setting.low, setting.high, value=value, step=step, label=label, elem_id=elem_id)
+
+
 class PortraitUI:
     """Builds the Blocks; one instance per app."""
 
@@ -207,29 +214,14 @@ class PortraitUI:
                     with gr.Accordion("More identities", open=False):
                         slots += [c for k in range(3, people + 1) for c in self._person(tab, k)]
                 with gr.Accordion("Settings", open=True):
-                    faceid = gr.Slider(
-                        FACEID_SCALE.low,
-                        FACEID_SCALE.high,
-                        value=FACEID_SCALE.default,
-                        step=0.05,
-                        label="Face-ID scale",
-                        elem_id=f"{tab}-faceid",
+                    faceid = _slider(
+                        FACEID_SCALE, FACEID_SCALE.default, 0.05, "Face-ID scale", f"{tab}-faceid"
                     )
-                    structure = gr.Slider(
-                        STRUCTURE_SCALE.low,
-                        STRUCTURE_SCALE.high,
-                        value=structure_default,
-                        step=0.05,
-                        label="Face-structure scale",
-                        elem_id=f"{tab}-structure",
+                    structure = _slider(
+                        STRUCTURE_SCALE, structure_default, 0.05, "Face-structure scale", f"{tab}-structure"
                     )
-                    guidance = gr.Slider(
-                        GUIDANCE_SCALE.low,
-                        GUIDANCE_SCALE.high,
-                        value=GUIDANCE_SCALE.default,
-                        step=0.5,
-                        label="Guidance scale",
-                        elem_id=f"{tab}-guidance",
+                    guidance = _slider(
+                        GUIDANCE_SCALE, GUIDANCE_SCALE.default, 0.5, "Guidance scale", f"{tab}-guidance"
                     )
                     identity_guidance = gr.Number(
                         value=None,
