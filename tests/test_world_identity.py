@@ -260,6 +260,51 @@ def test_sdedit_probe_denoises_the_persons_own_render_from_the_asked_step(capsys
             script.main(bad)
 
 
+def test_memorise_probe_reads_each_render_as_its_own_person_and_resumes(tmp_path, capsys):
+    """scripts/world_memorise_probe.py: the renders row is the oracle's ceiling (every picture
+    identified as its own person); the base, the raw and the EMA rows are read for every seed; run
+    again, it neither re-renders nor retrains (the run is resumed at its last step); bad arguments
+    exit 2 before writing."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "world_memorise_probe.py"
+    spec = importlib.util.spec_from_file_location("world_memorise_probe", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    work = tmp_path / "mem"
+    args = ["--work", str(work), "--pictures", "3", "--steps", "2", "--seeds", "0"]
+    capsys.readouterr()
+    assert script.main(args) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["row"] for r in rows] == [
+        "renders",
+        "through the VAE",
+        "base",
+        "memorised (raw weights)",
+        "memorised (EMA 0.999)",
+    ]
+    assert rows[0]["identification"] == 1.0 and rows[0]["face_sim"] > 0.9, rows[0]
+    assert rows[1]["face_sim"] > 0.4, rows[1]  # the VAE keeps ~0.76 of a render's Face Sim
+    data = work / "data" / "singles_train.npz"
+    assert len(np.load(data)["captions"]) == len(set(np.load(data)["captions"])) == 3
+    stamp = data.stat().st_mtime_ns
+    assert torch.load(work / "run" / "state.pt", weights_only=True)["step"] == 2
+    assert script.main(args) == 0
+    assert data.stat().st_mtime_ns == stamp
+    assert [json.loads(line) for line in capsys.readouterr().out.splitlines()] == rows  # same weights
+    for bad in (
+        ["--work", str(tmp_path / "x"), "--pictures", "1"],
+        ["--work", str(tmp_path / "x"), "--seeds", "a"],
+        ["--work", str(tmp_path / "x"), "--base", str(tmp_path)],
+        ["--work", str(data)],
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            script.main(bad)
+        assert exit_.value.code == 2
+    assert not (tmp_path / "x").exists()
+
+
 def test_base_table_script_measures_tint_and_refuses_a_folder_without_a_base(tmp_path, capsys):
     """scripts/world_base_table.py: the colour spread is zero for pictures of one mean colour and
     grows with their differences; a folder that is no base, or an output that is a file, is refused
