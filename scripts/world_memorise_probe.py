@@ -34,16 +34,19 @@ def _data(work: Path, count: int) -> dict[str, np.ndarray]:
     data = work / "data"
     singles = data / "singles_train.npz"
     if not singles.is_file():
-        data.mkdir(parents=True, exist_ok=True)
         s = render_set(4 * count, 1, seed=77, num_identities=4 * count, held_out=True,
                        renders_per_identity=1, progress=False)  # fmt: skip
         _, first = np.unique(s["captions"], return_index=True)
         keep = np.sort(first)[:count]
         if len(keep) < count:
             raise UniPortraitError(f"only {len(keep)} distinct captions among {4 * count} renders")
+        data.mkdir(parents=True, exist_ok=True)
         save_set(render_set(2, 2, seed=78, held_out=True, progress=False), data / "groups_train.npz")
-        save_set({k: v[keep] for k, v in s.items()}, singles)
-    return load_set(singles)
+        save_set({k: v[keep] for k, v in s.items()}, singles)  # last: its presence marks the data done
+    out = load_set(singles)
+    if len(out["captions"]) != count:
+        raise UniPortraitError(f"{work} holds a run on {len(out['captions'])} pictures, not {count}")
+    return out
 
 
 def _score(oracles, images: np.ndarray, references: np.ndarray) -> dict[str, float]:
@@ -93,7 +96,10 @@ def main(argv=None) -> int:
         base = world_base_folder(args.base)
     except UniPortraitError as err:
         parser.error(str(err))
-    data = _data(args.work, args.pictures)
+    try:
+        data = _data(args.work, args.pictures)
+    except UniPortraitError as err:
+        parser.error(str(err))
     captions = [str(c) for c in data["captions"]]
     train_unet(args.work / "data", base, base, args.work, steps=args.steps, lr=2e-4, seed=3,
                group_every=1 << 30, init=base / "unet", bf16=True)  # fmt: skip

@@ -298,6 +298,7 @@ def test_memorise_probe_reads_each_render_as_its_own_person_and_resumes(tmp_path
         ["--work", str(tmp_path / "x"), "--seeds", "a"],
         ["--work", str(tmp_path / "x"), "--base", str(tmp_path)],
         ["--work", str(data)],
+        ["--work", str(work), "--pictures", "4"],  # the folder holds a run on 3 pictures
     ):
         with pytest.raises(SystemExit) as exit_:
             script.main(bad)
