@@ -94,9 +94,6 @@ def main(argv=None) -> int:
 
     try:
         base = world_base_folder(args.base)
-    except UniPortraitError as err:
-        parser.error(str(err))
-    try:
         data = _data(args.work, args.pictures)
     except UniPortraitError as err:
         parser.error(str(err))
@@ -115,7 +112,7 @@ def main(argv=None) -> int:
     raw = UNet2DConditionModel.from_pretrained(base / "unet", torch_dtype=torch.float32)
     raw.load_state_dict(torch.load(args.work / "run" / "state.pt", weights_only=True)["modules"]["unet"])
     unets = {
-        "base": UNet2DConditionModel.from_pretrained(base / "unet", torch_dtype=torch.float32),
+        "base": pipe.unet,  # base_pipeline's own, in float32
         "memorised (raw weights)": raw,
         "memorised (EMA 0.999)": UNet2DConditionModel.from_pretrained(args.work / "unet"),
     }
