@@ -500,3 +500,54 @@ def test_unet_learning_rate_fine_tunes_the_base_resumes_and_writes_it_as_a_pipel
     encoder = build_tiny_base(0)["image_encoder"]
     pipe = UniPortraitPipeline.from_pretrained(base, uniportrait=straight / "adapter", image_encoder=encoder)
     assert torch.equal(pipe.unet.state_dict()["conv_in.weight"], units[0]["conv_in.weight"])
+
+
+def test_export_writes_a_checkpoints_adapter_and_base_without_training(dataset, tmp_path, capsys):
+    """``uniportrait train --resume [CHECKPOINT] --export DIR``: a run's checkpoint, written as the
+    finished run writes its weights (adapter/, and base/ when the UNet trains), the run untouched;
+    without a checkpoint it is a one-line error that writes nothing."""
+    from diffusers import StableDiffusionPipeline
+
+    from uniportrait.models.adapter import UniPortraitAdapter
+
+    run = tmp_path / "run"
+    args = ["train", "--stage", "1", "--preset", "tiny", "--data", str(dataset), "--output-dir", str(run)]
+    sets = [
+        "train.max_steps=3",
+        "train.stop_after_steps=2",
+        "checkpoint.every=1",
+        "train.unet_learning_rate=1e-3",
+    ]
+    sets += ["validation.every=null"]
+    out = tmp_path / "export"
+    assert main([*args, *[f"--set={o}" for o in sets], "--export", str(out)]) == 2  # no --resume
+    assert "give --resume" in capsys.readouterr().err
+    assert main([*args, *[f"--set={o}" for o in sets], "--resume", "--export", str(out)]) == 2
+    assert "no complete checkpoint" in capsys.readouterr().err
+    assert not run.exists() and not out.exists()
+
+    assert main([*args, *[f"--set={o}" for o in sets]]) == 0  # stops after step 2, checkpoints 1 and 2
+    first = find_checkpoint(run, str(run / "checkpoints" / "checkpoint-00000001"))
+    assert main([*args, *[f"--set={o}" for o in sets], "--resume", str(first), "--export", str(out)]) == 0
+    assert "step 1 of" in capsys.readouterr().out
+    assert not (run / "adapter").exists() and not (run / "base").exists()  # the run did not go on
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "checkpoint-00000001",
+        "checkpoint-00000002",
+    ]
+
+    state = load_file(str(first / "state" / "trainable.safetensors"))
+    unet = StableDiffusionPipeline.from_pretrained(out / "base").unet.state_dict()
+    assert unet.keys() == {k.removeprefix("base_unet.") for k in state if k.startswith("base_unet.")}
+    assert all(
+        torch.equal(unet[k.removeprefix("base_unet.")], v)
+        for k, v in state.items()
+        if k.startswith("base_unet.")
+    )
+    exported = UniPortraitAdapter.from_pretrained(out / "adapter").named_state_dict()
+    saved = UniPortraitAdapter.from_pretrained(first / "adapter").named_state_dict()
+    assert exported.keys() == saved.keys() and all(torch.equal(exported[k], saved[k]) for k in saved)
+    second = UniPortraitAdapter.from_pretrained(run / "checkpoints" / "checkpoint-00000002" / "adapter")
+    assert any(
+        not torch.equal(second.named_state_dict()[k], saved[k]) for k in saved
+    )  # step 1's, not the latest

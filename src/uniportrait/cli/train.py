@@ -48,10 +48,18 @@ def register(subparsers) -> None:
         metavar="CHECKPOINT",
         help="resume from the newest checkpoint of the output folder (no value) or from CHECKPOINT",
     )
+    parser.add_argument(
+        "--export",
+        default=None,
+        metavar="DIR",
+        help="with --resume: write the checkpoint's adapter (and base, with train.unet_learning_rate) "
+        "to DIR/adapter (DIR/base) instead of training, e.g. to measure a run before it ends",
+    )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from uniportrait.errors import UniPortraitError
     from uniportrait.training.config import TINY_BASE, load_config
 
     if int(os.environ.get("RANK", "0")) != 0:  # under accelerate launch: one process logs
@@ -66,9 +74,19 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"output_dir={args.output_dir}")
     cfg = load_config(args.config, overrides, stage=args.stage, base=base)
 
-    from uniportrait.training.trainer import Trainer
+    from uniportrait.training.trainer import Trainer, find_checkpoint
 
+    if args.export is not None:  # checked before the trainer writes anything into output_dir
+        if args.resume is None:
+            raise UniPortraitError("--export writes a checkpoint's weights: give --resume [CHECKPOINT] too")
+        if find_checkpoint(cfg.output_dir, args.resume) is None:
+            raise UniPortraitError(f"--export: no complete checkpoint in {cfg.output_dir} to export")
     trainer = Trainer(cfg, resume=args.resume)
+    if args.export is not None:
+        trainer.export(args.export)
+        if trainer.accelerator.is_main_process:
+            print(f"step {trainer.global_step} of {trainer.resumed_from}: weights in {args.export}")
+        return 0
     result = trainer.train()
     if trainer.accelerator.is_main_process:
         print(f"stage {cfg.stage}: step {trainer.global_step}/{cfg.train.max_steps}; weights in {result}")

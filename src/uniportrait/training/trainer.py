@@ -727,6 +727,19 @@ class Trainer:
             logger.info("step %d/%d %s", self.global_step, self.cfg.train.max_steps, shown)
         acc.log(metrics, step=self.global_step)
 
+    def export(self, directory: str | Path) -> Path:
+        """Write the weights this trainer holds (a resumed checkpoint's, EMA if enabled) as a finished
+        run writes them: ``directory/adapter`` and, with ``train.unet_learning_rate``,
+        ``directory/base``, so a checkpoint can be measured without finishing the run."""
+        directory = Path(directory)
+        if self.accelerator.is_main_process:
+            self.save_adapter(directory / "adapter")
+            if self.cfg.train.unet_learning_rate is not None:
+                self.save_base(directory / "base")
+            logger.info("step %d exported to %s", self.global_step, directory)
+        self.accelerator.wait_for_everyone()
+        return directory
+
     def finish(self) -> Path:
         """After the last step: final adapter (+ published layout) and a last validation."""
         acc, cfg = self.accelerator, self.cfg
