@@ -527,6 +527,10 @@ def test_export_writes_a_checkpoints_adapter_and_base_without_training(dataset, 
     assert not run.exists() and not out.exists()
 
     assert main([*args, *[f"--set={o}" for o in sets]]) == 0  # stops after step 2, checkpoints 1 and 2
+    rows = [r for r in _metrics(run) if "diffusion" in r]
+    adapter_lr = _config(1, dataset, run).train.learning_rate  # the UNet's is set apart (1e-3)
+    assert rows and all(r["lr"] == pytest.approx(adapter_lr) for r in rows), rows
+    assert all(r["unet_lr"] == pytest.approx(1e-3) for r in rows) and adapter_lr != 1e-3
     first = find_checkpoint(run, str(run / "checkpoints" / "checkpoint-00000001"))
     assert main([*args, *[f"--set={o}" for o in sets], "--resume", str(first), "--export", str(out)]) == 0
     assert "step 1 of" in capsys.readouterr().out

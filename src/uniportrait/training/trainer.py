@@ -715,7 +715,7 @@ class Trainer:
         keys = sorted(sums)
         local = torch.stack([sums[k] for k in keys]).to(self.device) / max(counted, 1)
         metrics = dict(zip(keys, acc.reduce(local, reduction="mean").tolist()))
-        metrics["lr"] = self.lr_scheduler.get_last_lr()[-1]
+        metrics.update(self._learning_rates())
         elapsed = time.perf_counter() - started
         metrics["steps_per_s"] = (self.global_step - started_step) / max(elapsed, 1e-9)
         metrics["epoch"] = self.schedule.epoch_of(max(self.position.micro_batches - 1, 0))
@@ -739,6 +739,17 @@ class Trainer:
             logger.info("step %d exported to %s", self.global_step, directory)
         self.accelerator.wait_for_everyone()
         return directory
+
+    def _learning_rates(self) -> dict[str, float]:
+        """``lr`` (the adapter's, ``train.learning_rate``) and, when the UNet trains, ``unet_lr``, now
+        (one schedule scales every parameter group alike)."""
+        group = self.optimizer.param_groups[0]
+        factor = group["lr"] / group["initial_lr"] if group.get("initial_lr") else 1.0
+        t = self.cfg.train
+        rates = {"lr": t.learning_rate * factor}
+        if t.unet_learning_rate is not None:
+            rates["unet_lr"] = t.unet_learning_rate * factor
+        return rates
 
     def finish(self) -> Path:
         """After the last step: final adapter (+ published layout) and a last validation."""
