@@ -197,6 +197,7 @@ def test_identification_picks_out_the_person_among_the_rows_people():
     )
     from uniportrait.world.oracles import WorldOracles, default_oracles_dir
     from uniportrait.world.report import summarise_runs
+    from uniportrait.world.traits import HELD_OUT_START
 
     oracles = WorldOracles(default_oracles_dir())
     cases = identity_cases(oracles, 12, 1)
@@ -219,6 +220,14 @@ def test_identification_picks_out_the_person_among_the_rows_people():
     again = measure_identity_pictures(oracles, np.stack([c.spec.render().image for c in repeated]), repeated)
     assert len(people) < 12 and again["identification_chance"] == pytest.approx(1 / len(people))
     assert again["identification"] >= 0.9 and again["pairwise_identification"] >= 0.95
+    # training people: the same captions and scenes, people the world's training data draws from
+    trained = identity_cases(oracles, 12, 1, held_out=False)
+    assert [c.caption for c in trained] == [c.caption for c in cases]
+    assert all(
+        c.spec.people[0].identity == a.spec.people[0].identity - HELD_OUT_START
+        for c, a in zip(trained, cases)
+    )
+    assert all(c.conditioning[0].people[0].identity == c.spec.people[0].identity for c in trained)
     # close framing: the same people, captions and photos' scenes, every face drawn larger
     close = identity_cases(oracles, 12, 1, framing="close")
     assert [c.caption for c in close] == [c.caption for c in cases]

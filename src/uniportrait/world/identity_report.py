@@ -81,14 +81,23 @@ class IdentityCase:
 
 
 def identity_cases(
-    oracles, count: int, num_people: int, seed: int = 5, identities: int = 200, framing: str = "wide"
+    oracles,
+    count: int,
+    num_people: int,
+    seed: int = 5,
+    identities: int = 200,
+    framing: str = "wide",
+    held_out: bool = True,
 ) -> list[IdentityCase]:
     """Held-out captions (as :func:`~uniportrait.world.report.held_out_specs`) with their photos,
-    of the first ``identities`` held-out people; every picture framed at ``framing``."""
+    of the first ``identities`` held-out people (training people with ``held_out=False``); every
+    picture framed at ``framing``."""
     from uniportrait.world.report import held_out_specs, reference_embeddings
     from uniportrait.world.scenes import sample_spec
 
-    specs, captions = held_out_specs(count, num_people, seed=seed, identities=identities, framing=framing)
+    specs, captions = held_out_specs(
+        count, num_people, seed=seed, identities=identities, framing=framing, held_out=held_out
+    )
     refs = reference_embeddings(oracles, specs, framing=framing)  # third renders (seed 99)
     rng = np.random.default_rng([seed, num_people, 77])
     cases = []

@@ -251,14 +251,24 @@ def reference_index(identities: np.ndarray, rows: np.ndarray) -> np.ndarray:
 # -- base model -------------------------------------------------------------------------------------
 
 
-def held_out_specs(count: int, num_people: int, seed: int, identities: int = 200, framing: str = "wide"):
-    """Scenes of held-out identities with fresh captions, faces drawn at ``framing``."""
+def held_out_specs(
+    count: int,
+    num_people: int,
+    seed: int,
+    identities: int = 200,
+    framing: str = "wide",
+    held_out: bool = True,
+):
+    """Scenes of the first ``identities`` held-out identities with fresh captions, faces drawn at
+    ``framing``. ``held_out=False``: of the first training identities instead (the same scenes and
+    captions), to ask how well a model draws people it trained on."""
     from uniportrait.world.scenes import caption, identity_number, sample_spec
 
     rng = np.random.default_rng([seed, num_people, 7])
     specs, captions = [], []
     for _ in range(count):
-        idents = [identity_number(int(i), True) for i in rng.choice(identities, num_people, replace=False)]
+        picked = rng.choice(identities, num_people, replace=False)
+        idents = [identity_number(int(i), held_out) for i in picked]
         spec = sample_spec(rng, idents, seed=int(rng.integers(1 << 31)), framing=framing)
         specs.append(spec)
         captions.append(caption(spec, rng))
