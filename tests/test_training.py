@@ -532,6 +532,9 @@ def test_export_writes_a_checkpoints_adapter_and_base_without_training(dataset, 
     assert rows and all(r["lr"] == pytest.approx(adapter_lr) for r in rows), rows
     assert all(r["unet_lr"] == pytest.approx(1e-3) for r in rows) and adapter_lr != 1e-3
     first = find_checkpoint(run, str(run / "checkpoints" / "checkpoint-00000001"))
+    (tmp_path / "a-file").write_text("")
+    assert main([*args, *[f"--set={o}" for o in sets], "--resume", "--export", str(tmp_path / "a-file")]) == 2
+    assert "cannot write to output folder" in capsys.readouterr().err
     assert main([*args, *[f"--set={o}" for o in sets], "--resume", str(first), "--export", str(out)]) == 0
     assert "step 1 of" in capsys.readouterr().out
     assert not (run / "adapter").exists() and not (run / "base").exists()  # the run did not go on

@@ -59,6 +59,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from uniportrait.cli._common import check_output_folder
     from uniportrait.errors import UniPortraitError
     from uniportrait.training.config import TINY_BASE, load_config
 
@@ -81,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
             raise UniPortraitError("--export writes a checkpoint's weights: give --resume [CHECKPOINT] too")
         if find_checkpoint(cfg.output_dir, args.resume) is None:
             raise UniPortraitError(f"--export: no complete checkpoint in {cfg.output_dir} to export")
+        check_output_folder(args.export)
     trainer = Trainer(cfg, resume=args.resume)
     if args.export is not None:
         trainer.export(args.export)
