@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     }
     for name, row in rows.items():
         print(json.dumps({"row": name, **_score(oracles, row, references)}), flush=True)
-    raw = UNet2DConditionModel.from_pretrained(base / "unet", torch_dtype=torch.float32)
+    raw = UNet2DConditionModel.from_config(pipe.unet.config)  # float32; the weights come next
     raw.load_state_dict(torch.load(args.work / "run" / "state.pt", weights_only=True)["modules"]["unet"])
     unets = {
         "base": pipe.unet,  # base_pipeline's own, in float32

@@ -6,7 +6,10 @@ The tiny preset's UNet has two levels, so any multiple of 8 pixels works; tests 
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import PIL.Image
@@ -18,6 +21,7 @@ import torch
 torch.set_num_threads(1)
 
 PROMPT = "a photo of a person at the beach"
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 SIZE = 64
 STEPS = 2
 
@@ -104,3 +108,11 @@ def plain_sd_pipeline(components):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def load_script(name: str) -> ModuleType:
+    """``scripts/<name>.py`` as a module (the scripts are not a package), for tests of their ``main``."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -9,6 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from conftest import load_script
 
 from uniportrait.world.build import WORLD_ASSETS
 from uniportrait.world.scenes import caption, sample_spec, vocabulary
@@ -689,15 +690,10 @@ def test_decoder_identity_loss_reads_the_aligned_faces_and_reaches_the_decoder()
 def test_identity_words_are_added_without_changing_old_captions():
     """scripts/world_trait_captions.py: new trait words become single learnt tokens, and every
     caption without them tokenizes and encodes exactly as before."""
-    import importlib.util
-    from pathlib import Path
 
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "world_trait_captions.py"
-    spec = importlib.util.spec_from_file_location("world_trait_captions", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("world_trait_captions")
     tokenizer = CLIPTokenizer.from_pretrained(WORLD_ASSETS / "base" / "tokenizer")
     encoder = CLIPTextModel.from_pretrained(WORLD_ASSETS / "base" / "text_encoder", torch_dtype=torch.float32)
     rng = np.random.default_rng(0)
@@ -906,9 +902,7 @@ def test_held_out_error_pairs_pictures_and_tells_a_trained_denoiser(tmp_path, ca
     """``held_out_error`` (scripts/world_heldout_loss.py): the same noise and timesteps for every
     base, so a base against itself differs by exactly zero; an untrained UNet in the shipped
     base's place denoises far worse; bad input is refused."""
-    import importlib.util
     import shutil
-    from pathlib import Path
 
     from uniportrait.errors import UniPortraitError
     from uniportrait.world.models import make_unet
@@ -923,10 +917,7 @@ def test_held_out_error_pairs_pictures_and_tells_a_trained_denoiser(tmp_path, ca
     assert held_out_error(untrained, count=12).mean() > 5 * shipped.mean()
     with pytest.raises(UniPortraitError, match="not a base folder"):
         held_out_error(tmp_path)
-    path = Path(__file__).resolve().parents[1] / "scripts" / "world_heldout_loss.py"
-    spec = importlib.util.spec_from_file_location("world_heldout_loss", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("world_heldout_loss")
     assert script.main([str(WORLD_ASSETS / "base"), str(tmp_path), "--count", "4"]) == 2
     assert "not a base folder" in capsys.readouterr().err
 
@@ -936,8 +927,6 @@ def test_word_probe_finds_the_shipped_base_reading_background_words(tmp_path, ca
     """The word probe (docs/world.md, "Which caption words the base model uses"): the shipped base
     denoises a held-out portrait worse when its background's words are swapped for another
     background's (measured on 300: +23% at t = 700, z 15); bad input is refused."""
-    import importlib.util
-    from pathlib import Path
 
     from uniportrait.errors import UniPortraitError
     from uniportrait.world.word_probe import word_probe
@@ -950,10 +939,7 @@ def test_word_probe_finds_the_shipped_base_reading_background_words(tmp_path, ca
         word_probe(tmp_path, ("background",))
     with pytest.raises(UniPortraitError, match="no phrase to swap"):
         word_probe(WORLD_ASSETS / "base", ("hair",))
-    path = Path(__file__).resolve().parents[1] / "scripts" / "world_word_probe.py"
-    spec = importlib.util.spec_from_file_location("world_word_probe", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("world_word_probe")
     assert script.main([str(tmp_path), "--out", str(tmp_path / "probe.json")]) == 2
     assert "not a base folder" in capsys.readouterr().err and not (tmp_path / "probe.json").exists()
     base = str(WORLD_ASSETS / "base")

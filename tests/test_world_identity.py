@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import load_script
 
 from uniportrait.world.build import WORLD_ASSETS
 from uniportrait.world.identity_report import ATTRIBUTION_TRAITS, _is_blend, layout_masks, trait_shares
@@ -197,7 +198,6 @@ def test_identification_picks_out_the_person_among_the_rows_people():
     )
     from uniportrait.world.oracles import WorldOracles, default_oracles_dir
     from uniportrait.world.report import summarise_runs
-    from uniportrait.world.traits import HELD_OUT_START
 
     oracles = WorldOracles(default_oracles_dir())
     cases = identity_cases(oracles, 12, 1)
@@ -242,13 +242,8 @@ def test_sdedit_probe_denoises_the_persons_own_render_from_the_asked_step(capsys
     """scripts/world_sdedit_probe.py: started one step before the end, the picture is the
     person's render through the VAE (the oracle knows them); started at the first step, it is a
     new picture. This fails if the restart does not feed the render's noised latents."""
-    import importlib.util
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "world_sdedit_probe.py"
-    spec = importlib.util.spec_from_file_location("world_sdedit_probe", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("world_sdedit_probe")
     capsys.readouterr()
     assert script.main(["--cases", "3", "--starts", "24,0", "--conditions", "none"]) == 0
     late, early = (json.loads(line) for line in capsys.readouterr().out.splitlines())
@@ -274,13 +269,8 @@ def test_memorise_probe_reads_each_render_as_its_own_person_and_resumes(tmp_path
     identified as its own person); the base, the raw and the EMA rows are read for every seed; run
     again, it neither re-renders nor retrains (the run is resumed at its last step); bad arguments
     exit 2 before writing."""
-    import importlib.util
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "world_memorise_probe.py"
-    spec = importlib.util.spec_from_file_location("world_memorise_probe", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("world_memorise_probe")
     work = tmp_path / "mem"
     args = ["--work", str(work), "--pictures", "3", "--steps", "2", "--seeds", "0"]
     capsys.readouterr()
@@ -319,13 +309,8 @@ def test_base_table_script_measures_tint_and_refuses_a_folder_without_a_base(tmp
     """scripts/world_base_table.py: the colour spread is zero for pictures of one mean colour and
     grows with their differences; a folder that is no base, or an output that is a file, is refused
     (exit 2) before writing."""
-    import importlib.util
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "world_base_table.py"
-    spec = importlib.util.spec_from_file_location("world_base_table", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("world_base_table")
     flat = np.full((4, 8, 8, 3), 128, np.uint8)
     assert script.colour_spread(flat) == 0.0
     varied = flat.copy()
@@ -356,16 +341,11 @@ def test_attribute_confusion_counts_what_was_asked_against_what_the_oracles_read
     weighs every asked value alike, so always drawing the common value scores chance; counts of
     several tables add up; a folder without the base table's pictures is refused (exit 2)."""
     import dataclasses
-    import importlib.util
-    from pathlib import Path
 
     from uniportrait.world.oracles import WorldOracles
     from uniportrait.world.report import held_out_specs, measure_pictures, reference_embeddings
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "world_attribute_confusion.py"
-    spec = importlib.util.spec_from_file_location("world_attribute_confusion", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("world_attribute_confusion")
     oracles = WorldOracles()
     specs, _ = held_out_specs(24, 1, seed=5)
     renders = np.stack([s.render().image for s in specs])
@@ -418,17 +398,12 @@ def test_attribute_confusion_counts_what_was_asked_against_what_the_oracles_read
 def test_trait_probe_reads_a_trait_a_stage_carries_and_not_one_it_lacks():
     """scripts/world_trait_probe.py: the ridge read-out recovers a trait written linearly into the
     features and stays near chance on features without it; its stages have one row per crop."""
-    import importlib.util
-    from pathlib import Path
 
     import torch
 
     from uniportrait.presets.pipelines import build_world_pipeline
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "world_trait_probe.py"
-    spec = importlib.util.spec_from_file_location("world_trait_probe", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("world_trait_probe")
     crops, traits = script.render_crops(400, clean=False, seed=0)
     assert crops.shape == (400, 224, 224, 3) and len(traits) == 400
     gen = torch.Generator().manual_seed(0)
@@ -451,15 +426,10 @@ def test_trait_probe_reads_a_trait_a_stage_carries_and_not_one_it_lacks():
 def test_single_factor_specs_change_only_the_tested_attribute():
     """scripts/world_single_factor.py's portraits: every attribute pinned and said but the tested
     one, which cycles through its values; training people are not held-out ones and vice versa."""
-    import importlib.util
-    from pathlib import Path
 
     from uniportrait.world.traits import PERSON_ATTRIBUTES, SCENE_ATTRIBUTES
 
-    path = Path(__file__).resolve().parents[1] / "scripts" / "world_single_factor.py"
-    spec = importlib.util.spec_from_file_location("world_single_factor", path)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("world_single_factor")
     for name, held_out in (("tilt", True), ("background", False)):
         specs, captions = script.controlled_specs(name, 12, held_out=held_out, seed=0)
         asked = [{**s.requested()["scene"], **s.requested()["people"][0]} for s in specs]
