@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from uniportrait.settings import FACEID_SCALE
 from uniportrait.visualize import PALETTE_NAMES, routing_overlay
 
 #: Held-out identity numbers of the demo's people (index into the held-out range) and their names.
@@ -31,10 +32,6 @@ GROUP_PROMPTS = {
     3: "a photo of three people on a beach",
 }
 SCALE = 3  # sheet pixels per picture pixel
-#: Identity weight of the demo. Above 1 the shipped adapter's identity gets stronger but faces
-#: break up more often (docs/world.md, the fidelity/editability curve: one face in 82% of
-#: portraits at 1.0, 65% at 2.0); at 1.0 the demo's sheet shows the most faces.
-DEMO_FACEID_SCALE = 1.0
 
 
 @dataclass
@@ -111,9 +108,14 @@ def _sheet(rows: list[tuple[str, list[Image.Image]]], pad: int = 8) -> Image.Ima
 
 @torch.no_grad()
 def run_world_demo(
-    pipe, out: Path, seed: int = 0, steps: int = 25, faceid_scale: float = DEMO_FACEID_SCALE
+    pipe, out: Path, seed: int = 0, steps: int = 25, faceid_scale: float = FACEID_SCALE.default
 ) -> list[Path]:
-    """Generate the demo's pictures into ``out``; returns the files written (the sheet last)."""
+    """Generate the demo's pictures into ``out``; returns the files written (the sheet last).
+
+    ``faceid_scale`` defaults to the pipeline's (0.7): on the shipped world weights it gives the
+    most identity with the fewest broken faces (docs/world.md, the fidelity/editability curve:
+    one face in 80% of portraits at 1.0, 62% at 2.0).
+    """
     from uniportrait.faces.image_io import save_png_atomic
     from uniportrait.world.oracles import WorldOracles
 
