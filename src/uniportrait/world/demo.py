@@ -112,9 +112,9 @@ def run_world_demo(
 ) -> list[Path]:
     """Generate the demo's pictures into ``out``; returns the files written (the sheet last).
 
-    ``faceid_scale`` defaults to the pipeline's (0.7): on the shipped world weights it gives the
-    most identity with the fewest broken faces (docs/world.md, the fidelity/editability curve:
-    one face in 80% of portraits at 1.0, 62% at 2.0).
+    ``faceid_scale`` defaults to the pipeline's (``settings.FACEID_SCALE``): on the shipped world
+    weights it gives the most identity with the fewest broken faces (docs/world.md, the
+    fidelity/editability curve: one face in 80% of portraits at 1.0, 62% at 2.0).
     """
     from uniportrait.faces.image_io import save_png_atomic
     from uniportrait.world.oracles import WorldOracles
