@@ -7,6 +7,7 @@ ground-truth face masks), per group size::
         --identities 50 --held-out --seed 32
     python scripts/world_routing_probe.py runs/world/heldout-groups runs/world/train-stage2/adapter
     python scripts/world_routing_probe.py runs/world/heldout-groups ADAPTER --leakage router,everywhere,masks
+    python scripts/world_routing_probe.py runs/world/heldout-groups ADAPTER --base BASE  # not the shipped base
 
 Prints one JSON line per adapter and group size (accuracy, its standard error over batches,
 chance), and with ``--leakage`` one per way of placing identities (leakage, its standard error).
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import torch
 
@@ -24,7 +26,7 @@ from uniportrait.training.probe import LEAKAGE_ROUTINGS, PROBE_OVERRIDES, leakag
 from uniportrait.training.trainer import Trainer
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "data", help="held-out group dataset (uniportrait world render --held-out --people 2,3)"
@@ -38,7 +40,13 @@ def main() -> None:
         f"({', '.join(LEAKAGE_ROUTINGS)})",
     )
     parser.add_argument("--config", default="configs/world/stage2.yaml")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--base",
+        help="base model folder the adapters were trained on (default: the config's, the shipped one)",
+    )
+    args = parser.parse_args(argv)
+    if args.base is not None and not (Path(args.base) / "model_index.json").is_file():
+        parser.error(f"--base: {args.base} is not a base folder (no model_index.json)")
     routings = args.leakage.split(",") if args.leakage is not None else []
     unknown = sorted(set(routings) - set(LEAKAGE_ROUTINGS))
     if unknown:
@@ -48,6 +56,8 @@ def main() -> None:
         for people in (2, 3):
             overrides = [f"data.path={args.data}", f"model.init_adapter={adapter}", "output_dir=outputs/routing-probe",
                          f"data.min_faces={people}", f"data.max_faces={people}"]  # fmt: skip
+            if args.base is not None:
+                overrides.append(f"model.pretrained_model={args.base}")
             trainer = Trainer(load_config(args.config, overrides + list(PROBE_OVERRIDES), stage=2))
             if args.leakage is None:
                 result = routing_probe(trainer, count=args.count, batch=20)

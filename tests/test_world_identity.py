@@ -305,6 +305,19 @@ def test_memorise_probe_reads_each_render_as_its_own_person_and_resumes(tmp_path
     assert not (tmp_path / "x").exists()
 
 
+def test_routing_probe_script_refuses_a_base_that_is_no_base_folder(tmp_path, capsys):
+    """scripts/world_routing_probe.py --base: a folder without a pipeline's model_index.json is
+    refused (exit 2) before any model loads, as is an unknown way of placing identities."""
+
+    script = load_script("world_routing_probe")
+    with pytest.raises(SystemExit) as exit_info:
+        script.main([str(tmp_path), str(tmp_path), "--base", str(tmp_path)])
+    assert exit_info.value.code == 2 and "is not a base folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        script.main([str(tmp_path), str(tmp_path), "--leakage", "router,somewhere"])
+    assert exit_info.value.code == 2 and "somewhere not among" in capsys.readouterr().err
+
+
 def test_base_table_script_measures_tint_and_refuses_a_folder_without_a_base(tmp_path, capsys):
     """scripts/world_base_table.py: the colour spread is zero for pictures of one mean colour and
     grows with their differences; a folder that is no base, or an output that is a file, is refused
