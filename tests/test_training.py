@@ -558,3 +558,43 @@ def test_export_writes_a_checkpoints_adapter_and_base_without_training(dataset, 
     assert any(
         not torch.equal(second.named_state_dict()[k], saved[k]) for k in saved
     )  # step 1's, not the latest
+
+
+def test_single_path_mixes_portraits_into_stage2_and_trains_the_unet_on_them(dataset, tmp_path):
+    """``data.single_path``: stage II with the UNet trained adds a batch of portraits to every
+    micro-batch, through the single-ID path. Their loss is logged and reaches the UNet, the parts
+    stage II freezes stay frozen, and a resumed run continues both data streams exactly. Without
+    a trained UNet the option is refused, since nothing it reaches would train."""
+    with pytest.raises(ConfigError, match="needs stage 2 and train.unet_learning_rate"):
+        _config(2, dataset, tmp_path / "bad", f"data.single_path={dataset}")
+    with pytest.raises(ConfigError, match="needs stage 2"):
+        _config(1, dataset, tmp_path / "bad", f"data.single_path={dataset}", "train.unet_learning_rate=1e-3")
+    with pytest.raises(ConfigError, match="single_loss_weight must be positive"):
+        _config(2, dataset, tmp_path / "bad", "train.single_loss_weight=0")
+
+    common = ("train.max_steps=2", "train.unet_learning_rate=1e-3", "data.width=128", "validation.every=null")
+    mixed = (f"data.single_path={dataset}", "data.id_augment=0.5")
+    runs = {name: tmp_path / name for name in ("groups", "straight", "parts")}
+    Trainer(_config(2, dataset, runs["groups"], *common)).train()
+    Trainer(_config(2, dataset, runs["straight"], *common, *mixed)).train()
+    first = Trainer(_config(2, dataset, runs["parts"], *common, *mixed, "train.stop_after_steps=1"))
+    assert "single_diffusion" not in _metrics(runs["groups"])[0]
+    first.train()
+    Trainer(_config(2, dataset, runs["parts"], *common, *mixed), resume="latest").train()
+
+    rows = [r for r in _metrics(runs["straight"]) if "diffusion" in r]
+    assert len(rows) == 2 and all(np.isfinite(r["single_diffusion"]) for r in rows)
+    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in _metrics(runs["parts"])], abs=1e-6)
+    groups_loss = [r["loss"] for r in _metrics(runs["groups"])]
+    assert rows[0]["loss"] > groups_loss[0]  # the same groups, plus the portraits' loss
+
+    def weights(run):
+        unet = load_file(str(run / "base" / "unet" / "diffusion_pytorch_model.safetensors"))
+        return unet, load_file(str(run / "adapter" / "diffusion_pytorch_model.safetensors"))
+
+    (u_groups, a_groups), (u_straight, a_straight), (u_parts, a_parts) = map(weights, runs.values())
+    assert max(float((u_straight[k] - u_parts[k]).abs().max()) for k in u_straight) <= 1e-6
+    assert max(float((a_straight[k] - a_parts[k]).abs().max()) for k in a_straight) <= 1e-6
+    assert sum(not torch.equal(u_straight[k], u_groups[k]) for k in u_groups) > len(u_groups) // 2
+    frozen = [k for k in a_groups if k.startswith("qformer.") or ".to_q_lora." in k or "faceid" in k]
+    assert frozen and all(torch.equal(a_straight[k], a_groups[k]) for k in frozen)

@@ -94,6 +94,10 @@ class DataConfig:
             drop all 0.33, drop tokens 0.33, keep all 0.34).
         token_drop_ratio: fraction of structure tokens dropped in the "drop tokens" case (ours).
         drop_path_rate: DropPath on the structure attention output of each Q-Former layer (ours).
+        single_path: stage II with ``train.unet_learning_rate`` only: a single-ID dataset folder
+            (e.g. stage I's) mixed in. Every micro-batch adds ``batch_size`` of its portraits,
+            square at ``resolution``, through the single-ID path (single-ID LoRA, frozen), so the
+            shared UNet keeps learning portraits while it learns groups (ours; docs/world.md).
     """
 
     path: str | None = None
@@ -109,6 +113,7 @@ class DataConfig:
     structure_drop_tokens: float = 0.33
     token_drop_ratio: float = 0.5
     drop_path_rate: float = 0.1
+    single_path: str | None = None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -155,6 +160,8 @@ class OptimConfig:
             (:mod:`uniportrait.training.warmup`; ours, not in the paper; 0: off). Needs
             identity labels with two or more photos per person in the dataset.
         id_warmup_lr: the warm-up's learning rate (ours: 1e-3).
+        single_loss_weight: weight of the loss on ``data.single_path``'s portraits, added to the
+            group loss of the same micro-batch (ours: 1.0).
         overfit_batch: debugging: repeat the first batch with the same noise every step.
         seed: seeds data order, noise, dropouts and the routing noise.
     """
@@ -183,6 +190,7 @@ class OptimConfig:
     timestep_sampling: str = "uniform"
     id_warmup_steps: int = 0
     id_warmup_lr: float = 1e-3
+    single_loss_weight: float = 1.0
     overfit_batch: bool = False
     seed: int = 0
 
@@ -310,6 +318,13 @@ class TrainConfig:
             raise ConfigError("train.id_warmup_steps must be at least 0 and train.id_warmup_lr positive")
         if t.id_warmup_steps and self.stage != 1:
             raise ConfigError("train.id_warmup_steps warms up the Q-Former, which only stage I trains")
+        if self.data.single_path is not None and (self.stage != 2 or t.unet_learning_rate is None):
+            raise ConfigError(
+                "data.single_path mixes portraits into stage II to keep the trained UNet's single-ID "
+                "path: it needs stage 2 and train.unet_learning_rate (nothing else it reaches trains)"
+            )
+        if t.single_loss_weight <= 0:
+            raise ConfigError("train.single_loss_weight must be positive")
         if t.ema_decay is not None and not 0.0 < t.ema_decay < 1.0:
             raise ConfigError("train.ema_decay must be in (0, 1)")
         if self.data.resolution % 8 or (self.data.width or 8) % 8:

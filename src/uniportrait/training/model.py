@@ -32,6 +32,7 @@ class TrainingModel(nn.Module):
         gumbel_tau: temperature of the straight-through Gumbel routing (N >= 2).
         routing_loss_weight: λ of the routing loss.
         face_loss_weight: weight of face pixels in the diffusion loss (1.0: plain MSE).
+        single_loss_weight: weight of the loss of a single-ID batch passed with ``single``.
     """
 
     def __init__(
@@ -42,6 +43,7 @@ class TrainingModel(nn.Module):
         gumbel_tau: float = 1.0,
         routing_loss_weight: float = 0.1,
         face_loss_weight: float = 1.0,
+        single_loss_weight: float = 1.0,
     ) -> None:
         super().__init__()
         self.unet = unet
@@ -50,6 +52,7 @@ class TrainingModel(nn.Module):
         self.gumbel_tau = gumbel_tau
         self.routing_loss_weight = routing_loss_weight
         self.face_loss_weight = face_loss_weight
+        self.single_loss_weight = single_loss_weight
         # weight of identity attention; training uses 1.0 (the inference default), evaluation
         # probes may set another (scripts/world_identity_probe.py --faceid-scale)
         self.faceid_scale = 1.0
@@ -98,6 +101,7 @@ class TrainingModel(nn.Module):
         added_cond: dict[str, torch.Tensor] | None = None,
         faceid_masks: torch.Tensor | None = None,
         keep_prediction: bool = False,
+        single: dict[str, Any] | None = None,
     ) -> dict[str, torch.Tensor]:
         """One forward pass.
 
@@ -114,10 +118,14 @@ class TrainingModel(nn.Module):
             faceid_masks: (B, N, h, w) masks that replace the router, as inference's user masks
                 (probes; pass ``masks=None`` with them: there is no routing to supervise).
             keep_prediction: also return the UNet's ``prediction`` (B, C, h, w), detached.
+            single: the arguments of a second pass on a single-ID batch (``data.single_path``),
+                in this same call so that DDP sees one forward; its loss is added with
+                ``single_loss_weight``.
 
         Returns:
             ``loss`` (to minimise), ``diffusion``, and with N >= 2 ``routing``,
-            ``route_mass``, ``route_accuracy`` (all scalars); ``diffusion_per_sample`` (B,).
+            ``route_mass``, ``route_accuracy`` (all scalars); ``diffusion_per_sample`` (B,);
+            with ``single``, ``single_diffusion``.
         """
         n = intrinsic.shape[1]
         devices = [noisy_latents.device] if noisy_latents.device.type == "cuda" else []
@@ -149,6 +157,12 @@ class TrainingModel(nn.Module):
             stats = routing_loss(call.router_logits, masks, route_valid)
             loss = loss + self.routing_loss_weight * stats.loss
             out.update(routing=stats.loss.detach(), route_mass=stats.mass, route_accuracy=stats.accuracy)
+        if single is not None:
+            if intrinsic.shape[1] < 2 or single["intrinsic"].shape[1] != 1:
+                raise ValueError("single is a single-ID batch passed beside a multi-ID one")
+            portraits = self.forward(**single)
+            loss = loss + self.single_loss_weight * portraits["loss"]
+            out["single_diffusion"] = portraits["diffusion"]
         out["loss"] = loss
         return out
 

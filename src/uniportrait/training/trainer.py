@@ -61,6 +61,7 @@ CHECKPOINTS = "checkpoints"
 CHECKPOINT_PREFIX = "checkpoint-"
 TRAINER_STATE = "trainer_state.json"
 TRAINABLE_FILE = "trainable.safetensors"
+SINGLE_STREAM = 1  # key of data.single_path's seeds (step_seed(seed, SINGLE_STREAM)), apart from the groups'
 UNET_PREFIX = "base_unet."  # the base UNet's parameters among the trained ones (train.unet_learning_rate)
 EMA_FILE = "ema.safetensors"
 CUSTOM_STATE_FILE = "custom_state.json"  # LR schedule, data position, EMA counters (not pickled)
@@ -246,6 +247,8 @@ class Trainer:
         from uniportrait.training.shards import check_training_data
 
         check_training_data(cfg.data.path)  # fail before loading any network
+        if cfg.data.single_path is not None:
+            check_training_data(cfg.data.single_path)
         _import_what_later_steps_need()
         c = self.components = load_components(cfg)
         self.trained = set_trainable(c.adapter, cfg.stage)
@@ -296,11 +299,25 @@ class Trainer:
             world=acc.num_processes,
             overfit=cfg.train.overfit_batch,
         )
+        # data.single_path: portraits beside the groups, one batch per micro-batch, so the same
+        # DataPosition resumes both streams
+        self.single_dataset = self.single_schedule = None
+        if cfg.data.single_path is not None:
+            self.single_dataset = open_portrait_dataset(
+                cfg.data.single_path, cfg.data.resolution, 1, 1, id_augment=cfg.data.id_augment
+            )
+            self.single_schedule = self.single_dataset.schedule(
+                cfg.train.batch_size,
+                step_seed(cfg.train.seed, SINGLE_STREAM),
+                rank=acc.process_index,
+                world=acc.num_processes,
+                overfit=cfg.train.overfit_batch,
+            )
         self.position = DataPosition(acc.num_processes)
 
         model = TrainingModel(
             c.unet, c.adapter, cfg.stage, cfg.train.gumbel_tau, cfg.train.routing_loss_weight,
-            cfg.train.face_loss_weight,
+            cfg.train.face_loss_weight, cfg.train.single_loss_weight,
         )  # fmt: skip
         optimizer = self._optimizer()
         engine = str(acc.distributed_type).rsplit(".", 1)[-1]
@@ -337,11 +354,12 @@ class Trainer:
             acc.init_trackers(cfg.logging.project, config=_flat(cfg.to_dict()))
         n_trained = sum(p.numel() for p in self.trained.values())
         logger.info(
-            "stage %d: training %.2fM parameters (%s) on %d sample(s), %d process(es), %s, weights %s",
+            "stage %d: training %.2fM parameters (%s) on %d sample(s)%s, %d process(es), %s, weights %s",
             cfg.stage,
             n_trained / 1e6,
             ", ".join(sorted({_role(n) for n in self.trained})),
             len(self.dataset),
+            "" if self.single_dataset is None else f" and {len(self.single_dataset)} single-ID one(s)",
             acc.num_processes,
             self.device,
             str(self.weight_dtype).removeprefix("torch."),
@@ -551,8 +569,11 @@ class Trainer:
     # -- one step -------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def prepare_inputs(self, batch: dict[str, Any], seed: int) -> dict[str, Any]:
-        """Encode a collated batch with the frozen networks and draw this micro-batch's randomness."""
+    def prepare_inputs(
+        self, batch: dict[str, Any], seed: int, size: tuple[int, int] | None = None
+    ) -> dict[str, Any]:
+        """Encode a collated batch with the frozen networks and draw this micro-batch's randomness
+        (``size``: the batch's (width, height), default ``data.size``)."""
         from uniportrait.identity import encode_face_features, intrinsic_source
         from uniportrait.models.qformer import drop_structure_tokens
 
@@ -576,7 +597,9 @@ class Trainer:
         # Text
         captions = ["" if drop else caption for caption, drop in zip(batch["caption"], text_drop.tolist())]
         text_states, pooled = self.text(captions, dev)
-        added = self.text.added_cond(pooled, batch["original_size"], batch["crop_top_left"], cfg.data.size)
+        added = self.text.added_cond(
+            pooled, batch["original_size"], batch["crop_top_left"], size or cfg.data.size
+        )
 
         # Identities: structure from the target face, intrinsic possibly from another photo
         def to01(x: torch.Tensor) -> torch.Tensor:  # (R, 224, 224, 3) uint8 → (R, 3, 224, 224)
@@ -639,6 +662,17 @@ class Trainer:
         t = cfg.train
         loader = make_loader(self.dataset, self.schedule, self.position.micro_batches, cfg.data.num_workers)
         batches = iter(loader)
+        singles = None
+        if self.single_dataset is not None:
+            singles = iter(
+                make_loader(
+                    self.single_dataset,
+                    self.single_schedule,
+                    self.position.micro_batches,
+                    cfg.data.num_workers,
+                )
+            )
+        square = (cfg.data.resolution, cfg.data.resolution)
         stop_at = (
             t.max_steps
             if t.stop_after_steps is None
@@ -659,6 +693,9 @@ class Trainer:
                 global_batch = self.position.micro_batches * acc.num_processes + acc.process_index
                 seed = step_seed(t.seed, global_batch)
                 inputs = self.prepare_inputs(batch, 0 if t.overfit_batch else seed)
+                if singles is not None:
+                    single_seed = step_seed(0 if t.overfit_batch else seed, SINGLE_STREAM)
+                    inputs["single"] = self.prepare_inputs(next(singles), single_seed, square)
                 with acc.accumulate(self.model):
                     out = self.model(**inputs)
                     acc.backward(out["loss"])
