@@ -20,6 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+from uniportrait.errors import WeightsNotFoundError
+from uniportrait.presets.pipelines import world_base_folder
+
 
 def colour_spread(images: np.ndarray) -> float:
     """(N, H, W, 3) uint8 → the mean over channels of the std over pictures of their mean colour."""
@@ -36,7 +39,9 @@ def main(argv=None) -> int:
     parser.add_argument("--oracles", default=None, help="oracles folder (default: the shipped world oracles)")
     args = parser.parse_args(argv)
     base, out = Path(args.base), Path(args.out)
-    if not (base / "model_index.json").is_file():
+    try:
+        world_base_folder(base)  # the library's check of a world base folder
+    except WeightsNotFoundError:
         parser.error(f"{base} is not a base folder (no model_index.json)")
     if out.exists() and not out.is_dir():
         parser.error(f"{out} is a file; give a folder to write to")

@@ -17,6 +17,9 @@ import json
 import time
 from pathlib import Path
 
+from uniportrait.errors import WeightsNotFoundError
+from uniportrait.presets.pipelines import world_base_folder
+
 #: name -> (diffusers scheduler class, config overrides, inference steps)
 SAMPLERS = {
     "ddim25": ("DDIMScheduler", {}, 25),  # the pipelines' default
@@ -38,7 +41,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     base, out = Path(args.base), Path(args.out)
     names = [s for s in args.samplers.split(",") if s]
-    if not (base / "model_index.json").is_file():
+    try:
+        world_base_folder(base)  # the library's check of a world base folder
+    except WeightsNotFoundError:
         parser.error(f"{base} is not a base folder (no model_index.json)")
     if unknown := [s for s in names if s not in SAMPLERS]:
         parser.error(f"unknown sampler(s) {', '.join(unknown)}; known: {', '.join(SAMPLERS)}")

@@ -24,6 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from uniportrait.errors import WeightsNotFoundError
+from uniportrait.presets.pipelines import world_base_folder
+
 
 def controlled_specs(attribute: str, count: int, held_out: bool, seed: int):
     """``count`` one-person specs, every attribute pinned but ``attribute`` (uniform); captions say all."""
@@ -62,7 +65,9 @@ def fine_tune_parser(
 def check_fine_tune_args(parser, args, min_steps: int = 1, min_count: int = 1) -> tuple[Path, Path]:
     """(base, out) of :func:`fine_tune_parser`'s arguments, checked before anything is loaded."""
     base, out = Path(args.base), Path(args.out)
-    if not (base / "model_index.json").is_file():
+    try:
+        world_base_folder(base)  # the library's check of a world base folder
+    except WeightsNotFoundError:
         parser.error(f"{base} is not a base folder (no model_index.json)")
     if args.save and Path(args.save).exists():
         parser.error(f"{args.save} exists; give a new folder for the fine-tuned base")

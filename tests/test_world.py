@@ -915,11 +915,11 @@ def test_held_out_error_pairs_pictures_and_tells_a_trained_denoiser(tmp_path, ca
     torch.manual_seed(0)
     make_unet().save_pretrained(untrained / "unet")
     assert held_out_error(untrained, count=12).mean() > 5 * shipped.mean()
-    with pytest.raises(UniPortraitError, match="not a base folder"):
+    with pytest.raises(UniPortraitError, match="not a base model folder"):
         held_out_error(tmp_path)
     script = load_script("world_heldout_loss")
     assert script.main([str(WORLD_ASSETS / "base"), str(tmp_path), "--count", "4"]) == 2
-    assert "not a base folder" in capsys.readouterr().err
+    assert "not a base model folder" in capsys.readouterr().err
 
 
 @shipped
@@ -935,13 +935,13 @@ def test_word_probe_finds_the_shipped_base_reading_background_words(tmp_path, ca
     row = result["background"]["timesteps"][700]
     assert result["background"]["pictures"] == 40
     assert row["gain"] > 0.05 and row["z"] > 3, row
-    with pytest.raises(UniPortraitError, match="not a base folder"):
+    with pytest.raises(UniPortraitError, match="not a base model folder"):
         word_probe(tmp_path, ("background",))
     with pytest.raises(UniPortraitError, match="no phrase to swap"):
         word_probe(WORLD_ASSETS / "base", ("hair",))
     script = load_script("world_word_probe")
     assert script.main([str(tmp_path), "--out", str(tmp_path / "probe.json")]) == 2
-    assert "not a base folder" in capsys.readouterr().err and not (tmp_path / "probe.json").exists()
+    assert "not a base model folder" in capsys.readouterr().err and not (tmp_path / "probe.json").exists()
     base = str(WORLD_ASSETS / "base")
     assert script.main([base, "--out", str(tmp_path)]) == 2  # a folder, refused before the probe runs
     assert "is a folder" in capsys.readouterr().err

@@ -65,13 +65,12 @@ def word_probe(
     from diffusers import DDPMScheduler
 
     from uniportrait.errors import UniPortraitError
+    from uniportrait.presets.pipelines import world_base_folder
     from uniportrait.world.report import base_pipeline
     from uniportrait.world.scenes import PHRASED_ATTRIBUTES
     from uniportrait.world.train_base import to_pixels, tokenize
 
-    base = Path(base)
-    if not (base / "model_index.json").is_file():
-        raise UniPortraitError(f"{base} is not a base folder (no model_index.json)")
+    base = world_base_folder(base)  # a WeightsNotFoundError (a UniPortraitError) if it is none
     unknown = [a for a in attributes if a not in PHRASED_ATTRIBUTES]
     if not attributes:
         raise UniPortraitError(f"no attribute to probe; give some of {list(PHRASED_ATTRIBUTES)}")
@@ -117,13 +116,11 @@ def held_out_error(base: str | Path, count: int = 600, seed: int = 0, batch: int
     "A base trained twice as long")."""
     from diffusers import DDPMScheduler
 
-    from uniportrait.errors import UniPortraitError
+    from uniportrait.presets.pipelines import world_base_folder
     from uniportrait.world.report import base_pipeline, held_out_specs
     from uniportrait.world.train_base import to_pixels, tokenize
 
-    base = Path(base)
-    if not (base / "model_index.json").is_file():
-        raise UniPortraitError(f"{base} is not a base folder (no model_index.json)")
+    base = world_base_folder(base)  # a WeightsNotFoundError (a UniPortraitError) if it is none
     pipe = base_pipeline(base)
     specs, captions = held_out_specs(count, 1, seed=11)
     images = np.stack([spec.render().image for spec in specs])
