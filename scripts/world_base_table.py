@@ -20,8 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from uniportrait.errors import WeightsNotFoundError
-from uniportrait.presets.pipelines import world_base_folder
+from uniportrait.cli._common import world_base_arg
 
 
 def colour_spread(images: np.ndarray) -> float:
@@ -32,17 +31,15 @@ def colour_spread(images: np.ndarray) -> float:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("base", help="a world base folder (a diffusers SD pipeline folder)")
+    parser.add_argument(
+        "base", type=world_base_arg, help="a world base folder (a diffusers SD pipeline folder)"
+    )
     parser.add_argument("out", help="folder to write the table, pictures and sheets to")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--framing", default="wide", help="faces of the held-out pictures: wide or close")
     parser.add_argument("--oracles", default=None, help="oracles folder (default: the shipped world oracles)")
     args = parser.parse_args(argv)
     base, out = Path(args.base), Path(args.out)
-    try:
-        world_base_folder(base)  # the library's check of a world base folder
-    except WeightsNotFoundError:
-        parser.error(f"{base} is not a base folder (no model_index.json)")
     if out.exists() and not out.is_dir():
         parser.error(f"{out} is a file; give a folder to write to")
 

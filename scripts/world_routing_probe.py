@@ -20,8 +20,7 @@ import json
 
 import torch
 
-from uniportrait.errors import WeightsNotFoundError
-from uniportrait.presets.pipelines import world_base_folder
+from uniportrait.cli._common import world_base_arg
 from uniportrait.training.config import load_config
 from uniportrait.training.probe import LEAKAGE_ROUTINGS, PROBE_OVERRIDES, leakage_probe, routing_probe
 from uniportrait.training.trainer import Trainer
@@ -43,14 +42,10 @@ def main(argv=None) -> None:
     parser.add_argument("--config", default="configs/world/stage2.yaml")
     parser.add_argument(
         "--base",
+        type=world_base_arg,
         help="base model folder the adapters were trained on (default: the config's, the shipped one)",
     )
     args = parser.parse_args(argv)
-    if args.base is not None:
-        try:
-            world_base_folder(args.base)  # the library's check of a world base folder
-        except WeightsNotFoundError:
-            parser.error(f"--base: {args.base} is not a base folder (no model_index.json)")
     routings = args.leakage.split(",") if args.leakage is not None else []
     unknown = sorted(set(routings) - set(LEAKAGE_ROUTINGS))
     if unknown:

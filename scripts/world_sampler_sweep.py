@@ -17,8 +17,7 @@ import json
 import time
 from pathlib import Path
 
-from uniportrait.errors import WeightsNotFoundError
-from uniportrait.presets.pipelines import world_base_folder
+from uniportrait.cli._common import world_base_arg
 
 #: name -> (diffusers scheduler class, config overrides, inference steps)
 SAMPLERS = {
@@ -33,7 +32,9 @@ SAMPLERS = {
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("base", help="a world base folder (a diffusers SD pipeline folder)")
+    parser.add_argument(
+        "base", type=world_base_arg, help="a world base folder (a diffusers SD pipeline folder)"
+    )
     parser.add_argument("out", help="folder to write the results and sheets to")
     parser.add_argument("--portraits", type=int, default=100, help="held-out captions (1 to 200)")
     parser.add_argument("--seed", type=int, default=0)
@@ -41,10 +42,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     base, out = Path(args.base), Path(args.out)
     names = [s for s in args.samplers.split(",") if s]
-    try:
-        world_base_folder(base)  # the library's check of a world base folder
-    except WeightsNotFoundError:
-        parser.error(f"{base} is not a base folder (no model_index.json)")
     if unknown := [s for s in names if s not in SAMPLERS]:
         parser.error(f"unknown sampler(s) {', '.join(unknown)}; known: {', '.join(SAMPLERS)}")
     if not 1 <= args.portraits <= 200:

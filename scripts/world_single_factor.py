@@ -24,8 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from uniportrait.errors import WeightsNotFoundError
-from uniportrait.presets.pipelines import world_base_folder
+from uniportrait.cli._common import world_base_arg
 
 
 def controlled_specs(attribute: str, count: int, held_out: bool, seed: int):
@@ -53,7 +52,9 @@ def fine_tune_parser(
 ) -> argparse.ArgumentParser:
     """The arguments a base fine-tuning script shares (this one's and world_curriculum.py's)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
-    parser.add_argument("base", help="a world base folder (a diffusers SD pipeline folder)")
+    parser.add_argument(
+        "base", type=world_base_arg, help="a world base folder (a diffusers SD pipeline folder)"
+    )
     parser.add_argument("out", help=f"folder to write {result} to")
     parser.add_argument("--steps", type=int, default=steps)
     parser.add_argument("--count", type=int, default=2000, help=f"{count_help} (default 2000)")
@@ -65,10 +66,6 @@ def fine_tune_parser(
 def check_fine_tune_args(parser, args, min_steps: int = 1, min_count: int = 1) -> tuple[Path, Path]:
     """(base, out) of :func:`fine_tune_parser`'s arguments, checked before anything is loaded."""
     base, out = Path(args.base), Path(args.out)
-    try:
-        world_base_folder(base)  # the library's check of a world base folder
-    except WeightsNotFoundError:
-        parser.error(f"{base} is not a base folder (no model_index.json)")
     if args.save and Path(args.save).exists():
         parser.error(f"{args.save} exists; give a new folder for the fine-tuned base")
     if out.exists() and not out.is_dir():

@@ -186,6 +186,19 @@ def parse_mix(spec: str) -> tuple[int, list[str], float]:
     return target, [p for p in photos.split(",") if p], value
 
 
+def world_base_arg(text: str) -> Path:
+    """argparse ``type`` of a world base folder (scripts' ``base`` and ``--base``): the path,
+    checked by :func:`~uniportrait.presets.pipelines.world_base_folder`; argparse turns a folder
+    that is none into a one-line error and exit 2."""
+    from uniportrait.errors import WeightsNotFoundError
+    from uniportrait.presets.pipelines import world_base_folder
+
+    try:
+        return world_base_folder(text)
+    except WeightsNotFoundError:
+        raise argparse.ArgumentTypeError(f"{text} is not a base folder (no model_index.json)") from None
+
+
 def check_output_folder(folder: str | os.PathLike) -> Path:
     """Create ``folder`` if needed and make sure we can write there, before any work is done."""
     path = Path(folder)
